@@ -1,0 +1,79 @@
+"""The Python client of a moefleet service: one MoE layer over gRPC.
+
+    y = Client("localhost:50051").infer("tiny", layer=0, x=x)   # x: [T, H] torch or numpy
+
+Speaks the Open Inference Protocol (any OIP server with moefleet's conventions answers it),
+retries on UNAVAILABLE with backoff, and honours a per-call deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from moefleet.router.wire import request_for, tensor_from_response
+
+__all__ = ["Client"]
+
+_MAX_MESSAGE = 1 << 30
+
+
+class Client:
+    def __init__(self, address: str, retries: int = 3, backoff_s: float = 0.05,
+                 token: str | None = None):
+        opts = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+                ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        self._channel = grpc.insecure_channel(address, options=opts)
+        self._infer = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def infer(self, model: str, layer: int, x: torch.Tensor | np.ndarray,
+              timeout_s: float | None = None) -> torch.Tensor | np.ndarray:
+        """x: [T, H] fp32 / fp16 / bf16 -> y: [T, H], same type and dtype as x."""
+        return self.infer_with_version(model, layer, x, timeout_s)[0]
+
+    def infer_with_version(self, model: str, layer: int, x: torch.Tensor | np.ndarray,
+                           timeout_s: float | None = None) -> tuple[Any, int]:
+        """Like `infer`, also returning the routing-table version that served the request."""
+        as_numpy = isinstance(x, np.ndarray)
+        xt = torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x
+        resp = self._call(self._infer.ModelInfer, request_for(model, layer, xt), timeout_s)
+        y = tensor_from_response(resp)
+        version = resp.parameters["routing_version"].int64_param
+        return (y.numpy() if as_numpy else y), version
+
+    def ready(self, timeout_s: float = 5.0) -> bool:
+        return self._infer.ServerReady(inference_pb2.ServerReadyRequest(), timeout=timeout_s).ready
+
+    def status(self, model: str = "", timeout_s: float = 10.0) -> admin_pb2.StatusResponse:
+        req = admin_pb2.StatusRequest(model=model)
+        return self._call(self._admin.Status, req, timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout_s: float | None):
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for attempt in range(self._retries + 1):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._retries:
+                    raise
+                time.sleep(self._backoff_s * 2**attempt)
+        raise AssertionError("unreachable")

@@ -1,0 +1,72 @@
+"""A served model's weights and its in-process reference, built from a `ModelSpec`.
+
+The one place that turns a spec's `weights:` section into a weight source, and that puts the
+router's gating together with the reference expert maths, giving the oracle the service is
+tested and benchmarked against.
+
+# T = tokens, H = hidden, E = routed experts
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moefleet.experts.reference import MoELayer
+from moefleet.experts.weights import RandomSource, SafetensorsSource
+from moefleet.router.gating import Gate, route
+
+from .spec import ModelSpec
+
+__all__ = ["source_of", "source_args", "gate_of", "Reference"]
+
+
+def source_args(spec: ModelSpec) -> dict[str, Any]:
+    """The weight source as plain data, to send to hosts: each host reads its own experts."""
+    if spec.weights.safetensors:
+        return {"safetensors": {"path": spec.weights.safetensors, "dtype": spec.dtype}}
+    cfg = spec.moe
+    return {"random": {
+        "seed": int(spec.weights.random.get("seed", 0)),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.moe_intermediate_size,
+        "n_routed_experts": cfg.n_routed_experts,
+        "shared_intermediate_size": cfg.shared_intermediate_size,
+        "shared_expert_gate": cfg.shared_expert_gate,
+        "gate_bias": cfg.topk_method == "noaux_tc",
+        "dtype": spec.dtype,
+    }}
+
+
+def source_of(spec: ModelSpec) -> RandomSource | SafetensorsSource:
+    (kind, args), = source_args(spec).items()
+    return RandomSource(**args) if kind == "random" else SafetensorsSource(**args)
+
+
+def gate_of(spec: ModelSpec, layer: int) -> Gate:
+    """The layer's router, rows = experts 0..E-1 in n_group equal groups."""
+    g = source_of(spec).gate(layer)
+    if g.weight.shape != (spec.moe.n_routed_experts, spec.moe.hidden_size):
+        raise ValueError(f"layer {layer}: gate weight has shape {tuple(g.weight.shape)}, "
+                         f"expected [{spec.moe.n_routed_experts}, {spec.moe.hidden_size}]")
+    return Gate.dense(g.weight, g.bias, spec.moe.n_group)
+
+
+class Reference:
+    """The monolithic in-process MoE layers of a spec: the oracle and the baseline."""
+
+    def __init__(self, spec: ModelSpec):
+        src = source_of(spec)
+        self.spec = spec
+        self.gates = {L: gate_of(spec, L) for L in spec.layers}
+        self.layers = {
+            L: MoELayer({e: src.expert(L, e) for e in range(spec.moe.n_routed_experts)},
+                        src.shared(L))
+            for L in spec.layers
+        }
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]"""
+        topk_w, topk_ids = route(x, self.gates[layer], self.spec.moe)
+        return self.layers[layer](x, topk_w, topk_ids)

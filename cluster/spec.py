@@ -1,0 +1,193 @@
+"""The model spec: a YAML/JSON file that maps one to one onto these dataclasses.
+
+`MoEConfig` uses the field names of HF `config.json`, so a block copied from a checkpoint's
+config works as is. Everything here is plain data: no Ray, no torch, no grpc.
+
+    name: tiny
+    layers: [0, 1]
+    dtype: float32
+    moe: {hidden_size: 64, moe_intermediate_size: 96, n_routed_experts: 8, ...}
+    weights: {random: {seed: 0}}          # or {safetensors: path/to/file.safetensors}
+    hosts: {count: 2, num_cpus: 1, num_gpus: 0, slots: 16}
+    router: {max_batch_tokens: 4096, max_wait_ms: 2.0, ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "MoEConfig",
+    "WeightsSource",
+    "HostsConfig",
+    "RouterConfig",
+    "ModelSpec",
+    "SpecError",
+    "load_spec",
+    "DTYPES",
+]
+
+DTYPES = ("float32", "float16", "bfloat16")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# HF spells the routed-expert count three ways, by family.
+_N_EXPERTS_ALIASES = ("num_experts", "num_local_experts")
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be served, with the offending field in the message."""
+
+
+@dataclass
+class MoEConfig:
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one shared expert of this width
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = False
+
+    def __post_init__(self):
+        _check(self.scoring_func in SCORING_FUNCS, f"moe.scoring_func must be one of {SCORING_FUNCS}")
+        _check(self.topk_method in TOPK_METHODS, f"moe.topk_method must be one of {TOPK_METHODS}")
+        for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts",
+                     "num_experts_per_tok", "n_group", "topk_group"):
+            _check(getattr(self, name) >= 1, f"moe.{name} must be >= 1")
+        _check(self.num_experts_per_tok <= self.n_routed_experts,
+               "moe.num_experts_per_tok must be <= n_routed_experts")
+        if self.topk_method != "greedy":
+            _check(self.n_routed_experts % self.n_group == 0,
+                   "moe.n_routed_experts must be a multiple of n_group")
+            _check(self.topk_group <= self.n_group, "moe.topk_group must be <= n_group")
+        if self.topk_method == "noaux_tc":
+            _check(self.scoring_func == "sigmoid", "moe.topk_method noaux_tc needs scoring_func sigmoid")
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        """Width of the fused shared FFN: DeepSeek's n_shared_experts × I, or Qwen2's size."""
+        if self.shared_expert_intermediate_size:
+            return self.shared_expert_intermediate_size
+        return self.n_shared_experts * self.moe_intermediate_size
+
+    @property
+    def shared_expert_gate(self) -> bool:
+        """Qwen2-MoE gates its shared expert with a per-token sigmoid; DeepSeek does not."""
+        return self.shared_expert_intermediate_size > 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        d = dict(d)
+        for alias in _N_EXPERTS_ALIASES:
+            if alias in d:
+                d.setdefault("n_routed_experts", d.pop(alias))
+        return _build(cls, d, "moe")
+
+
+@dataclass
+class WeightsSource:
+    """Exactly one of: `random` ({seed: int}) or `safetensors` (a path, HF per-expert naming)."""
+
+    random: dict[str, int] | None = None
+    safetensors: str | None = None
+
+    def __post_init__(self):
+        _check((self.random is None) != (self.safetensors is None),
+               "weights: give exactly one of `random: {seed: N}` or `safetensors: PATH`")
+
+
+@dataclass
+class HostsConfig:
+    count: int = 1
+    num_cpus: float = 1
+    num_gpus: float = 0
+    slots: int = 64
+    kernel_backend: str = "auto"  # "auto", "torch" or "triton"
+
+    def __post_init__(self):
+        _check(self.count >= 1 and self.slots >= 1, "hosts.count and hosts.slots must be >= 1")
+
+
+@dataclass
+class RouterConfig:
+    max_batch_tokens: int = 8192  # micro-batcher: merge at most this many tokens per dispatch
+    max_wait_ms: float = 1.0  # ... and wait at most this long for more requests
+    max_queue_tokens: int = 262144  # beyond this, RESOURCE_EXHAUSTED
+    max_request_tokens: int = 65536
+    max_message_mb: int = 256  # gRPC send/receive limit
+    transport: str = "ray"
+    num_cpus: float = 1
+
+    def __post_init__(self):
+        _check(self.max_batch_tokens >= 1, "router.max_batch_tokens must be >= 1")
+        _check(self.max_wait_ms >= 0, "router.max_wait_ms must be >= 0")
+        _check(self.transport == "ray", "router.transport: only 'ray' is implemented")
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    layers: list[int]
+    moe: MoEConfig
+    weights: WeightsSource
+    dtype: str = "float32"
+    hosts: HostsConfig = field(default_factory=HostsConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self):
+        _check(bool(self.name), "name must not be empty")
+        _check(len(self.layers) > 0, "layers must list at least one MoE layer index")
+        _check(len(set(self.layers)) == len(self.layers), "layers must not repeat")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        d = dict(d)
+        _check("moe" in d and "weights" in d, "spec needs `moe` and `weights` sections")
+        d["moe"] = MoEConfig.from_dict(d["moe"])
+        d["weights"] = _build(WeightsSource, d["weights"], "weights")
+        d["hosts"] = _build(HostsConfig, d.get("hosts", {}), "hosts")
+        d["router"] = _build(RouterConfig, d.get("router", {}), "router")
+        return _build(cls, d, "spec")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read a YAML or JSON spec file. Relative weight paths resolve against the file."""
+    path = Path(path)
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    _check(isinstance(data, dict), f"{path}: expected a mapping at the top level")
+    spec = ModelSpec.from_dict(data)
+    if spec.weights.safetensors and not Path(spec.weights.safetensors).is_absolute():
+        spec.weights.safetensors = str((path.parent / spec.weights.safetensors).resolve())
+    return spec
+
+
+def _build(cls, d: Any, where: str):
+    _check(isinstance(d, dict), f"{where}: expected a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise SpecError(msg)

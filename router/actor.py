@@ -1,0 +1,113 @@
+"""The Router actor: a grpc.aio server inside a Ray actor, in front of the engine.
+
+It takes each model's state (one routing-table version) from the Controller, serves the
+Open Inference Protocol and the admin API on one port, merges concurrent requests per layer
+(micro-batching) and fans each batch out to the expert hosts: one Ray call per host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from moefleet.cluster.admin import AdminServicer
+from moefleet.cluster.spec import RouterConfig
+from moefleet.experts.host import from_wire, to_wire
+from moefleet.experts.weights import DTYPES
+from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from .batcher import MicroBatcher
+from .dispatch import HostBatch, LayerTable
+from .engine import Engine, LayerState, ModelState
+from .errors import MoefleetError, Unavailable
+from .servicer import InferenceServicer, serve_grpc
+
+__all__ = ["Router", "state_from_controller"]
+
+
+def state_from_controller(d: dict[str, Any]) -> ModelState:
+    """Build the engine's immutable ModelState from `Controller.model_state` data."""
+    spec = d["spec"]
+    layers = {
+        L: LayerState(parts["gate"], LayerTable.from_replicas(d["replicas"].get(L, {})),
+                      parts.get("shared"))
+        for L, parts in d["layers"].items()
+    }
+    return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, d["hosts"])
+
+
+async def _call_host(handle: Any, x: torch.Tensor, b: HostBatch) -> torch.Tensor:
+    arr, dtype = to_wire(x)
+    try:
+        y, y_dtype = await handle.run.remote(arr, dtype, b.slot_ids.tolist(), b.counts.tolist())
+    except RayActorError as e:
+        raise Unavailable(f"expert host is gone: {e}") from e
+    except RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        raise (cause if isinstance(cause, MoefleetError) else Unavailable(str(cause))) from e
+    return from_wire(y, y_dtype)
+
+
+class Router:
+    def __init__(self, controller: Any, cfg: RouterConfig, device: str = "auto"):
+        torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))  # not Ray's OMP default
+        self._controller = controller
+        self._cfg = cfg
+        self._engine = Engine(_call_host, device)
+        self._batcher = MicroBatcher(
+            self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens
+        )
+        self._server = None
+        self._ready = False
+
+    async def start(self, host: str, port: int) -> int:
+        """Take every model's state from the Controller, then listen. Returns the port."""
+        for name in await self._controller.model_names.remote():
+            await self.install(await self._controller.model_state.remote(name))
+        servicers = [
+            (inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+             InferenceServicer(self, self._cfg.max_request_tokens),
+             inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name),
+            (admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self._controller),
+             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name),
+        ]
+        self._server, bound, _ = await serve_grpc(
+            servicers, host, port, self._cfg.max_message_mb << 20
+        )
+        await self._controller.add_router.remote(ray.get_runtime_context().current_actor)
+        self._ready = True
+        return bound
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop taking requests, let in-flight ones finish within grace_s."""
+        self._ready = False
+        if self._server is not None:
+            await self._server.stop(grace_s)
+
+    async def install(self, state: dict[str, Any]) -> int:
+        self._engine.install(state_from_controller(state))
+        return state["version"]
+
+    # ---- what the servicer delegates to ---------------------------------------------------
+
+    async def submit(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self._engine.check(model, layer, x)  # fail fast, before queueing
+        return await self._batcher.submit((model, layer, x.dtype), x)
+
+    async def _run_batch(self, key, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        model, layer, _ = key
+        return await self._engine.forward(model, layer, x)
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def model_names(self) -> list[str]:
+        return self._engine.model_names()
+
+    def metadata(self, model: str) -> tuple[int, torch.dtype]:
+        st = self._engine.state(model)
+        return st.cfg.hidden_size, st.dtype

@@ -1,0 +1,113 @@
+"""Dispatch and combine: route (token, k) pairs to expert replicas and add the results back.
+
+    plan     sort the T·K pairs by expert, split each expert's rows over its replicas,
+             group them per host and per slot (the host's kernel layout)
+    combine  out[T, H] = Σ_k topk_w · y, with index_add_, in fp32
+
+Pure tensor functions over a `LayerTable` (one layer of the routing table). No Ray, no grpc,
+no knowledge of how experts compute; no Python loop over tokens.
+
+# T = tokens, K = experts per token, N = T·K pairs, H = hidden, R = replicas of the layer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LayerTable", "HostBatch", "Plan", "plan", "combine"]
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """One layer of the routing table, as tensors indexed by logical expert id.
+
+    rep_start, rep_count: [max_id + 1], the replicas of expert e are rows
+    rep_start[e] : rep_start[e] + rep_count[e] of rep_host, rep_slot: [R].
+    """
+
+    rep_start: torch.Tensor
+    rep_count: torch.Tensor
+    rep_host: torch.Tensor
+    rep_slot: torch.Tensor
+
+    @classmethod
+    def from_replicas(cls, replicas: dict[int, list[tuple[int, int]]]) -> LayerTable:
+        """replicas: expert id -> [(host index, slot), ...], every listed expert has >= 1."""
+        ids = sorted(replicas)
+        count = torch.zeros(ids[-1] + 1 if ids else 0, dtype=torch.long)
+        flat: list[tuple[int, int]] = []
+        for e in ids:
+            count[e] = len(replicas[e])
+            flat.extend(replicas[e])
+        pairs = torch.tensor(flat, dtype=torch.long).reshape(-1, 2)  # [R, 2]
+        return cls(torch.cumsum(count, 0) - count, count, pairs[:, 0].clone(), pairs[:, 1].clone())
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """Rows start:end of the plan go to host `host`: slot_ids[i] gets counts[i] rows."""
+
+    host: int
+    start: int
+    end: int
+    slot_ids: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Plan:
+    order: torch.Tensor  # [N] flat pair index (token·K + k) of each dispatched row
+    batches: list[HostBatch]
+
+    def tokens(self, k: int) -> torch.Tensor:
+        """[N] the token each dispatched row belongs to."""
+        return torch.div(self.order, k, rounding_mode="floor")
+
+
+def plan(topk_ids: torch.Tensor, table: LayerTable) -> Plan:
+    """topk_ids: [T, K] logical expert ids -> the dispatch plan.
+
+    Each expert's rows are split evenly over its replicas; rows are then sorted by
+    (host, slot), so each host gets one contiguous block already grouped by slot.
+    """
+    ids = topk_ids.reshape(-1).cpu()  # [N]
+    by_expert = torch.argsort(ids, stable=True)  # [N]
+    e = ids[by_expert]  # [N] sorted expert ids
+    n_e = torch.bincount(e, minlength=table.rep_count.numel())  # [max_id + 1]
+    rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [N] rank within expert
+    cnt = table.rep_count[e]  # [N]
+    if bool((cnt == 0).any()):
+        missing = sorted(set(e[cnt == 0].tolist()))
+        raise LookupError(f"no replica for expert(s) {missing}")
+    rep = table.rep_start[e] + torch.div(rank * cnt, n_e[e], rounding_mode="floor")  # [N]
+    host, slot = table.rep_host[rep], table.rep_slot[rep]  # [N]
+    key = host * (int(table.rep_slot.max()) + 1) + slot  # [N]
+    by_slot = torch.argsort(key, stable=True)  # [N]
+    return Plan(by_expert[by_slot], _host_batches(host[by_slot], slot[by_slot]))
+
+
+def _host_batches(host: torch.Tensor, slot: torch.Tensor) -> list[HostBatch]:
+    """host, slot: [N] sorted by (host, slot) -> one HostBatch per host present."""
+    hosts, host_rows = torch.unique_consecutive(host, return_counts=True)
+    bounds = [0, *torch.cumsum(host_rows, 0).tolist()]
+    batches = []
+    for i, h in enumerate(hosts.tolist()):  # one entry per host, never per token
+        lo, hi = bounds[i], bounds[i + 1]
+        slots, counts = torch.unique_consecutive(slot[lo:hi], return_counts=True)
+        batches.append(HostBatch(h, lo, hi, slots, counts))
+    return batches
+
+
+def combine(
+    y: torch.Tensor, p: Plan, topk_w: torch.Tensor, num_tokens: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y: [N, H] expert outputs in plan order; topk_w: [T, K] -> out [T, H] fp32
+    (added into `out` when given, e.g. already holding the shared experts' output)."""
+    k = topk_w.shape[1]
+    if out is None:
+        out = torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+    w = topk_w.reshape(-1)[p.order.to(topk_w.device)].to(y.device)  # [N]
+    out.index_add_(0, p.tokens(k).to(y.device), y.float() * w[:, None])
+    return out
