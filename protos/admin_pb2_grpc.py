@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminStub(object):
-    """Missing associated documentation comment in .proto file."""
+    """Operator access to the Controller's registry.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,7 +43,8 @@ class AdminStub(object):
 
 
 class AdminServicer(object):
-    """Missing associated documentation comment in .proto file."""
+    """Operator access to the Controller's registry.
+    """
 
     def Status(self, request, context):
         """A snapshot of the registry: models, their expert replicas, and the hosts.
@@ -68,7 +70,8 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin(object):
-    """Missing associated documentation comment in .proto file."""
+    """Operator access to the Controller's registry.
+    """
 
     @staticmethod
     def Status(request,

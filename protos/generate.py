@@ -45,7 +45,7 @@ def generate(out_dir: Path, src_dir: Path = _HERE) -> list[Path]:
         sources = _stage(src_dir, include_root / _PACKAGE_DIR)
         build_root.mkdir()
         _run_protoc(include_root, build_root, sources)
-        return [_move(build_root / _PACKAGE_DIR / name, out_dir) for name in generated_names()]
+        return [_copy(build_root / _PACKAGE_DIR / name, out_dir) for name in generated_names()]
 
 
 def _check_tools_version() -> None:
@@ -82,7 +82,7 @@ def _run_protoc(include_root: Path, build_root: Path, sources: list[str]) -> Non
         sys.exit(f"protoc failed: {' '.join(args)}")
 
 
-def _move(src: Path, out_dir: Path) -> Path:
+def _copy(src: Path, out_dir: Path) -> Path:
     dst = out_dir / src.name
     shutil.copyfile(src, dst)
     return dst

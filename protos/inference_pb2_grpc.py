@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class GRPCInferenceServiceStub(object):
-    """Missing associated documentation comment in .proto file."""
+    """Health, metadata and inference for the models a moefleet router serves.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +68,8 @@ class GRPCInferenceServiceStub(object):
 
 
 class GRPCInferenceServiceServicer(object):
-    """Missing associated documentation comment in .proto file."""
+    """Health, metadata and inference for the models a moefleet router serves.
+    """
 
     def ServerLive(self, request, context):
         """Is the server process up at all?
@@ -153,7 +155,8 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GRPCInferenceService(object):
-    """Missing associated documentation comment in .proto file."""
+    """Health, metadata and inference for the models a moefleet router serves.
+    """
 
     @staticmethod
     def ServerLive(request,

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from moefleet.protos import inference_pb2 as pb
 from moefleet.router.errors import InvalidArgument
 

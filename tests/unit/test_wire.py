@@ -10,6 +10,7 @@ import struct
 
 import pytest
 import torch
+
 from moefleet.protos import inference_pb2 as pb
 from moefleet.router import wire
 from moefleet.router.errors import InvalidArgument

@@ -1,0 +1,98 @@
+"""The moefleet demo: serve deploy/examples/tiny.yaml on an embedded local Ray, send traffic
+with the Python client, check every answer against the in-process reference, print latency
+and throughput, and shut down.
+
+    python deploy/examples/demo.py [SPEC] [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+import torch
+
+from moefleet.client import Client
+from moefleet.cluster import service
+from moefleet.cluster.model import Reference
+from moefleet.cluster.spec import load_spec
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    args = _parse()
+    spec = load_spec(args.spec)
+    print(f"starting moefleet for {spec.name!r}: {len(spec.layers)} layers × "
+          f"{spec.moe.n_routed_experts} experts (top-{spec.moe.num_experts_per_tok}, "
+          f"{spec.moe.topk_method}), {spec.hosts.count} hosts, embedded local Ray")
+    t0 = time.perf_counter()
+    service.connect_ray("local")
+    svc = service.start(spec, port=0)
+    print(f"serving on {svc.address} after {time.perf_counter() - t0:.1f}s")
+    try:
+        with Client(svc.address) as client:
+            check(client, spec, Reference(spec))
+            latency(client, spec, args.requests)
+            throughput(client, spec)
+    finally:
+        svc.shutdown()
+        ray.shutdown()
+        print("shut down cleanly")
+
+
+def check(client: Client, spec, ref: Reference) -> None:
+    worst = 0.0
+    for layer in spec.layers:
+        for tokens in (1, 7, 64, 512):
+            x = torch.randn(tokens, spec.moe.hidden_size)
+            y, version = client.infer_with_version(spec.name, layer, x)
+            want = ref(layer, x)
+            torch.testing.assert_close(y, want)
+            worst = max(worst, (y - want).abs().max().item())
+    print(f"check: every answer equals the in-process reference (max |diff| {worst:.2e}, "
+          f"routing version {version})")
+
+
+def latency(client: Client, spec, requests: int) -> None:
+    print(f"{'tokens':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for tokens in (1, 8, 64):
+        x = torch.randn(tokens, spec.moe.hidden_size)
+        times = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            client.infer(spec.name, spec.layers[0], x)
+            times.append((time.perf_counter() - t) * 1e3)
+        q = statistics.quantiles(times, n=100)
+        print(f"{tokens:>7} {q[49]:>8.2f} {q[98]:>8.2f}")
+
+
+def throughput(client: Client, spec, tokens: int = 4096, seconds: float = 3.0) -> None:
+    x = torch.randn(tokens, spec.moe.hidden_size)
+
+    def worker(_):
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            client.infer(spec.name, spec.layers[0], x)
+            n += tokens
+        return n
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        total = sum(pool.map(worker, range(4)))
+    print(f"throughput at T={tokens}, 4 clients: {total / (time.perf_counter() - t):,.0f} tokens/s")
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("spec", nargs="?", default=str(HERE / "tiny.yaml"))
+    p.add_argument("--requests", type=int, default=200, help="requests per latency row")
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""One `moefleet serve` process for the e2e session, started the way a user starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moefleet.cluster.model import Reference
+from tests.specs import family_spec
+
+# Tight limits so the error paths are cheap to reach.
+LIMITS = {"max_request_tokens": 4096, "max_message_mb": 4, "max_queue_tokens": 4096,
+          "max_wait_ms": 2.0}
+
+
+class Served:
+    def __init__(self, spec, address: str, proc: subprocess.Popen):
+        self.spec, self.address, self.proc = spec, address, proc
+        self.reference = Reference(spec)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    spec = family_spec("deepseek_v3", router=LIMITS)
+    path = tmp_path_factory.mktemp("spec") / "e2e.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    cli = Path(sys.executable).with_name("moefleet")
+    log = open(path.with_suffix(".log"), "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(cli), "serve", str(path), "--host", "127.0.0.1", "--port", "0", "--num-cpus", "2"],
+        stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    address = _read_address(proc, path.with_suffix(".log"))
+    yield Served(spec, address, proc)
+    proc.send_signal(signal.SIGTERM)  # the process this fixture started, by its PID
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def _read_address(proc: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> str:
+    deadline = time.monotonic() + timeout_s
+    line = proc.stdout.readline().strip()  # the serve command prints its address alone
+    if not line or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"moefleet serve did not start:\n{log_path.read_text()[-4000:]}")
+    return line

@@ -1,0 +1,78 @@
+"""Host and router actors on a local Ray cluster agree with the in-process reference layer,
+for every gating family, through the Router actor and through gRPC."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from moefleet.client import Client
+from moefleet.cluster import service
+from moefleet.cluster.model import Reference
+from moefleet.experts.host import ExpertHost
+from moefleet.experts.weights import RandomSource
+from tests.specs import FAMILIES, family_spec
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def running(request, ray_session):
+    spec = family_spec(request.param)
+    svc = service.start(spec, port=0)
+    yield spec, svc, Reference(spec)
+    svc.shutdown()
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000])
+def test_router_actor_matches_reference(running, tokens):
+    spec, svc, ref = running
+    g = torch.Generator().manual_seed(tokens)
+    for layer in spec.layers:
+        x = torch.randn(tokens, spec.moe.hidden_size, generator=g)
+        y, version = ray.get(svc.routers[0].submit.remote(spec.name, layer, x))
+        torch.testing.assert_close(y, ref(layer, x))
+        assert version == 1
+
+
+def test_grpc_answer_matches_reference_and_reports_version(running):
+    spec, svc, ref = running
+    x = torch.randn(33, spec.moe.hidden_size, generator=torch.Generator().manual_seed(3))
+    with Client(svc.address) as c:
+        y, version = c.infer_with_version(spec.name, spec.layers[-1], x)
+    torch.testing.assert_close(y, ref(spec.layers[-1], x))
+    assert version == 1
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(running):
+    spec, svc, ref = running
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(t, spec.moe.hidden_size, generator=g) for t in (5, 1, 17, 3, 40, 2)]
+    refs = [svc.routers[0].submit.remote(spec.name, spec.layers[0], x) for x in xs]
+    for x, (y, _) in zip(xs, ray.get(refs), strict=True):
+        torch.testing.assert_close(y, ref(spec.layers[0], x))
+
+
+def test_hosts_hold_every_expert_once(running):
+    spec, svc, _ = running
+    status = ray.get(svc.controller.status.remote(spec.name))
+    (model,) = status["models"]
+    for layer in model["layers"]:
+        assert [e["expert"] for e in layer["experts"]] == list(range(spec.moe.n_routed_experts))
+        assert all(len(e["replicas"]) == 1 for e in layer["experts"])
+    used = sum(h["slots_used"] for h in status["hosts"])
+    assert used == len(spec.layers) * spec.moe.n_routed_experts
+
+
+def test_host_loads_weights_through_the_object_store(ray_session):
+    src = RandomSource(seed=3, hidden_size=32, intermediate_size=16, n_routed_experts=4)
+    host = ray.remote(ExpertHost).options(num_cpus=0.25).remote("h", 4, 1)
+    w = ray.put(src.expert(0, 2))
+    ray.get(host.load.remote(1, 0, 2, w))
+    x = torch.randn(5, 32)
+    from moefleet.experts.host import from_wire, to_wire
+
+    y = from_wire(*ray.get(host.run.remote(*to_wire(x), [1], [5])))
+    torch.testing.assert_close(y, src.expert(0, 2)(x))
+    ray.kill(host)
