@@ -1,0 +1,8 @@
+"""The control plane: model spec, Controller, placement, bring-up, admin API and CLI.
+
+Only the spec (plain data) is exported here, so importing the package needs no Ray.
+"""
+
+from .spec import HostsConfig, MoEConfig, ModelSpec, RouterConfig, SpecError, load_spec
+
+__all__ = ["ModelSpec", "MoEConfig", "HostsConfig", "RouterConfig", "SpecError", "load_spec"]

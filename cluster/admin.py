@@ -41,7 +41,14 @@ _HOST_FIELDS = ("id", "node_id", "node_ip", "device", "slots_total", "slots_used
 
 
 def status_from_proto(r: pb.StatusResponse) -> dict[str, Any]:
-    """The inverse of `status_to_proto`, as plain data (for the CLI's json/yaml output)."""
-    from google.protobuf.json_format import MessageToDict
+    """The inverse of `status_to_proto`, as plain data with real ints (for json/yaml)."""
+    return _plain(r)
 
-    return MessageToDict(r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+def _plain(value: Any) -> Any:
+    """A message as dicts, lists and Python scalars (int64 stays an int, unlike proto JSON)."""
+    if hasattr(value, "DESCRIPTOR"):
+        return {f.name: _plain(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
+    if isinstance(value, (str, bytes, int, float, bool)):
+        return value
+    return [_plain(v) for v in value]

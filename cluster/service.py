@@ -66,10 +66,7 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1",
           detached: bool = False) -> Service:
     """Start everything for one model spec on the connected Ray cluster."""
     lifetime = "detached" if detached else None
-    controller = ray.remote(Controller).options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime=lifetime, max_restarts=-1,
-        num_cpus=0,
-    ).remote()
+    controller = _start_controller()
     hosts = _start_hosts(spec, lifetime)
     _load_experts(spec, controller, hosts)
     router = ray.remote(Router).options(
@@ -78,6 +75,20 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1",
     bound = ray.get(router.start.remote(host, port))
     log.info("moefleet serving %s on %s:%d", spec.name, host, bound)
     return Service(controller, [router], [h for _, h in hosts], host, bound)
+
+
+def _start_controller() -> Any:
+    """The named, detached Controller; one per Ray cluster (namespace)."""
+    try:
+        return ray.remote(Controller).options(
+            name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
+            num_cpus=0,
+        ).remote()
+    except ValueError as e:  # the name is taken
+        raise RuntimeError(
+            f"a moefleet service already runs on this Ray cluster (actor {CONTROLLER_NAME!r} "
+            f"in namespace {NAMESPACE!r}); shut it down first"
+        ) from e
 
 
 def _start_hosts(spec: ModelSpec, lifetime: str | None) -> list[tuple[str, Any]]:

@@ -81,7 +81,7 @@ def route(x: torch.Tensor, gate: Gate, cfg: MoEConfig) -> tuple[torch.Tensor, to
         choice = _mask_groups(choice, gate, cfg)
     pos = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K] row positions
     w = s.gather(1, pos)  # [T, K] weights from the unbiased scores
-    if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+    if cfg.norm_topk_prob:  # as transformers does, also for K == 1
         w = w / (w.sum(dim=-1, keepdim=True) + _EPS)
     return w * cfg.routed_scaling_factor, gate.expert_ids[pos]
 

@@ -41,3 +41,29 @@ def family_spec(family: str, **overrides: Any) -> ModelSpec:
     for key, value in overrides.items():
         d[key] = {**d[key], **value} if isinstance(value, dict) else value
     return ModelSpec.from_dict(d)
+
+
+def save_hf_checkpoint(spec: ModelSpec, path: str) -> None:
+    """Write `spec`'s random weights to one safetensors file in HF per-expert naming
+    (DeepSeek's `shared_experts.*`, or Qwen2's `shared_expert.*` + `shared_expert_gate`)."""
+    from safetensors.torch import save_file
+
+    from moefleet.cluster.model import source_of
+
+    src, cfg, tensors = source_of(spec), spec.moe, {}
+    for L in spec.layers:
+        p = f"model.layers.{L}.mlp"
+        gate = src.gate(L)
+        tensors[f"{p}.gate.weight"] = gate.weight
+        if gate.bias is not None:
+            tensors[f"{p}.gate.e_score_correction_bias"] = gate.bias
+        ffns = {f"{p}.experts.{e}": src.expert(L, e) for e in range(cfg.n_routed_experts)}
+        shared = src.shared(L)
+        if shared is not None:
+            ffns[f"{p}.shared_expert" if shared.gate is not None else f"{p}.shared_experts"] = shared.ffn
+            if shared.gate is not None:
+                tensors[f"{p}.shared_expert_gate.weight"] = shared.gate
+        for prefix, w in ffns.items():
+            for name, t in (("gate_proj", w.w1), ("up_proj", w.w3), ("down_proj", w.w2)):
+                tensors[f"{prefix}.{name}.weight"] = t.contiguous()
+    save_file(tensors, path)

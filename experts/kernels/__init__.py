@@ -120,7 +120,7 @@ def _check_offsets(offsets, n_rows: int, n_experts: int, device) -> None:
     bounds = offsets.tolist()
     if bounds[0] != 0 or bounds[-1] != n_rows:
         raise ValueError(f"offsets must run from 0 to N = {n_rows}; got {bounds[0]}..{bounds[-1]}")
-    if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+    if any(b < a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
         raise ValueError("offsets must be non-decreasing")
 
 

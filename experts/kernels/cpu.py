@@ -39,7 +39,7 @@ def grouped_swiglu_cpu(
     -> y: [N, H]"""
     y = torch.empty_like(x) if out is None else out
     bounds = offsets.tolist()
-    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if lo == hi:
             continue
         rw = None if row_weights is None else row_weights[lo:hi]

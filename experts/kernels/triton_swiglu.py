@@ -14,6 +14,7 @@ nothing of routing or of the host. It imports triton at the top: import it lazil
 `TRITON_INTERPRET=1` at import time the kernels are interpreted and run on CPU tensors.
 
 # N = rows, H = hidden, I = intermediate, E = local experts, S = row-block slots
+# (inside the kernels H and I are spelled D_H and D_I; BM, BN, BK are the tile sizes)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, act_ptr, blk_expert_ptr, blk_row_ptr, offsets_ptr,
-    H, I,
+    D_H, D_I,
     stride_xn, stride_we, stride_wi, stride_an,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -59,18 +60,18 @@ def _gate_up_kernel(
     row0 = tl.load(blk_row_ptr + tl.program_id(0))
     row_end = tl.load(offsets_ptr + e + 1)
     rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over I
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over D_I
     ks = tl.arange(0, BLOCK_K)  # [BK]
     row_ok = rows < row_end
-    col_ok = cols < I
+    col_ok = cols < D_I
 
     x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :]  # [BM, BK]
     g_ptrs = w13_ptr + e * stride_we + cols[None, :] * stride_wi + ks[:, None]  # [BK, BN]
-    u_ptrs = g_ptrs + I * stride_wi  # up rows follow the gate rows
+    u_ptrs = g_ptrs + D_I * stride_wi  # up rows follow the gate rows
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_ok = ks < H - k0
+    for k0 in range(0, D_H, BLOCK_K):
+        k_ok = ks < D_H - k0
         xa = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -88,7 +89,7 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     act_ptr, w2_ptr, y_ptr, rw_ptr, blk_expert_ptr, blk_row_ptr, offsets_ptr,
-    H, I,
+    D_H, D_I,
     stride_an, stride_we, stride_wh, stride_yn,
     HAS_RW: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -100,16 +101,16 @@ def _down_kernel(
     row0 = tl.load(blk_row_ptr + tl.program_id(0))
     row_end = tl.load(offsets_ptr + e + 1)
     rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over H
-    ks = tl.arange(0, BLOCK_K)  # [BK] over I
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over D_H
+    ks = tl.arange(0, BLOCK_K)  # [BK] over D_I
     row_ok = rows < row_end
-    col_ok = cols < H
+    col_ok = cols < D_H
 
     a_ptrs = act_ptr + rows[:, None] * stride_an + ks[None, :]  # [BM, BK]
     w_ptrs = w2_ptr + e * stride_we + cols[None, :] * stride_wh + ks[:, None]  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        k_ok = ks < I - k0
+    for k0 in range(0, D_I, BLOCK_K):
+        k_ok = ks < D_I - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot(a, w, acc, UPCAST)

@@ -235,15 +235,22 @@ def test_grouped_routing_matches_the_per_token_loop(combo: tuple, variant: dict)
     _assert_same_routes(route(x, gate, cfg), _route_loop(x, gate, cfg))
 
 
-@pytest.mark.parametrize("method", ["group_limited_greedy", "noaux_tc"])
-def test_unequal_groups_and_noncontiguous_ids_match_the_per_token_loop(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "bias_shift"),
+    [("group_limited_greedy", 0.0), ("noaux_tc", 0.0), ("noaux_tc", -2.0)],
+    ids=["v2", "v3", "v3-all-negative-bias"],
+)
+def test_unequal_groups_and_noncontiguous_ids_match_the_per_token_loop(
+    method: str, bias_shift: float
+) -> None:
     # 9 rows with arbitrary logical ids in groups of sizes 4, 1, 0 (group 2 has lost all its
-    # experts), 3 and 1: an empty group must never be kept.
+    # experts), 3 and 1: an empty group must never be kept, even when every real group's
+    # score is negative.
     ids = torch.tensor([3, 8, 9, 15, 21, 22, 40, 41, 77])
     groups = torch.tensor([0, 0, 0, 0, 1, 3, 3, 3, 4])
     g = torch.Generator().manual_seed(5)
     h = 16
-    bias = 0.5 * torch.randn(9, generator=g) if method == "noaux_tc" else None
+    bias = 0.5 * torch.randn(9, generator=g) + bias_shift if method == "noaux_tc" else None
     gate = Gate(torch.randn(9, h, generator=g) / h**0.5, ids, groups, bias)
     func = "sigmoid" if method == "noaux_tc" else "softmax"
     cfg = MoEConfig(hidden_size=h, moe_intermediate_size=8, n_routed_experts=10,

@@ -4,7 +4,9 @@ The grid: N in {0, 1, 17, 300}, E in {1, 4, 16}, H and I in {32, 96}, fp32 and b
 skewed routing (one expert takes 90% of the rows, about half the others take none), fresh
 random inputs, and outputs poisoned with NaN (and NaN guard rows on both sides) so that an
 unwritten row, or a row written out of bounds, fails. fp32 is held to assert_close's
-defaults, bf16/fp16 to rtol = atol = 1e-2 against a float64 reference.
+defaults; bf16/fp16 to rtol = 1e-2 against a float64 reference over the same rounded
+inputs, with atol = 1e-2 x max|ref|: an output that cancels to near zero is held to 1% of
+the output's scale, which is what bf16 intermediates (g, u, or the activation) can give.
 
 How the Triton kernel runs without a GPU: `TRITON_INTERPRET=1` only takes effect if it is
 set before triton is first imported in the process (triton's own `tl.zeros` etc. are
@@ -114,7 +116,7 @@ def _reference(x, w13, w2, offsets, rw) -> torch.Tensor:
     inter = w2.shape[2]
     x, w13, w2 = x.double(), w13.double(), w2.double()
     y = torch.zeros_like(x)
-    for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+    for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
         y[lo:hi] = swiglu(x[lo:hi], w13[e, :inter], w2[e], w13[e, inter:])
     return y if rw is None else y * rw.double()[:, None]
 
@@ -136,7 +138,8 @@ def _run_poisoned(case: _Case, backend: str, device: str = "cpu") -> None:
     if x.dtype == torch.float32:
         torch.testing.assert_close(y.cpu(), ref.float())
     else:
-        torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-2, atol=1e-2)
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-2, atol=1e-2 * scale)
 
 
 # ---- the torch path ---------------------------------------------------------------------
@@ -221,7 +224,7 @@ def test_block_map_covers_each_row_once_and_never_straddles_experts() -> None:
     offsets = torch.tensor([0, 0, 5, 5, 40, 41, 41])  # [E+1], experts 0, 2 and 5 empty
     blk_expert, blk_row = block_map(offsets, 41, block_m=16)
     covered = []
-    for e, r in zip(blk_expert.tolist(), blk_row.tolist()):
+    for e, r in zip(blk_expert.tolist(), blk_row.tolist(), strict=True):
         if e < 0:
             continue
         assert offsets[e] <= r < offsets[e + 1], "block starts outside its expert"

@@ -1,0 +1,272 @@
+"""router/batcher.py: concurrent requests for a layer share one dispatch, each gets back exactly
+its own rows, and the batcher's bounds (tokens, wait, queue) hold.
+
+Each test drives the batcher from `asyncio.run`. The fake `run` records every batch it is
+handed and can be held open on an event, which is how a batch is kept "in flight" while
+followers arrive. Its output is a fixed row-wise function of its input (2x + 1), so a request
+that got another request's rows, or its own rows in the wrong order, shows up in the values.
+
+# T = tokens of one request, B = tokens of a merged batch, H = hidden
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable
+
+import pytest
+import torch
+from moefleet.router.batcher import MicroBatcher
+from moefleet.router.errors import ResourceExhausted
+
+pytestmark = pytest.mark.unit
+
+H = 4
+TIMEOUT_S = 5.0  # a broken batcher fails the test instead of hanging the run
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x + 1
+
+
+class FakeRun:
+    """run(key, x) -> (2x + 1, call number). Calls listed in `hold` wait for `release`."""
+
+    def __init__(self, hold: tuple[int, ...] = (), fail: tuple[int, ...] = ()):
+        self.calls: list[tuple[Hashable, torch.Tensor, float]] = []  # (key, x, loop time)
+        self.release = asyncio.Event()
+        self.hold, self.fail = hold, fail
+
+    async def __call__(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self.calls.append((key, x.clone(), asyncio.get_running_loop().time()))
+        n = len(self.calls)
+        if n in self.hold:
+            await self.release.wait()
+        if n in self.fail:
+            raise RuntimeError(f"boom in call {n}")
+        return _f(x), n
+
+    def sizes(self) -> list[int]:
+        return [x.shape[0] for _, x, _ in self.calls]
+
+    async def started(self, n: int) -> None:
+        while len(self.calls) < n:
+            await asyncio.sleep(0)
+
+
+def _xs(sizes: list[int], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, H, generator=g) for t in sizes]
+
+
+def _run(coro) -> None:
+    async def bounded():
+        await asyncio.wait_for(coro, TIMEOUT_S)
+
+    asyncio.run(bounded())
+
+
+async def _settle(n: int = 10) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+# ---- merging -------------------------------------------------------------------------------
+
+
+def test_requests_arriving_during_a_batch_are_merged_into_one_call() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        xs = _xs([3, 1, 4, 2], seed=1)
+        first = asyncio.create_task(b.submit("L0", xs[0]))
+        await run.started(1)
+        rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
+        await _settle()
+        assert run.sizes() == [3], "followers wait while the first batch is in flight"
+        run.release.set()
+        results = await asyncio.gather(first, *rest)
+        assert run.sizes() == [3, 7]
+        torch.testing.assert_close(run.calls[1][1], torch.cat(xs[1:]))  # in arrival order
+        for x, (y, meta), want_meta in zip(xs, results, [1, 2, 2, 2], strict=True):
+            torch.testing.assert_close(y, _f(x))
+            assert meta == want_meta
+
+    _run(main())
+
+
+def test_many_concurrent_requests_each_get_exactly_their_own_rows() -> None:
+    async def main():
+        run = FakeRun()
+        b = MicroBatcher(run, max_batch_tokens=64, max_wait_s=0.005, max_queue_tokens=10_000)
+        sizes = [1, 5, 2, 7, 3, 1, 8, 4, 6, 2] * 4
+        xs = _xs(sizes, seed=2)
+        results = await asyncio.gather(*(b.submit("L0", x) for x in xs))
+        for x, (y, _) in zip(xs, results, strict=True):
+            torch.testing.assert_close(y, _f(x))
+        assert len(run.calls) < len(xs), "concurrent requests should share calls"
+        assert sum(run.sizes()) == sum(sizes)
+
+    _run(main())
+
+
+def test_different_keys_never_share_a_call() -> None:
+    async def main():
+        run = FakeRun(hold=(1, 2))
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        xa, xb = _xs([2, 3, 1], seed=3), _xs([4, 1, 2], seed=4)
+        tasks = [asyncio.create_task(b.submit("a", xa[0])),
+                 asyncio.create_task(b.submit("b", xb[0]))]
+        await run.started(2)
+        tasks += [asyncio.create_task(b.submit(k, x)) for k, xs in (("a", xa), ("b", xb))
+                  for x in xs[1:]]
+        await _settle()
+        run.release.set()
+        results = await asyncio.gather(*tasks)
+        for x, (y, _) in zip([xa[0], xb[0], *xa[1:], *xb[1:]], results, strict=True):
+            torch.testing.assert_close(y, _f(x))
+        by_key = {}
+        for key, x, _ in run.calls:
+            by_key.setdefault(key, []).append(x.shape[0])
+        assert by_key == {"a": [2, 4], "b": [4, 3]}
+        merged = {key: x for key, x, _ in run.calls[2:]}
+        torch.testing.assert_close(merged["a"], torch.cat(xa[1:]))
+        torch.testing.assert_close(merged["b"], torch.cat(xb[1:]))
+
+    _run(main())
+
+
+# ---- bounds --------------------------------------------------------------------------------
+
+
+def test_a_merged_batch_never_exceeds_max_batch_tokens() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))
+        b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
+        xs = _xs([2, 3, 3, 3, 5, 2, 1, 4, 4, 6, 1], seed=5)
+        first = asyncio.create_task(b.submit("L0", xs[0]))
+        await run.started(1)
+        rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
+        await _settle()
+        run.release.set()
+        results = await asyncio.gather(first, *rest)
+        assert max(run.sizes()) <= 8
+        assert sum(run.sizes()) == sum(x.shape[0] for x in xs)
+        for x, (y, _) in zip(xs, results, strict=True):
+            torch.testing.assert_close(y, _f(x))
+
+    _run(main())
+
+
+def test_a_single_oversize_request_is_dispatched_alone() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))
+        b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
+        xs = _xs([2, 3, 20, 3], seed=6)
+        first = asyncio.create_task(b.submit("L0", xs[0]))
+        await run.started(1)
+        rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
+        await _settle()
+        run.release.set()
+        results = await asyncio.gather(first, *rest)
+        assert 20 in run.sizes()
+        assert all(n <= 8 for n in run.sizes() if n != 20)
+        for x, (y, _) in zip(xs, results, strict=True):
+            torch.testing.assert_close(y, _f(x))
+
+    _run(main())
+
+
+def test_an_idle_request_is_dispatched_at_once() -> None:
+    async def main():
+        run = FakeRun()
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        (x,) = _xs([5], seed=7)
+        y, meta = await asyncio.wait_for(b.submit("L0", x), 1.0)  # far below max_wait_s
+        torch.testing.assert_close(y, _f(x))
+        assert (meta, run.sizes()) == (1, [5])
+
+    _run(main())
+
+
+def test_a_lone_follower_waits_about_max_wait_not_for_the_batch_in_flight() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))  # the first batch never returns during the test
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=0.05, max_queue_tokens=10_000)
+        xs = _xs([3, 2], seed=8)
+        first = asyncio.create_task(b.submit("L0", xs[0]))
+        await run.started(1)
+        t0 = asyncio.get_running_loop().time()
+        y, meta = await asyncio.wait_for(b.submit("L0", xs[1]), 1.0)
+        waited = run.calls[1][2] - t0
+        assert 0.04 <= waited <= 0.5, waited
+        torch.testing.assert_close(y, _f(xs[1]))
+        assert meta == 2 and not first.done()
+        run.release.set()
+        torch.testing.assert_close((await first)[0], _f(xs[0]))
+
+    _run(main())
+
+
+def test_a_full_queue_raises_resource_exhausted_and_later_requests_succeed() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10)
+        xs = _xs([4, 6, 5, 3], seed=9)
+        first = asyncio.create_task(b.submit("L0", xs[0]))  # in flight: not queued
+        await run.started(1)
+        queued = asyncio.create_task(b.submit("L0", xs[1]))  # 6 queued
+        await _settle()
+        with pytest.raises(ResourceExhausted) as err:
+            await b.submit("L0", xs[2])  # 6 + 5 > 10
+        assert err.value.code == "RESOURCE_EXHAUSTED"
+        run.release.set()
+        for x, task in ((xs[0], first), (xs[1], queued)):
+            torch.testing.assert_close((await task)[0], _f(x))
+        y, _ = await b.submit("L0", xs[3])  # the queue has drained: answered again
+        torch.testing.assert_close(y, _f(xs[3]))
+        assert 5 not in run.sizes()
+
+    _run(main())
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+def test_an_error_in_run_reaches_every_request_of_its_batch_and_the_batcher_recovers() -> None:
+    async def main():
+        run = FakeRun(hold=(1,), fail=(2,))
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        xs = _xs([2, 3, 1, 4, 5], seed=10)
+        first = asyncio.create_task(b.submit("L0", xs[0]))
+        await run.started(1)
+        merged = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:4]]
+        await _settle()
+        run.release.set()
+        torch.testing.assert_close((await first)[0], _f(xs[0]))
+        errors = await asyncio.gather(*merged, return_exceptions=True)
+        assert run.sizes()[:2] == [2, 8]
+        assert all(isinstance(e, RuntimeError) and "boom in call 2" in str(e) for e in errors)
+        y, meta = await b.submit("L0", xs[4])
+        torch.testing.assert_close(y, _f(xs[4]))
+        assert meta == 3
+
+    _run(main())
+
+
+@pytest.mark.xfail(strict=True, reason="when run returns a row count that does not match the "
+                   "batch, torch.split raises inside the batch task and no request's future "
+                   "is ever resolved: every request of the batch hangs")
+def test_run_returning_the_wrong_number_of_rows_fails_every_request_instead_of_hanging() -> None:
+    async def main():
+        async def short(key, x):
+            return _f(x)[:-1], 0
+
+        b = MicroBatcher(short, max_batch_tokens=1000, max_wait_s=0.01, max_queue_tokens=10_000)
+        xs = _xs([2, 3], seed=11)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(b.submit("L0", x) for x in xs), return_exceptions=True), 1.0
+        )
+        assert all(isinstance(r, Exception) for r in results)
+
+    _run(main())
