@@ -70,7 +70,8 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1",
     hosts = _start_hosts(spec, lifetime)
     _load_experts(spec, controller, hosts)
     router = ray.remote(Router).options(
-        num_cpus=spec.router.num_cpus, lifetime=lifetime, max_concurrency=1000,
+        num_cpus=spec.router.num_cpus, num_gpus=spec.router.num_gpus, lifetime=lifetime,
+        max_concurrency=1000,
     ).remote(controller, spec.router)
     bound = ray.get(router.start.remote(host, port))
     log.info("moefleet serving %s on %s:%d", spec.name, host, bound)

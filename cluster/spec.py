@@ -40,6 +40,10 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 _N_EXPERTS_ALIASES = ("num_experts", "num_local_experts")
 
 
+# Field annotations (strings, under `from __future__ import annotations`) checked on load.
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 class SpecError(ValueError):
     """A model spec that cannot be served, with the offending field in the message."""
 
@@ -71,6 +75,10 @@ class MoEConfig:
             _check(self.n_routed_experts % self.n_group == 0,
                    "moe.n_routed_experts must be a multiple of n_group")
             _check(self.topk_group <= self.n_group, "moe.topk_group must be <= n_group")
+            kept = self.topk_group * (self.n_routed_experts // self.n_group)
+            _check(self.num_experts_per_tok <= kept,
+                   f"moe.num_experts_per_tok ({self.num_experts_per_tok}) must be <= the experts in "
+                   f"the kept groups (topk_group × n_routed_experts / n_group = {kept})")
         if self.topk_method == "noaux_tc":
             _check(self.scoring_func == "sigmoid", "moe.topk_method noaux_tc needs scoring_func sigmoid")
 
@@ -88,10 +96,13 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        _check(isinstance(d, dict), "moe: expected a mapping")
         d = dict(d)
         for alias in _N_EXPERTS_ALIASES:
             if alias in d:
-                d.setdefault("n_routed_experts", d.pop(alias))
+                n = d.pop(alias)
+                _check(d.setdefault("n_routed_experts", n) == n,
+                       f"moe: {alias} ({n}) disagrees with n_routed_experts ({d['n_routed_experts']})")
         return _build(cls, d, "moe")
 
 
@@ -128,6 +139,7 @@ class RouterConfig:
     max_message_mb: int = 256  # gRPC send/receive limit
     transport: str = "ray"
     num_cpus: float = 1
+    num_gpus: float = 0  # a router with a GPU computes the gating there
 
     def __post_init__(self):
         _check(self.max_batch_tokens >= 1, "router.max_batch_tokens must be >= 1")
@@ -182,6 +194,11 @@ def _build(cls, d: Any, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     _check(not unknown, f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    for f in dataclasses.fields(cls):
+        if f.name in d and f.type in _SCALARS:
+            v = d[f.name]
+            ok = isinstance(v, _SCALARS[f.type]) and not (f.type != "bool" and isinstance(v, bool))
+            _check(ok, f"{where}.{f.name}: expected {f.type}, got {v!r}")
     try:
         return cls(**d)
     except TypeError as e:

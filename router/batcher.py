@@ -95,11 +95,14 @@ class MicroBatcher:
         xs = [x for x, _ in live]
         try:
             y, meta = await self._run(key, torch.cat(xs) if len(xs) > 1 else xs[0])  # [B, H]
+            parts = torch.split(y, [x.shape[0] for x in xs])
+            if len(parts) != len(xs) or y.shape[0] != sum(x.shape[0] for x in xs):
+                raise RuntimeError(f"batch of {sum(x.shape[0] for x in xs)} rows got {y.shape[0]} back")
         except Exception as e:  # every request of the batch gets the batch's error
             for _, fut in live:
                 if not fut.done():
                     fut.set_exception(e)
             return
-        for (_, fut), part in zip(live, torch.split(y, [x.shape[0] for x in xs]), strict=True):
+        for (_, fut), part in zip(live, parts, strict=True):
             if not fut.done():
                 fut.set_result((part, meta))

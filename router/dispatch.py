@@ -77,7 +77,8 @@ def plan(topk_ids: torch.Tensor, table: LayerTable) -> Plan:
     e = ids[by_expert]  # [N] sorted expert ids
     n_e = torch.bincount(e, minlength=table.rep_count.numel())  # [max_id + 1]
     rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [N] rank within expert
-    cnt = table.rep_count[e]  # [N]
+    known = e < table.rep_count.numel()  # [N]; ids past the table have no replica either
+    cnt = torch.where(known, table.rep_count[e.clamp(max=max(table.rep_count.numel() - 1, 0))], 0)
     if bool((cnt == 0).any()):
         missing = sorted(set(e[cnt == 0].tolist()))
         raise LookupError(f"no replica for expert(s) {missing}")

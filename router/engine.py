@@ -81,6 +81,8 @@ class Engine:
     def check(self, model: str, layer: int, x: torch.Tensor) -> None:
         """Raise the right domain error for a request this engine cannot serve."""
         st = self.state(model)
+        if x.dim() != 2:
+            raise InvalidArgument(f"hidden_states must have shape [T, H], got {list(x.shape)}")
         if layer not in st.layers:
             raise NotFound(f"model {model!r} has no MoE layer {layer}; layers: {sorted(st.layers)}")
         if x.shape[1] != st.cfg.hidden_size:
@@ -98,7 +100,10 @@ class Engine:
             return x.clone(), st.version
         xd = x.to(self.device)
         topk_w, topk_ids = route(xd, ls.gate, st.cfg)  # [T, K], [T, K]
-        p = plan(topk_ids, ls.table)
+        try:
+            p = plan(topk_ids, ls.table)
+        except LookupError as e:  # an expert with no ready replica in this version
+            raise Unavailable(str(e)) from e
         rows = x.to(st.dtype)[p.tokens(st.cfg.num_experts_per_tok)]  # [N, H] on the CPU
         calls = [self._call_host(st.hosts[b.host], rows[b.start:b.end], b) for b in p.batches]
         out = self._shared(xd, ls.shared)  # overlaps with the hosts' work

@@ -16,6 +16,7 @@ from collections.abc import Hashable
 
 import pytest
 import torch
+
 from moefleet.router.batcher import MicroBatcher
 from moefleet.router.errors import ResourceExhausted
 
@@ -177,6 +178,26 @@ def test_a_single_oversize_request_is_dispatched_alone() -> None:
     _run(main())
 
 
+def test_followers_filling_max_batch_tokens_are_dispatched_without_waiting() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))  # the first batch never returns during the test
+        b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
+        xs = _xs([2, 5, 3], seed=12)
+        first = asyncio.create_task(b.submit("L0", xs[0]))
+        await run.started(1)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(b.submit("L0", x) for x in xs[1:])), 1.0  # 5 + 3 = 8 queued
+        )
+        assert run.sizes() == [2, 8] and not first.done()
+        for x, (y, meta) in zip(xs[1:], results, strict=True):
+            torch.testing.assert_close(y, _f(x))
+            assert meta == 2
+        run.release.set()
+        await first
+
+    _run(main())
+
+
 def test_an_idle_request_is_dispatched_at_once() -> None:
     async def main():
         run = FakeRun()
@@ -254,9 +275,6 @@ def test_an_error_in_run_reaches_every_request_of_its_batch_and_the_batcher_reco
     _run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="when run returns a row count that does not match the "
-                   "batch, torch.split raises inside the batch task and no request's future "
-                   "is ever resolved: every request of the batch hangs")
 def test_run_returning_the_wrong_number_of_rows_fails_every_request_instead_of_hanging() -> None:
     async def main():
         async def short(key, x):
