@@ -8,6 +8,7 @@ Open Inference Protocol and the admin API on one port, merges concurrent request
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from typing import Any
 
 import ray
@@ -40,10 +41,16 @@ def state_from_controller(d: dict[str, Any]) -> ModelState:
     return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, d["hosts"])
 
 
-async def _call_host(handle: Any, x: torch.Tensor, b: HostBatch) -> torch.Tensor:
+def _call_host(handle: Any, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
+    """Issue the Ray call now (so every host works while the router computes the shared
+    experts); the returned awaitable collects and decodes the answer."""
     arr, dtype = to_wire(x)
+    return _receive(handle.run.remote(arr, dtype, b.slot_ids.tolist(), b.counts.tolist()))
+
+
+async def _receive(ref: ray.ObjectRef) -> torch.Tensor:
     try:
-        y, y_dtype = await handle.run.remote(arr, dtype, b.slot_ids.tolist(), b.counts.tolist())
+        y, y_dtype = await ref
     except RayActorError as e:
         raise Unavailable(f"expert host is gone: {e}") from e
     except RayTaskError as e:

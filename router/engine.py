@@ -28,7 +28,8 @@ from .gating import Gate, route
 
 __all__ = ["LayerState", "ModelState", "Engine", "CallHost"]
 
-# call_host(host, x [n, H], batch) -> y [n, H]
+# call_host(host, x [n, H], batch) -> awaitable y [n, H]; it should start the host's work
+# before returning, so all hosts and the router's shared experts run at the same time.
 CallHost = Callable[[Any, torch.Tensor, HostBatch], Awaitable[torch.Tensor]]
 
 
