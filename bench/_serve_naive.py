@@ -71,8 +71,8 @@ class NaiveRouter:
 
 def start(spec: ModelSpec, grpc_port: int, http_port: int, expert_num_cpus: float,
           router_num_cpus: float) -> str:
-    """Start Serve (its proxies on 127.0.0.1-reachable ports) and the app; returns the
-    gRPC address. Ray must already be initialised."""
+    """Start Serve and the app; returns the gRPC address. Ray must already be initialised.
+    HTTP listens on 127.0.0.1; Serve's gRPC proxy always binds [::] (no host option)."""
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},

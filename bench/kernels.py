@@ -8,10 +8,10 @@ medians. Without CUDA (the CPU table), at T=4096 and T=16, H=1024, E=8, K=2, I=1
 the grouped torch path, the same with its permute/combine, the HF-transformers one_hot mask
 loop, the reference MoELayer and a dense fp32 matmul of the same FLOPs.
 
-Variants are timed round-robin (one call of each per round), so a noisy neighbour hits all
-of them alike, and the table reports the median per variant. It prints markdown meant for
-bench/RESULTS.md. It imports torch and moefleet.experts only: never Ray, because the GPU
-machine that runs it has none.
+Variants are timed round-robin (one call of each per round, in a shuffled order), so a
+noisy neighbour hits all of them alike, and the table reports the median per variant.
+It prints markdown meant for bench/RESULTS.md. It imports torch and moefleet.experts
+only, never Ray: the GPU machine that runs it has none.
 
 Usage: python bench/kernels.py [--device auto|cpu|cuda] [--rounds R] [--threads N]
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import sys
 import time
@@ -112,14 +113,16 @@ def _grouped_end_to_end(x, topk_w, topk_ids, w13, w2) -> torch.Tensor:
 
 
 def _median_seconds(fns: dict[str, Callable], rounds: int, cuda: bool) -> dict[str, float]:
-    """Round-robin timing after warm-up calls (3 on CUDA, 1 on CPU); median per variant."""
+    """Round-robin timing after warm-up calls (3 on CUDA, 1 on CPU); median per variant.
+    Each round runs the variants in a fresh (seeded) order, so that none always follows
+    the same neighbour's cache footprint."""
     for fn in fns.values():
         for _ in range(3 if cuda else 1):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_cuda_seconds(fn) if cuda else _cpu_seconds(fn))
+    for r in range(rounds):
+        for name in random.Random(r).sample(list(fns), len(fns)):
+            times[name].append(_cuda_seconds(fns[name]) if cuda else _cpu_seconds(fns[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -184,7 +187,7 @@ def cpu_rows(s: Shape, t: int, rounds: int) -> list[Row]:
     xs, rw = x[tok].contiguous(), topk_w.flatten()[order].contiguous()  # [N, H], [N]
     layer = MoELayer({e: ExpertWeights(w1[e], w2[e], w3[e]) for e in range(s.E)})
     dense_a = torch.randn(xs.shape[0], s.H)  # [N, H]
-    dense_b = torch.randn(s.H, 3 * s.I)  # [H, 3I], the faster layout for MKL here
+    dense_b = torch.randn(s.H, 3 * s.I)  # [H, 3I]
     flops = 2.0 * xs.shape[0] * 3 * s.H * s.I
 
     fns = {
@@ -199,7 +202,10 @@ def cpu_rows(s: Shape, t: int, rounds: int) -> list[Row]:
     torch.testing.assert_close(fns["grouped torch path + permute/combine"](),
                                fns["HF one_hot mask loop"](), rtol=1e-4, atol=1e-4)
     secs = _median_seconds(fns, rounds, cuda=False)
-    return [Row(name, sec, flops, None) for name, sec in secs.items()]
+    active = int((offsets[1:] > offsets[:-1]).sum())
+    w_bytes = active * 3 * s.H * s.I * xs.element_size()  # weights of the experts hit
+    return [Row(name, sec, flops, dense_b.nbytes if name.startswith("dense") else w_bytes)
+            for name, sec in secs.items()]
 
 
 # ---- report -----------------------------------------------------------------------------
@@ -259,15 +265,16 @@ def run(device: str, rounds: int, threads: int) -> str:
     if device == "cuda":
         for s in GPU_SHAPES:
             for t in TOKENS:
-                rows = gpu_rows(s, t, rounds)
+                rows = gpu_rows(s, t, rounds or 20)
                 out += [f"\n**{s.name}** E={s.E} H={s.H} I={s.I} K={s.K}, T={t}, bf16 "
                         "(GB/s: activated expert weights read; for the copy, bytes read + "
                         "written)\n", _table(rows, "torch per-expert loop"), _gpu_targets(rows, t)]
     else:
         s = CPU_SHAPE
         for t in TOKENS:
-            rows = cpu_rows(s, t, rounds)
-            out += [f"\n**{s.name}** E={s.E} H={s.H} I={s.I} K={s.K}, T={t}, fp32\n",
+            rows = cpu_rows(s, t, rounds or (7 if t >= 1024 else 51))
+            out += [f"\n**{s.name}** E={s.E} H={s.H} I={s.I} K={s.K}, T={t}, fp32 (GB/s: "
+                    "weights of the experts hit; for the dense matmul, its one weight)\n",
                     _table(rows, "HF one_hot mask loop")]
     return "\n".join(out)
 
@@ -275,7 +282,8 @@ def run(device: str, rounds: int, threads: int) -> str:
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--rounds", type=int, default=0, help="0: 20 on CUDA, 7 on CPU")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="0: 20 on CUDA; on the CPU 7 at prefill, 51 at decode")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch intra-op threads (default: torch's choice, one per core)")
     return p.parse_args()
@@ -285,8 +293,7 @@ def main() -> None:
     args = _parse_args()
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
-    rounds = args.rounds or (20 if device == "cuda" else 7)
-    print(run(device, rounds, args.threads))
+    print(run(device, args.rounds, args.threads))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def connect_ray(address: str = "local", num_cpus: int | None = None) -> None:
         return
     kw: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
     if address == "local":
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
+        # address="local" starts a new instance even when RAY_ADDRESS names another cluster
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kw)
     else:
         ray.init(address=address, **kw)
 

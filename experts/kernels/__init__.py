@@ -13,8 +13,8 @@ when that backend is chosen. It knows nothing of routing, slots or hosts.
 
 from __future__ import annotations
 
+import functools
 import importlib
-import importlib.util
 from types import ModuleType
 
 import torch
@@ -53,9 +53,14 @@ def grouped_swiglu(
     return grouped_swiglu_cpu(x, w13, w2, offsets, row_weights, out=out)
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether the triton package can be imported here."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the triton package imports here (a broken install counts as absent)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
 
 
 # ---- backend choice ---------------------------------------------------------------------

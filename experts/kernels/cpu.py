@@ -1,16 +1,17 @@
 """Grouped SwiGLU over rows sorted by expert, vectorised with torch (the CPU path).
 
 Per local expert that has rows: one fused gate+up GEMM against w13[e] ([2I, H], used in
-place through a transposed view, never copied), the silu(g) * u epilogue in place on the
-gate half (in fp32), the routing weight folded into the activation, and the down GEMM
-written straight into the expert's slice of the output. The loop runs over experts,
+place through a transposed view, never copied), the silu(g) * u epilogue in fp32 (in place
+on the gate half when the inputs are fp32), the routing weight folded into the activation,
+and the down GEMM written straight into the expert's slice of the output. The loop runs over experts,
 never over tokens.
 
 Threads: this path runs on torch's intra-op pool and respects `torch.get_num_threads()`;
 it never changes it (that is process-wide state). Whoever owns the process sets it once,
 deliberately: the ExpertHost at start-up, `bench/kernels.py` from its `--threads` flag.
-At the issue's shapes every GEMM is large enough that MKL's own threading keeps all cores
-busy, so there is nothing to gain from running experts side by side.
+At prefill the GEMMs are large enough for MKL's threading to keep every core busy, and at
+decode the path is bound by streaming the weights, so running experts side by side would
+gain nothing (bench/RESULTS.md: every variant sits at the dense-GEMM rate or the same GB/s).
 
 It does not validate its inputs (the wrapper in `__init__` does) and also runs on CUDA
 tensors, where it is the "torch per-expert loop" baseline of the benchmark.

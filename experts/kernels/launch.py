@@ -30,19 +30,23 @@ class LaunchConfig:
 
     block_m tiles the rows of one expert (both kernels use the same row blocks); block_n
     tiles I in the gate/up kernel and H in the down kernel; block_k is the reduction step.
-    All three are powers of two and at least 16 (the smallest `tl.dot` tile)."""
+    All three are powers of two and at least 16 (the smallest `tl.dot` tile). group_m row
+    blocks are walked down a column of tiles together, for L2 reuse."""
 
     block_m: int = 64
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 8
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.group_m < 1:
+            raise ValueError(f"group_m must be >= 1, got {self.group_m}")
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,21 @@
 """Grouped SwiGLU in Triton: two kernels over rows already sorted by expert.
 
 1. `_gate_up_kernel`: one pass over x computes the gate and the up projection of a row block
-   against the same expert (two fp32 accumulators), and writes act = silu(g) * u.
-2. `_down_kernel`: act @ w2[e].T, scaled by the per-row routing weight in the epilogue.
+   against the same expert (two fp32 accumulators) and writes act = silu(g) * u, rounded
+   once to x's dtype (where an unfused bf16 model rounds it too).
+2. `_down_kernel`: act @ w2[e].T in fp32, scaled by the per-row routing weight in the
+   epilogue, rounded once into y.
 
 Row blocks never straddle two experts. A block -> (expert, first row) map is built on the
-device from `offsets` without a host sync; it is sized for the worst case, and the spare
-blocks exit at once. Every store is masked to the rows of its expert, so no padding row is
-ever written and empty experts cost nothing.
+device from `offsets` without a host sync; it has cdiv(N, BM) + E slots, enough for any
+routing, and the spare ones exit at once. Every load and store is masked to the rows of its
+expert, so no padding row is ever written and empty experts cost nothing. Programs are
+ordered in groups of row blocks (`_tile`) so that tiles are re-read from L2, not HBM.
 
 This module does not validate its inputs (the public wrapper in `__init__` does) and knows
-nothing of routing or of the host. It imports triton at the top: import it lazily. Under
-`TRITON_INTERPRET=1` at import time the kernels are interpreted and run on CPU tensors.
+nothing of routing or of the host. It imports triton at the top: import it lazily. If
+`TRITON_INTERPRET=1` was set before triton was first imported, the kernels are interpreted
+and run on CPU tensors (`INTERPRETED`).
 
 # N = rows, H = hidden, I = intermediate, E = local experts, S = row-block slots
 # (inside the kernels H and I are spelled D_H and D_I; BM, BN, BK are the tile sizes)
@@ -47,20 +51,34 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(n_slots, n_col_tiles, GROUP_M: tl.constexpr):
+    """This program's (row-block slot, column tile). Programs walk GROUP_M row blocks down
+    one column of tiles before moving right, so a group's x rows and a column's weights are
+    read from HBM about once and then served from L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * n_col_tiles
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(n_slots - first, GROUP_M)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, act_ptr, blk_expert_ptr, blk_row_ptr, offsets_ptr,
     D_H, D_I,
     stride_xn, stride_we, stride_wi, stride_an,
-    UPCAST: tl.constexpr,
+    n_slots,
+    UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    e = tl.load(blk_expert_ptr + tl.program_id(0))
+    slot, col_tile = _tile(n_slots, tl.cdiv(D_I, BLOCK_N), GROUP_M)
+    e = tl.load(blk_expert_ptr + slot)
     if e < 0:
         return
-    row0 = tl.load(blk_row_ptr + tl.program_id(0))
+    row0 = tl.load(blk_row_ptr + slot)
     row_end = tl.load(offsets_ptr + e + 1)
     rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over D_I
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over D_I
     ks = tl.arange(0, BLOCK_K)  # [BK]
     row_ok = rows < row_end
     col_ok = cols < D_I
@@ -91,17 +109,18 @@ def _down_kernel(
     act_ptr, w2_ptr, y_ptr, rw_ptr, blk_expert_ptr, blk_row_ptr, offsets_ptr,
     D_H, D_I,
     stride_an, stride_we, stride_wh, stride_yn,
-    HAS_RW: tl.constexpr,
-    UPCAST: tl.constexpr,
+    n_slots,
+    HAS_RW: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    e = tl.load(blk_expert_ptr + tl.program_id(0))
+    slot, col_tile = _tile(n_slots, tl.cdiv(D_H, BLOCK_N), GROUP_M)
+    e = tl.load(blk_expert_ptr + slot)
     if e < 0:
         return
-    row0 = tl.load(blk_row_ptr + tl.program_id(0))
+    row0 = tl.load(blk_row_ptr + slot)
     row_end = tl.load(offsets_ptr + e + 1)
     rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over D_H
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] over D_H
     ks = tl.arange(0, BLOCK_K)  # [BK] over D_I
     row_ok = rows < row_end
     col_ok = cols < D_H
@@ -166,19 +185,20 @@ def grouped_swiglu_triton(
     cfg = config or _config_for(x, n_experts, h, inter)
     blk_expert, blk_row = block_map(offsets, n, cfg.block_m)
     act = torch.empty((n, inter), dtype=x.dtype, device=x.device)  # [N, I]
+    slots = blk_expert.numel()
     launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "UPCAST": INTERPRETED and x.dtype == torch.bfloat16}
+             "GROUP_M": cfg.group_m, "UPCAST": INTERPRETED and x.dtype == torch.bfloat16}
 
-    grid = (blk_expert.numel(), triton.cdiv(inter, cfg.block_n))
+    grid = (slots * triton.cdiv(inter, cfg.block_n),)
     _gate_up_kernel[grid](
         x, w13, act, blk_expert, blk_row, offsets, h, inter,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), **tiles, **launch,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), slots, **tiles, **launch,
     )
-    grid = (blk_expert.numel(), triton.cdiv(h, cfg.block_n))
+    grid = (slots * triton.cdiv(h, cfg.block_n),)
     _down_kernel[grid](
         act, w2, y, row_weights, blk_expert, blk_row, offsets, h, inter,
-        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), slots,
         HAS_RW=row_weights is not None, **tiles, **launch,
     )
     return y
