@@ -134,7 +134,7 @@ class HostsConfig:
 class RouterConfig:
     max_batch_tokens: int = 8192  # micro-batcher: merge at most this many tokens per dispatch
     max_wait_ms: float = 1.0  # ... and wait at most this long for more requests
-    max_queue_tokens: int = 262144  # beyond this, RESOURCE_EXHAUSTED
+    max_queue_tokens: int = 262144  # tokens queued or in flight; beyond it, RESOURCE_EXHAUSTED
     max_request_tokens: int = 65536
     max_message_mb: int = 256  # gRPC send/receive limit
     transport: str = "ray"

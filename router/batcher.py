@@ -3,7 +3,8 @@
 A request is sent at once when nothing is in flight for its key (no added latency when
 idle). While a batch is in flight, new requests gather until the batch returns, the oldest has
 waited `max_wait_s`, or `max_batch_tokens` are queued, whichever comes first. Past
-`max_queue_tokens` queued, requests are refused with RESOURCE_EXHAUSTED.
+`max_queue_tokens` outstanding (queued or in flight, not yet answered), requests are refused
+with RESOURCE_EXHAUSTED: the router's admission limit.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -43,18 +44,20 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_tokens = max_queue_tokens
         self._queues: dict[Hashable, _Queue] = {}
-        self._queued_tokens = 0
+        self._outstanding_tokens = 0
 
     async def submit(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """x: [T, H] -> (y [T, H], meta)."""
         n = x.shape[0]
-        if self._queued_tokens + n > self.max_queue_tokens:
-            raise ResourceExhausted(f"router queue is full ({self._queued_tokens} tokens queued)")
+        if self._outstanding_tokens + n > self.max_queue_tokens:
+            raise ResourceExhausted(
+                f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
+                f"limit {self.max_queue_tokens})")
         q = self._queues.setdefault(key, _Queue())
         fut = asyncio.get_running_loop().create_future()
         q.items.append((x, fut))
         q.tokens += n
-        self._queued_tokens += n
+        self._outstanding_tokens += n
         self._schedule(key, q)
         return await fut
 
@@ -76,19 +79,19 @@ class MicroBatcher:
             batch.append((x, fut))
             tokens += x.shape[0]
         q.tokens -= tokens
-        self._queued_tokens -= tokens
         q.in_flight += 1
-        asyncio.get_running_loop().create_task(self._run_batch(key, q, batch))
+        asyncio.get_running_loop().create_task(self._run_batch(key, q, batch, tokens))
         if q.items:
             self._schedule(key, q)
 
-    async def _run_batch(self, key: Hashable, q: _Queue, batch: list) -> None:
+    async def _run_batch(self, key: Hashable, q: _Queue, batch: list, tokens: int) -> None:
         live = [(x, f) for x, f in batch if not f.done()]  # drop requests already cancelled
         try:
             if live:
                 await self._run_live(key, live)
         finally:
             q.in_flight -= 1
+            self._outstanding_tokens -= tokens
             self._schedule(key, q)
 
     async def _run_live(self, key: Hashable, live: list) -> None:

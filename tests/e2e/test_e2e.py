@@ -198,11 +198,11 @@ def test_full_queue_is_resource_exhausted_and_nothing_wrong_is_returned(served):
         except grpc.RpcError as e:
             return e.code()
 
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(one, range(12)))
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
     codes = [r for r in results if isinstance(r, grpc.StatusCode)]
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert codes, "12 concurrent requests of 4000 tokens must overflow a 4096-token queue"
+    assert codes, "16 concurrent requests of 4000 tokens must overflow 4096 outstanding tokens"
     from moefleet.router.wire import tensor_from_response
 
     for r in results:
