@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ __all__ = ["InferenceServicer", "ErrorInterceptor", "serve_grpc", "SERVER_NAME"]
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "moefleet"
+_VERSION = version("moefleet")
 _DATATYPE_OF = {d.torch_dtype: d.datatype for d in DTYPES}
 
 
@@ -52,11 +54,9 @@ def _guarded(inner: Callable[[Any, Any], Awaitable[Any]]):
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
         except (asyncio.TimeoutError, TimeoutError):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:  # a bug: say so, rather than a bare "unexpected error"
-            if isinstance(e, grpc.aio.AbortError):
-                raise
             log.exception("internal error in %s", getattr(inner, "__name__", inner))
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
@@ -80,9 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=request.name in self._router.model_names())
 
     async def ServerMetadata(self, request, context):
-        from importlib.metadata import version
-
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=version("moefleet"))
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_VERSION)
 
     async def ModelMetadata(self, request, context):
         hidden, torch_dtype = self._router.metadata(request.name)  # NotFound if unknown

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,9 +49,10 @@ def served(tmp_path_factory):
 
 
 def _read_address(proc: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> str:
-    deadline = time.monotonic() + timeout_s
-    line = proc.stdout.readline().strip()  # the serve command prints its address alone
-    if not line or time.monotonic() > deadline:
+    """The address `serve` prints alone on stdout, waiting at most timeout_s for it."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline().strip() if ready else ""
+    if not line:
         proc.kill()
         raise RuntimeError(f"moefleet serve did not start:\n{log_path.read_text()[-4000:]}")
     return line

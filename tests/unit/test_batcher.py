@@ -72,6 +72,20 @@ async def _settle(n: int = 10) -> None:
         await asyncio.sleep(0)
 
 
+async def _behind_a_held_batch(b: MicroBatcher, run, xs: list) -> list[asyncio.Task]:
+    """Submit xs[0], wait until its batch is in flight (held), then submit the rest."""
+    first = asyncio.create_task(b.submit("L0", xs[0]))
+    await run.started(1)
+    rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
+    await _settle()
+    return [first, *rest]
+
+
+def _assert_each_got_its_own_rows(xs: list, results: list) -> None:
+    for x, (y, _) in zip(xs, results, strict=True):
+        torch.testing.assert_close(y, _f(x))
+
+
 # ---- merging -------------------------------------------------------------------------------
 
 
@@ -80,13 +94,10 @@ def test_requests_arriving_during_a_batch_are_merged_into_one_call() -> None:
         run = FakeRun(hold=(1,))
         b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([3, 1, 4, 2], seed=1)
-        first = asyncio.create_task(b.submit("L0", xs[0]))
-        await run.started(1)
-        rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
-        await _settle()
+        tasks = await _behind_a_held_batch(b, run, xs)
         assert run.sizes() == [3], "followers wait while the first batch is in flight"
         run.release.set()
-        results = await asyncio.gather(first, *rest)
+        results = await asyncio.gather(*tasks)
         assert run.sizes() == [3, 7]
         torch.testing.assert_close(run.calls[1][1], torch.cat(xs[1:]))  # in arrival order
         for x, (y, meta), want_meta in zip(xs, results, [1, 2, 2, 2], strict=True):
@@ -103,8 +114,7 @@ def test_many_concurrent_requests_each_get_exactly_their_own_rows() -> None:
         sizes = [1, 5, 2, 7, 3, 1, 8, 4, 6, 2] * 4
         xs = _xs(sizes, seed=2)
         results = await asyncio.gather(*(b.submit("L0", x) for x in xs))
-        for x, (y, _) in zip(xs, results, strict=True):
-            torch.testing.assert_close(y, _f(x))
+        _assert_each_got_its_own_rows(xs, results)
         assert len(run.calls) < len(xs), "concurrent requests should share calls"
         assert sum(run.sizes()) == sum(sizes)
 
@@ -145,16 +155,12 @@ def test_a_merged_batch_never_exceeds_max_batch_tokens() -> None:
         run = FakeRun(hold=(1,))
         b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([2, 3, 3, 3, 5, 2, 1, 4, 4, 6, 1], seed=5)
-        first = asyncio.create_task(b.submit("L0", xs[0]))
-        await run.started(1)
-        rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
-        await _settle()
+        tasks = await _behind_a_held_batch(b, run, xs)
         run.release.set()
-        results = await asyncio.gather(first, *rest)
+        results = await asyncio.gather(*tasks)
         assert max(run.sizes()) <= 8
         assert sum(run.sizes()) == sum(x.shape[0] for x in xs)
-        for x, (y, _) in zip(xs, results, strict=True):
-            torch.testing.assert_close(y, _f(x))
+        _assert_each_got_its_own_rows(xs, results)
 
     _run(main())
 
@@ -164,16 +170,12 @@ def test_a_single_oversize_request_is_dispatched_alone() -> None:
         run = FakeRun(hold=(1,))
         b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([2, 3, 20, 3], seed=6)
-        first = asyncio.create_task(b.submit("L0", xs[0]))
-        await run.started(1)
-        rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
-        await _settle()
+        tasks = await _behind_a_held_batch(b, run, xs)
         run.release.set()
-        results = await asyncio.gather(first, *rest)
+        results = await asyncio.gather(*tasks)
         assert 20 in run.sizes()
         assert all(n <= 8 for n in run.sizes() if n != 20)
-        for x, (y, _) in zip(xs, results, strict=True):
-            torch.testing.assert_close(y, _f(x))
+        _assert_each_got_its_own_rows(xs, results)
 
     _run(main())
 
