@@ -1,13 +1,15 @@
 """Dispatch and combine: route (token, k) pairs to expert replicas and add the results back.
 
-    plan     sort the T·K pairs by expert, split each expert's rows over its replicas,
-             group them per host and per slot (the host's kernel layout)
+    plan     sort the T·K pairs by expert, split each expert's rows over its replicas
+             (least-loaded host first), group them per host and per slot (the host's
+             kernel layout)
     combine  out[T, H] = Σ_k topk_w · y, with index_add_, in fp32
 
 Pure tensor functions over a `LayerTable` (one layer of the routing table). No Ray, no grpc,
 no knowledge of how experts compute; no Python loop over tokens.
 
-# T = tokens, K = experts per token, N = T·K pairs, H = hidden, R = replicas of the layer
+# T = tokens, K = experts per token, N = T·K pairs, H = hidden, R = replicas of the layer,
+# X = max expert id + 1, S = hosts
 """
 
 from __future__ import annotations
@@ -23,26 +25,37 @@ __all__ = ["LayerTable", "HostBatch", "Plan", "plan", "combine"]
 class LayerTable:
     """One layer of the routing table, as tensors indexed by logical expert id.
 
-    rep_start, rep_count: [max_id + 1], the replicas of expert e are rows
+    rep_start, rep_count: [X], the replicas of expert e are rows
     rep_start[e] : rep_start[e] + rep_count[e] of rep_host, rep_slot: [R].
+    replicas: the expert id -> [(host index, slot), ...] mapping the tensors were built from.
     """
 
     rep_start: torch.Tensor
     rep_count: torch.Tensor
     rep_host: torch.Tensor
     rep_slot: torch.Tensor
+    replicas: dict[int, list[tuple[int, int]]]
 
     @classmethod
     def from_replicas(cls, replicas: dict[int, list[tuple[int, int]]]) -> LayerTable:
-        """replicas: expert id -> [(host index, slot), ...], every listed expert has >= 1."""
+        """replicas: expert id -> [(host index, slot), ...]; an expert listed with no replica
+        is planned like an unlisted one (LookupError)."""
         ids = sorted(replicas)
-        count = torch.zeros(ids[-1] + 1 if ids else 0, dtype=torch.long)
+        count = torch.zeros(ids[-1] + 1 if ids else 0, dtype=torch.long)  # [X]
         flat: list[tuple[int, int]] = []
         for e in ids:
             count[e] = len(replicas[e])
             flat.extend(replicas[e])
         pairs = torch.tensor(flat, dtype=torch.long).reshape(-1, 2)  # [R, 2]
-        return cls(torch.cumsum(count, 0) - count, count, pairs[:, 0].clone(), pairs[:, 1].clone())
+        return cls(torch.cumsum(count, 0) - count, count, pairs[:, 0].clone(),
+                   pairs[:, 1].clone(), {e: list(replicas[e]) for e in ids})
+
+    def without_hosts(self, hosts: set[int]) -> LayerTable:
+        """This table minus every replica on `hosts`; experts left with none stay listed
+        with no replica."""
+        return LayerTable.from_replicas(
+            {e: [r for r in reps if r[0] not in hosts] for e, reps in self.replicas.items()}
+        )
 
 
 @dataclass(frozen=True)
@@ -66,27 +79,47 @@ class Plan:
         return torch.div(self.order, k, rounding_mode="floor")
 
 
-def plan(topk_ids: torch.Tensor, table: LayerTable) -> Plan:
-    """topk_ids: [T, K] logical expert ids -> the dispatch plan.
+def plan(topk_ids: torch.Tensor, table: LayerTable,
+         host_load: torch.Tensor | None = None) -> Plan:
+    """topk_ids: [T, K] logical expert ids; host_load: [S] rows outstanding per host index
+    (None: all equal) -> the dispatch plan.
 
-    Each expert's rows are split evenly over its replicas; rows are then sorted by
-    (host, slot), so each host gets one contiguous block already grouped by slot.
+    Each expert's replicas are ranked by their host's load (ascending; ties keep table order)
+    and its rows dealt out over them in that order, so every replica gets ⌊n/c⌋ or ⌈n/c⌉ rows
+    and the extra ones go to the least loaded (a single row: to the least-loaded replica).
+    Rows are then sorted by (host, slot), so each host gets one contiguous block already
+    grouped by slot. Raises LookupError naming the experts that have no replica.
     """
     ids = topk_ids.reshape(-1).cpu()  # [N]
     by_expert = torch.argsort(ids, stable=True)  # [N]
     e = ids[by_expert]  # [N] sorted expert ids
-    n_e = torch.bincount(e, minlength=table.rep_count.numel())  # [max_id + 1]
-    rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [N] rank within expert
     known = e < table.rep_count.numel()  # [N]; ids past the table have no replica either
-    cnt = torch.where(known, table.rep_count[e.clamp(max=max(table.rep_count.numel() - 1, 0))], 0)
+    cnt = torch.zeros_like(e)  # [N] replicas of each row's expert
+    cnt[known] = table.rep_count[e[known]]
     if bool((cnt == 0).any()):
         missing = sorted(set(e[cnt == 0].tolist()))
         raise LookupError(f"no replica for expert(s) {missing}")
-    rep = table.rep_start[e] + torch.div(rank * cnt, n_e[e], rounding_mode="floor")  # [N]
+    if e.numel() == 0:
+        return Plan(by_expert, [])
+    n_e = torch.bincount(e, minlength=table.rep_count.numel())  # [X]
+    rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [N] rank within expert
+    rep = _by_load(table, host_load)[table.rep_start[e] + rank % cnt]  # [N] replica row
     host, slot = table.rep_host[rep], table.rep_slot[rep]  # [N]
     key = host * (int(table.rep_slot.max()) + 1) + slot  # [N]
     by_slot = torch.argsort(key, stable=True)  # [N]
     return Plan(by_expert[by_slot], _host_batches(host[by_slot], slot[by_slot]))
+
+
+def _by_load(table: LayerTable, host_load: torch.Tensor | None) -> torch.Tensor:
+    """[R] replica rows reordered so each expert's block lists its replicas least-loaded
+    host first (stable); the blocks keep their places (rep_start still holds)."""
+    r = table.rep_host.numel()
+    if host_load is None:
+        return torch.arange(r)
+    load = host_load.cpu()[table.rep_host]  # [R]
+    expert = torch.repeat_interleave(torch.arange(table.rep_count.numel()), table.rep_count)  # [R]
+    by_load = torch.argsort(load, stable=True)  # [R]
+    return by_load[torch.argsort(expert[by_load], stable=True)]  # [R] sorted by (expert, load)
 
 
 def _host_batches(host: torch.Tensor, slot: torch.Tensor) -> list[HostBatch]:

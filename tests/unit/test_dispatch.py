@@ -70,15 +70,22 @@ def _random_routes(t: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, tor
 # ---- round trips ---------------------------------------------------------------------------
 
 
+# host index -> rows outstanding; None plans as if all hosts were equally loaded
+LOADS = {"no-load": None, "host-1-idle": torch.tensor([5, 0, 3]), "host-0-idle": torch.tensor([0, 7, 7])}
+
+
+@pytest.mark.parametrize("load", list(LOADS))
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_every_permutation_of_experts_round_trips_through_dispatch_and_combine(k: int) -> None:
+def test_every_permutation_of_experts_round_trips_through_dispatch_and_combine(
+    k: int, load: str
+) -> None:
     # One token per ordered choice of k experts out of 0..4 (5·4·3·2 = 120 tokens for k = 4).
     ids = torch.tensor(list(itertools.permutations(range(5), k)))  # [T, K]
     g = torch.Generator().manual_seed(k)
     x = torch.randn(ids.shape[0], H, generator=g)
     w = torch.rand(ids.shape, generator=g) + 0.1
     maps = _expert_maps(6, seed=1)
-    p = plan(ids, LayerTable.from_replicas(REPLICAS))
+    p = plan(ids, LayerTable.from_replicas(REPLICAS), LOADS[load])
     y = _run_hosts(x, p, k, REPLICAS, maps)
     torch.testing.assert_close(combine(y, p, w, x.shape[0]), _combine_loop(x, w, ids, maps))
 
@@ -90,6 +97,17 @@ def test_identity_experts_combine_to_the_weighted_sum_of_the_input(t: int) -> No
     p = plan(ids, LayerTable.from_replicas(REPLICAS))
     y = x[p.tokens(3)]  # each "expert" returns its row unchanged
     torch.testing.assert_close(combine(y, p, w, t), w.sum(-1, keepdim=True) * x)
+
+
+def test_host_load_changes_where_rows_go_but_not_the_combined_output() -> None:
+    w, ids = _random_routes(33, 3, 6, seed=11)
+    x = torch.randn(33, H, generator=torch.Generator().manual_seed(12))
+    maps = _expert_maps(6, seed=13)
+    table = LayerTable.from_replicas(REPLICAS)
+    p0, p1 = plan(ids, table), plan(ids, table, torch.tensor([9, 0, 4]))
+    assert not torch.equal(p0.order, p1.order), "the load sends some rows elsewhere"
+    torch.testing.assert_close(combine(_run_hosts(x, p1, 3, REPLICAS, maps), p1, w, 33),
+                               combine(_run_hosts(x, p0, 3, REPLICAS, maps), p0, w, 33))
 
 
 def test_plan_order_is_a_permutation_of_all_pairs() -> None:
@@ -122,9 +140,10 @@ def test_noncontiguous_expert_ids_are_dispatched_to_their_own_replicas() -> None
 # ---- plan layout ---------------------------------------------------------------------------
 
 
-def test_each_host_gets_one_contiguous_block_sorted_by_slot() -> None:
+@pytest.mark.parametrize("load", list(LOADS))
+def test_each_host_gets_one_contiguous_block_sorted_by_slot(load: str) -> None:
     _, ids = _random_routes(64, 4, 6, seed=9)
-    p = plan(ids, LayerTable.from_replicas(REPLICAS))
+    p = plan(ids, LayerTable.from_replicas(REPLICAS), LOADS[load])
     hosts = [b.host for b in p.batches]
     assert sorted(hosts) == sorted(set(hosts)) == [0, 1, 2]
     assert p.batches[0].start == 0 and p.batches[-1].end == 256
@@ -153,6 +172,45 @@ def test_rows_of_a_replicated_expert_are_split_evenly_over_its_replicas() -> Non
     assert rows[(0, 1)] == 3  # expert 1, one replica, gets all its rows
 
 
+def _rows_per_replica(p: Plan) -> dict[tuple[int, int], int]:
+    return {(b.host, s): c for b in p.batches
+            for s, c in zip(b.slot_ids.tolist(), b.counts.tolist(), strict=True)}
+
+
+@pytest.mark.parametrize(("load", "host"), [
+    ([5, 1, 3], 1), ([0, 9, 1], 0), ([4, 4, 2], 2), ([3, 3, 3], 0),
+], ids=["host-1", "host-0", "host-2", "tie-keeps-table-order"])
+def test_a_single_row_goes_to_the_replica_on_the_least_loaded_host(
+    load: list[int], host: int
+) -> None:
+    p = plan(torch.tensor([[0]]), LayerTable.from_replicas(REPLICAS), torch.tensor(load))
+    assert [(b.host, b.slot_ids.tolist(), b.counts.tolist()) for b in p.batches] == [(host, [0], [1])]
+
+
+@pytest.mark.parametrize(("t", "load", "rows_by_host"), [
+    (10, [5, 1, 3], {1: 4, 2: 3, 0: 3}),
+    (11, [5, 1, 3], {1: 4, 2: 4, 0: 3}),
+    (2, [5, 1, 3], {1: 1, 2: 1}),
+    (9, [5, 1, 3], {1: 3, 2: 3, 0: 3}),
+])
+def test_rows_split_evenly_with_the_extra_rows_on_the_least_loaded_hosts(
+    t: int, load: list[int], rows_by_host: dict[int, int]
+) -> None:
+    # t tokens all pick expert 0, whose replicas are slot 0 on hosts 0, 1 and 2
+    p = plan(torch.zeros(t, 1, dtype=torch.long), LayerTable.from_replicas(REPLICAS),
+             torch.tensor(load))
+    assert {h: c for (h, _), c in _rows_per_replica(p).items()} == rows_by_host
+    assert len({b.host for b in p.batches}) == len(p.batches), "one batch per host"
+
+
+def test_host_load_reorders_the_replicas_of_each_expert_separately() -> None:
+    # expert 2 lives on hosts 1 and 2, expert 5 on hosts 1 and 0: with host 1 the busiest,
+    # a single row of each goes to host 2 and host 0, both in one batch per host
+    p = plan(torch.tensor([[2, 5]]), LayerTable.from_replicas(REPLICAS), torch.tensor([1, 9, 0]))
+    assert _rows_per_replica(p) == {(2, 3): 1, (0, 3): 1}
+    assert [b.host for b in p.batches] == [0, 2]
+
+
 def test_only_hosts_with_rows_get_a_batch() -> None:
     p = plan(torch.tensor([[3], [3], [3]]), LayerTable.from_replicas(REPLICAS))
     assert [(b.host, b.slot_ids.tolist(), b.counts.tolist()) for b in p.batches] == [(2, [1], [3])]
@@ -165,6 +223,31 @@ def test_table_from_replicas_indexes_replicas_by_expert_id() -> None:
         lo, n = int(t.rep_start[e]), int(t.rep_count[e])
         assert list(zip(t.rep_host[lo:lo + n].tolist(), t.rep_slot[lo:lo + n].tolist(),
                         strict=True)) == reps
+
+
+def test_without_hosts_removes_every_replica_on_those_hosts() -> None:
+    t = LayerTable.from_replicas(REPLICAS).without_hosts({1})
+    assert t.replicas == {e: [r for r in reps if r[0] != 1] for e, reps in REPLICAS.items()}
+    assert t.rep_count.tolist() == [2, 1, 1, 1, 1, 1]
+    p = plan(torch.tensor([[0, 2], [5, 3]] * 4), t)
+    assert 1 not in {b.host for b in p.batches}
+    assert LayerTable.from_replicas(REPLICAS).replicas == REPLICAS, "the source is unchanged"
+
+
+def test_without_hosts_leaves_an_expert_with_no_replica_unplannable() -> None:
+    t = LayerTable.from_replicas(REPLICAS).without_hosts({2, 1})  # expert 3 was only on host 2
+    assert t.replicas[3] == [] and t.replicas[2] == []  # expert 2 was on hosts 1 and 2
+    with pytest.raises(LookupError, match=r"no replica for expert\(s\) \[2, 3\]"):
+        plan(torch.tensor([[0, 3], [2, 1]]), t)
+    p = plan(torch.tensor([[0, 1], [4, 5]]), t)  # still plans a request that avoids them
+    assert [b.host for b in p.batches] == [0]
+
+
+def test_a_table_without_any_host_still_plans_an_empty_batch() -> None:
+    t = LayerTable.from_replicas(REPLICAS).without_hosts({0, 1, 2})
+    assert plan(torch.zeros(0, 2, dtype=torch.long), t).batches == []
+    with pytest.raises(LookupError, match=r"no replica for expert\(s\) \[4\]"):
+        plan(torch.tensor([[4]]), t)
 
 
 # ---- edges ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ path uses (`to_wire` / `from_wire`), so only the Ray hop itself is left out. The
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -22,7 +23,7 @@ from moefleet.experts.reference import MoELayer
 from moefleet.experts.weights import RandomSource
 from moefleet.router.dispatch import HostBatch, LayerTable
 from moefleet.router.engine import Engine, LayerState, ModelState
-from moefleet.router.errors import InvalidArgument, NotFound, Unavailable
+from moefleet.router.errors import HostGone, InvalidArgument, NotFound, Unavailable
 from moefleet.router.gating import Gate, route
 
 pytestmark = pytest.mark.unit
@@ -76,7 +77,10 @@ async def _call_host(host: ExpertHost, x: torch.Tensor, b: HostBatch) -> torch.T
     return from_wire(y, y_dtype)
 
 
-def _replicas(ids: list[int]) -> dict[int, list[tuple[int, int]]]:
+Replicas = dict[int, list[tuple[int, int]]]
+
+
+def _replicas(ids: list[int]) -> Replicas:
     """Expert i (the i-th id) on host i % 3; the first and the last id get a second replica."""
     reps = {e: [(i % N_HOSTS, i // N_HOSTS)] for i, e in enumerate(ids)}
     reps[ids[0]].append((1, SLOTS - 1))
@@ -84,8 +88,20 @@ def _replicas(ids: list[int]) -> dict[int, list[tuple[int, int]]]:
     return reps
 
 
+def _two_replicas(ids: list[int]) -> Replicas:
+    """Expert i on hosts i % 3 and (i + 1) % 3: any one host can go."""
+    return {e: [(i % N_HOSTS, i // N_HOSTS), ((i + 1) % N_HOSTS, SLOTS - 1 - i // N_HOSTS)]
+            for i, e in enumerate(ids)}
+
+
+def _everywhere(ids: list[int]) -> Replicas:
+    """Expert i in slot i of every host."""
+    return {e: [(h, i) for h in range(N_HOSTS)] for i, e in enumerate(ids)}
+
+
 def _build(cfg: MoEConfig, ids: list[int] | None = None, version: int = 1, seed: int = 0,
-           name: str = "m") -> tuple[ModelState, MoELayer, Gate]:
+           name: str = "m", layout: Callable[[list[int]], Replicas] = _replicas,
+           ) -> tuple[ModelState, MoELayer, Gate]:
     """A model with one MoE layer on fresh hosts, and the reference layer it must match."""
     ids = list(range(E)) if ids is None else ids
     src = _source(cfg, seed)
@@ -93,13 +109,14 @@ def _build(cfg: MoEConfig, ids: list[int] | None = None, version: int = 1, seed:
     groups = torch.arange(E) // (E // max(cfg.n_group, 1))
     gate = Gate(gw.weight, torch.tensor(ids), groups, gw.bias)
     hosts = [_host(i) for i in range(N_HOSTS)]
-    reps = _replicas(ids)
+    reps = layout(ids)
     for row, e in enumerate(ids):
         for h, slot in reps[e]:
             hosts[h].load(slot, LAYER, e, src.expert(LAYER, row))
     shared = src.shared(LAYER)
     layer = LayerState(gate, LayerTable.from_replicas(reps), shared)
-    state = ModelState(name, cfg, torch.float32, version, {LAYER: layer}, hosts)
+    state = ModelState(name, cfg, torch.float32, version, {LAYER: layer}, hosts,
+                       [h.host_id for h in hosts])
     reference = MoELayer({e: src.expert(LAYER, row) for row, e in enumerate(ids)}, shared)
     return state, reference, gate
 
@@ -150,6 +167,26 @@ def test_noncontiguous_expert_ids_match_the_reference() -> None:
     x = _x(64, seed=80)
     y, _ = asyncio.run(engine.forward("m", LAYER, x))
     torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+
+
+def test_every_host_call_is_issued_before_the_shared_experts_run() -> None:
+    cfg = _cfg("deepseek-v3")
+    state, reference, gate = _build(cfg)
+    issued: list[str] = []
+
+    def call_host(host: ExpertHost, x: torch.Tensor, b: HostBatch):  # issues now, like Ray
+        issued.append(host.host_id)
+        return _call_host(host, x, b)
+
+    engine = Engine(call_host, device="cpu")
+    engine.install(state)
+    seen_by_shared: list[list[str]] = []
+    shared = engine._shared
+    engine._shared = lambda x, s: (seen_by_shared.append(list(issued)), shared(x, s))[1]
+    x = _x(64, seed=85)
+    y, _ = asyncio.run(engine.forward("m", LAYER, x))
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+    assert seen_by_shared == [["h0", "h1", "h2"]] and issued == ["h0", "h1", "h2"]
 
 
 def test_concurrent_requests_each_match_the_reference() -> None:
@@ -208,6 +245,7 @@ def test_a_failing_host_gives_unavailable_and_the_engine_still_answers(served: t
     with pytest.raises(Unavailable, match="host h") as err:
         asyncio.run(broken.forward("m", LAYER, _x(7, seed=120)))
     assert err.value.code == "UNAVAILABLE"
+    assert broken.dead_hosts == set() and broken.outstanding == {}, "not HostGone: no retry"
     _still_answers(served)
 
 
@@ -285,3 +323,268 @@ def test_install_replaces_only_the_named_model() -> None:
     assert v == 1
     torch.testing.assert_close(y, _expected(ref_a, gate_a, cfg, x))
     assert asyncio.run(engine.forward("b", LAYER, x))[1] == 7
+
+
+# ---- hosts that go -------------------------------------------------------------------------
+
+
+class _Fleet:
+    """call_host over ExpertHost objects: records (host id, rows) per call, and raises
+    HostGone for the hosts in `gone`."""
+
+    def __init__(self, gone: set[str] = frozenset()):
+        self.gone = set(gone)
+        self.calls: list[tuple[str, int]] = []
+
+    async def __call__(self, host: ExpertHost, x: torch.Tensor, b: HostBatch) -> torch.Tensor:
+        self.calls.append((host.host_id, x.shape[0]))
+        if host.host_id in self.gone:
+            raise HostGone(f"host {host.host_id} is gone")
+        return await _call_host(host, x, b)
+
+    def hosts_called(self) -> set[str]:
+        return {h for h, _ in self.calls}
+
+
+def _routed_rows(gate: Gate, cfg: MoEConfig, *xs: torch.Tensor) -> dict[int, int]:
+    """expert id -> rows routed to it over the inputs, as take_load reports them."""
+    ids = torch.cat([route(x, gate, cfg)[1].reshape(-1) for x in xs])
+    n = torch.bincount(ids)
+    return {e: c for e, c in enumerate(n.tolist()) if c}
+
+
+def test_rows_of_a_gone_host_are_retried_on_other_replicas_and_match_the_reference() -> None:
+    cfg = _cfg("deepseek-v3")
+    state, reference, gate = _build(cfg, layout=_two_replicas)
+    fleet, told = _Fleet(gone={"h1"}), []
+    engine = Engine(fleet, device="cpu", on_host_gone=told.append)
+    engine.install(state)
+    x = _x(64, seed=200)
+    y, _ = asyncio.run(engine.forward("m", LAYER, x))
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+    assert "h1" in fleet.hosts_called(), "the gone host was tried first"
+    assert engine.dead_hosts == {"h1"} and told == ["h1"]
+    assert engine.outstanding == {}
+    assert engine.take_load() == {"m": {LAYER: _routed_rows(gate, cfg, x)}}, "retries count once"
+
+    fleet.calls.clear()
+    x2 = _x(33, seed=201)
+    y2, _ = asyncio.run(engine.forward("m", LAYER, x2))
+    torch.testing.assert_close(y2, _expected(reference, gate, cfg, x2))
+    assert fleet.hosts_called() == {"h0", "h2"}, "the dead host is never called again"
+    assert told == ["h1"], "on_host_gone is told once per host"
+
+
+def test_rows_are_retried_until_a_live_replica_answers() -> None:
+    # One token, two experts, each on all three hosts: with no load anywhere both rows go
+    # to host 0, then (host 0 gone) to host 1, then (host 1 gone too) to host 2.
+    cfg = _cfg("mixtral")
+    state, reference, gate = _build(cfg, layout=_everywhere)
+    fleet, told = _Fleet(gone={"h0", "h1"}), []
+    engine = Engine(fleet, device="cpu", on_host_gone=told.append)
+    engine.install(state)
+    x = _x(1, seed=210)
+    y, _ = asyncio.run(engine.forward("m", LAYER, x))
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+    assert fleet.calls == [("h0", 2), ("h1", 2), ("h2", 2)]
+    assert told == ["h0", "h1"] and engine.outstanding == {}
+
+
+def test_a_gone_host_with_an_experts_only_replica_gives_unavailable_then_avoiding_requests_pass(
+) -> None:
+    # _replicas: experts 1 and 4 live only on host 1
+    cfg = _cfg("mixtral")
+    state, reference, gate = _build(cfg)
+    fleet, told = _Fleet(gone={"h1"}), []
+    engine = Engine(fleet, device="cpu", on_host_gone=told.append)
+    engine.install(state)
+    x = _x(64, seed=220)
+    ids = route(x, gate, cfg)[1]  # [T, K]
+    assert bool((ids == 1).any() and (ids == 4).any()), "some tokens must pick them"
+    with pytest.raises(Unavailable, match=r"\['h1'\] gone and no replica for expert\(s\) \[1, 4\]"
+                       ) as err:
+        asyncio.run(engine.forward("m", LAYER, x))
+    assert err.value.code == "UNAVAILABLE"
+    assert told == ["h1"] and engine.outstanding == {}
+    assert asyncio.run(engine.wait_drained("m", 2, timeout_s=0)), "the failed request ended"
+
+    fleet.calls.clear()
+    avoiding = x[~((ids == 1) | (ids == 4)).any(-1)]  # [T', H]
+    assert avoiding.shape[0] > 0
+    y, _ = asyncio.run(engine.forward("m", LAYER, avoiding))
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, avoiding))
+    assert "h1" not in fleet.hosts_called()
+    calls = len(fleet.calls)
+    with pytest.raises(Unavailable, match=r"no replica for expert\(s\) \[1, 4\]"):
+        asyncio.run(engine.forward("m", LAYER, x))  # planned without host 1 from the start
+    assert len(fleet.calls) == calls, "refused before any host was called"
+
+
+def test_install_forgets_dead_hosts_only_once_no_state_lists_them() -> None:
+    cfg = _cfg("olmoe")
+    state, reference, gate = _build(cfg, layout=_two_replicas)
+    engine = Engine(_Fleet(gone={"h1"}), device="cpu")
+    engine.install(state)
+    x = _x(16, seed=230)
+    asyncio.run(engine.forward("m", LAYER, x))
+    assert engine.dead_hosts == {"h1"}
+    engine.install(replace(state, version=2))  # still lists h1: still avoided
+    assert engine.dead_hosts == {"h1"}
+    # version 3 is what the controller publishes without h1: host 2 becomes index 1
+    reps = {e: [(h // 2, s) for h, s in r if h != 1] for e, r in _two_replicas(list(range(E))).items()}
+    layer = replace(state.layers[LAYER], table=LayerTable.from_replicas(reps))
+    engine.install(replace(state, version=3, layers={LAYER: layer},
+                           hosts=[state.hosts[0], state.hosts[2]], host_ids=["h0", "h2"]))
+    assert engine.dead_hosts == set()
+    y, v = asyncio.run(engine.forward("m", LAYER, x))
+    assert v == 3
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+
+
+def test_model_state_needs_one_id_per_host() -> None:
+    state, _, _ = _build(_cfg("olmoe"))
+    with pytest.raises(ValueError, match="3 hosts but 2 host ids"):
+        replace(state, host_ids=["h0", "h1"])
+
+
+# ---- load: outstanding rows and per-expert counts ------------------------------------------
+
+
+class _HeldFleet:
+    """call_host that records each call, then waits for `release` before answering."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+        self.calls: list[tuple[str, int]] = []
+
+    async def __call__(self, host: ExpertHost, x: torch.Tensor, b: HostBatch) -> torch.Tensor:
+        self.calls.append((host.host_id, x.shape[0]))
+        await self.release.wait()
+        return await _call_host(host, x, b)
+
+    async def until_called(self, n: int) -> None:
+        async def wait():
+            while len(self.calls) < n:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(wait(), 5.0)
+
+
+def test_outstanding_rows_steer_a_concurrent_single_row_to_the_other_replica() -> None:
+    cfg = MoEConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=E,
+                    num_experts_per_tok=1)
+    state, reference, gate = _build(cfg, layout=_everywhere)
+    fleet = _HeldFleet()
+    engine = Engine(fleet, device="cpu")
+    engine.install(state)
+    x1, x2 = _x(1, seed=240), _x(1, seed=241)
+
+    async def main():
+        first = asyncio.create_task(engine.forward("m", LAYER, x1))
+        await fleet.until_called(1)
+        after_first = dict(engine.outstanding)
+        second = asyncio.create_task(engine.forward("m", LAYER, x2))
+        await fleet.until_called(2)
+        after_second = dict(engine.outstanding)
+        fleet.release.set()
+        (y1, _), (y2, _) = await asyncio.gather(first, second)
+        return after_first, after_second, y1, y2
+
+    after_first, after_second, y1, y2 = asyncio.run(main())
+    assert after_first == {"h0": 1}
+    assert after_second == {"h0": 1, "h1": 1}
+    assert fleet.calls == [("h0", 1), ("h1", 1)]
+    assert engine.outstanding == {}
+    torch.testing.assert_close(y1, _expected(reference, gate, cfg, x1))
+    torch.testing.assert_close(y2, _expected(reference, gate, cfg, x2))
+
+
+def test_outstanding_holds_every_dispatched_row_until_its_host_answers() -> None:
+    cfg = _cfg("olmoe")  # K = 3
+    state, _, _ = _build(cfg, layout=_two_replicas)
+    fleet = _HeldFleet()
+    engine = Engine(fleet, device="cpu")
+    engine.install(state)
+
+    async def main():
+        running = asyncio.create_task(engine.forward("m", LAYER, _x(20, seed=250)))
+        await fleet.until_called(1)  # every call is issued before the first one runs
+        held = dict(engine.outstanding)
+        fleet.release.set()
+        await running
+        return held
+
+    held = asyncio.run(main())
+    assert len(held) == N_HOSTS
+    assert held == {h: n for h, n in fleet.calls} and sum(held.values()) == 20 * 3
+    assert engine.outstanding == {}
+
+
+def test_take_load_counts_the_rows_routed_to_each_expert_and_starts_afresh() -> None:
+    cfg = _cfg("deepseek-v2")
+    a, _, gate_a = _build(cfg, name="a", seed=0)
+    b, _, gate_b = _build(cfg, name="b", seed=1, ids=[2, 5, 11, 12, 20, 21, 33, 40])
+    engine = Engine(_call_host, device="cpu")
+    engine.install(a)
+    engine.install(b)
+    xs = [_x(7, seed=260), _x(64, seed=261)]
+    for x in xs:
+        asyncio.run(engine.forward("a", LAYER, x))
+    asyncio.run(engine.forward("b", LAYER, xs[0]))
+    assert engine.take_load() == {"a": {LAYER: _routed_rows(gate_a, cfg, *xs)},
+                                  "b": {LAYER: _routed_rows(gate_b, cfg, xs[0])}}
+    assert engine.take_load() == {}
+    asyncio.run(engine.forward("a", LAYER, xs[0]))
+    assert engine.take_load() == {"a": {LAYER: _routed_rows(gate_a, cfg, xs[0])}}
+
+
+# ---- draining ------------------------------------------------------------------------------
+
+
+def test_wait_drained_is_false_while_an_older_version_runs_and_true_once_it_ends() -> None:
+    cfg = _cfg("mixtral")
+    old, _, _ = _build(cfg, version=1)
+    fleet = _HeldFleet()
+    engine = Engine(fleet, device="cpu")
+    engine.install(old)
+
+    async def main():
+        running = asyncio.create_task(engine.forward("m", LAYER, _x(5, seed=270)))
+        await fleet.until_called(1)
+        engine.install(replace(old, version=2))
+        while_running = await engine.wait_drained("m", 2, timeout_s=0.05)
+        waiter = asyncio.create_task(engine.wait_drained("m", 2, timeout_s=5.0))
+        await asyncio.sleep(0.01)
+        waiting = not waiter.done()
+        fleet.release.set()
+        drained = await asyncio.wait_for(waiter, 1.0)  # woken by the request's end
+        _, version = await running
+        return while_running, waiting, drained, version
+
+    assert asyncio.run(main()) == (False, True, True, 1)
+
+
+def test_wait_drained_is_true_at_once_when_nothing_runs(served: tuple) -> None:
+    engine = served[0]
+    assert asyncio.run(engine.wait_drained("m", 5, timeout_s=0))
+    assert asyncio.run(engine.wait_drained("other", 1, timeout_s=0))
+    _still_answers(served)
+    assert asyncio.run(engine.wait_drained("m", 5, timeout_s=0))
+
+
+def test_a_request_on_the_new_version_does_not_hold_up_draining_the_old_ones() -> None:
+    cfg = _cfg("mixtral")
+    state, _, _ = _build(cfg, version=2)
+    fleet = _HeldFleet()
+    engine = Engine(fleet, device="cpu")
+    engine.install(state)
+
+    async def main():
+        running = asyncio.create_task(engine.forward("m", LAYER, _x(5, seed=280)))
+        await fleet.until_called(1)
+        results = (await engine.wait_drained("m", 2, timeout_s=0.05),
+                   await engine.wait_drained("m", 3, timeout_s=0.05))
+        fleet.release.set()
+        await running
+        return results + (await engine.wait_drained("m", 3, timeout_s=0.05),)
+
+    assert asyncio.run(main()) == (True, False, True)
