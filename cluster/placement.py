@@ -1,14 +1,52 @@
-"""Placement: which host slot holds which expert replica. Pure functions over plain data.
+"""Placement: which host holds which expert replica. Pure functions over plain data.
 
-For now, the initial placement: one replica per expert, dealt round-robin over the hosts so
-every host carries an even share of each layer. Load-aware, migration-aware replanning grows
-here later (the elasticity issue).
+`initial_placement` deals one replica per expert round-robin over host slots (service bring-up).
+The planner below decides, from measured per-expert load, how many replicas each expert gets
+(EPLB-style `replicate`) and on which hosts they sit, and turns a current placement into a new
+one with few moves (`apply_counts`, `rebalance`), or packs one afresh (`plan_from_scratch`).
+Two replicas of one expert never share a host, and no host holds more than its capacity.
+
+It does not know about slots' indices, weights, GPUs, the routing table or the clock: a plan is
+a list of adds and removes, and the executor decides when and how to carry them out. It does
+not start hosts either; a replica that fits nowhere is reported in `PlacementPlan.unplaced`.
 """
+
+# Legend: K = (layer, expert id) key, H = host id, R = replica (one slot of one H holding one K).
+#   load[K] = tokens/s routed to expert K; each of its replicas carries load[K] / replicas of K.
 
 from __future__ import annotations
 
-__all__ = ["initial_placement"]
+import bisect
+import heapq
+import math
+from dataclasses import dataclass
 
+__all__ = [
+    "Key", "Placement", "Move", "PlacementPlan", "initial_placement", "host_loads",
+    "replica_loads", "replicate", "apply_counts", "plan_from_scratch", "rebalance",
+]
+
+_SLACK = 0.01  # rebalance stops migrating once the hottest host is within 1% of `_floor`
+
+Key = tuple[int, int]             # (layer, expert id); ids need not be contiguous
+Placement = dict[Key, list[str]]  # K -> ids of the hosts holding its replicas
+
+
+@dataclass(frozen=True)
+class Move:
+    op: str  # "add" or "remove"
+    key: Key
+    host: str
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    placement: Placement  # the new placement; a K with no replica is absent
+    moves: list[Move]     # removes, then adds, that turn the current placement into it
+    unplaced: list[Key]   # one entry per replica that found no host (slots or distinct hosts ran out)
+
+
+# ---------------------------------------------------------------------------- bring-up
 
 def initial_placement(
     layers: list[int], n_experts: int, host_slots: list[int]
@@ -32,3 +70,242 @@ def initial_placement(
             used[h] += 1
             h = (h + 1) % len(host_slots)
     return out
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def host_loads(load: dict[Key, float], placement: Placement) -> dict[str, float]:
+    """load[K] tokens/s, placement K -> [H] -> host2load H -> tokens/s (hosts with no R absent).
+
+    A K missing from `load` counts as load 0.
+    """
+    host2load: dict[str, float] = {}
+    for k, hosts in placement.items():
+        for h in hosts:
+            host2load[h] = host2load.get(h, 0.0) + load.get(k, 0.0) / len(hosts)
+    return host2load
+
+
+def replica_loads(load: dict[Key, float], placement: Placement) -> list[float]:
+    """load[K] tokens/s, placement K -> [H] -> [R] tokens/s carried by each replica."""
+    return [load.get(k, 0.0) / len(hosts) for k, hosts in placement.items() for _ in hosts]
+
+
+# ---------------------------------------------------------------------------- replica counts
+
+def replicate(
+    load: dict[Key, float], num_replicas: int, min_replicas: int = 1, max_replicas: int | None = None
+) -> dict[Key, int]:
+    """load[K] tokens/s -> logcnt K -> replicas, summing to num_replicas (less if max caps it).
+
+    Every K gets min_replicas; each further R goes to the K with the highest load / replicas
+    (ties: smallest K) that is below max_replicas. Raises ValueError when num_replicas cannot
+    give every K its min_replicas.
+    """
+    cap = math.inf if max_replicas is None else max_replicas
+    if min_replicas < 0 or cap < min_replicas:
+        raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {min_replicas}, {max_replicas}")
+    if num_replicas < len(load) * min_replicas:
+        raise ValueError(f"{num_replicas} replicas cannot give {len(load)} experts "
+                         f"{min_replicas} each")
+    logcnt = {k: min_replicas for k in sorted(load)}
+    heap = [(-_per_replica(load[k], c), k) for k, c in logcnt.items() if c < cap]
+    heapq.heapify(heap)
+    for _ in range(num_replicas - len(load) * min_replicas):
+        if not heap:
+            break
+        _, k = heapq.heappop(heap)
+        logcnt[k] += 1
+        if logcnt[k] < cap:
+            heapq.heappush(heap, (-_per_replica(load[k], logcnt[k]), k))
+    return logcnt
+
+
+def _per_replica(tokens_per_s: float, count: int) -> float:
+    if count == 0:
+        return math.inf if tokens_per_s > 0 else 0.0
+    return tokens_per_s / count
+
+
+# ---------------------------------------------------------------------------- working copy
+
+class _Fleet:
+    """Mutable working copy of a placement: every R of K weighs share[K] on its host."""
+
+    def __init__(self, capacity: dict[str, int], placement: Placement, share: dict[Key, float]):
+        self.capacity, self.share = capacity, share
+        self.placement: Placement = {}
+        self.hosts = sorted(set(capacity) | {h for hs in placement.values() for h in hs})
+        self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
+        self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
+        for k in sorted(placement):
+            if len(set(placement[k])) != len(placement[k]):
+                raise ValueError(f"expert {k} has two replicas on one host: {placement[k]}")
+            for h in placement[k]:
+                self.add(k, h)
+
+    def add(self, k: Key, h: str) -> None:
+        self.placement.setdefault(k, []).append(h)
+        self.held[h].add(k)
+        self.load[h] += self.share[k]
+
+    def remove(self, k: Key, h: str) -> None:
+        self.placement[k].remove(h)
+        if not self.placement[k]:
+            del self.placement[k]
+        self.held[h].discard(k)
+        self.load[h] -= self.share[k]
+
+    def free(self, h: str) -> int:
+        return self.capacity.get(h, 0) - len(self.held[h])
+
+    def coolest(self, k: Key) -> str | None:
+        """The least-loaded H with a free slot that does not hold K (ties: fewer R, then id)."""
+        ok = [h for h in self.hosts if self.free(h) > 0 and k not in self.held[h]]
+        return min(ok, key=lambda h: (self.load[h], len(self.held[h]), h), default=None)
+
+    def hottest(self) -> str:
+        return max(self.hosts, key=lambda h: (self.load[h], h))
+
+
+def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]) -> dict[Key, float]:
+    """K -> tokens/s of one R once K has counts[K] replicas (else as many as it has now)."""
+    keys = set(load) | set(placement) | set(counts)
+    count = {k: counts.get(k, len(placement.get(k, ()))) for k in keys}
+    return {k: load.get(k, 0.0) / c if c else 0.0 for k, c in count.items()}
+
+
+def _diff(current: Placement, placement: Placement) -> list[Move]:
+    """The net moves, removes first (each add then finds its slot free)."""
+    removes = [Move("remove", k, h) for k in sorted(current)
+               for h in sorted(set(current[k]) - set(placement.get(k, ())))]
+    adds = [Move("add", k, h) for k in sorted(placement)
+            for h in sorted(set(placement[k]) - set(current.get(k, ())))]
+    return removes + adds
+
+
+# ---------------------------------------------------------------------------- planning
+
+def apply_counts(
+    load: dict[Key, float], capacity: dict[str, int], current: Placement, counts: dict[Key, int]
+) -> PlacementPlan:
+    """Change replica counts with the fewest moves.
+
+    load[K] tokens/s; capacity[H] = total slots of H for this placement (R already in `current`
+    count against it); current K -> [H]; counts K -> target replicas (0 drops K, a K absent from
+    `counts` keeps its replicas, a K absent from `current` starts from 0).
+    Kept R stay where they are. A shrinking K first loses its R on the most loaded H. New R go,
+    heaviest per-replica load first (LPT), to the least-loaded H with a free slot without K.
+    """
+    if any(c < 0 for c in counts.values()):
+        raise ValueError(f"replica counts must be >= 0: {counts}")
+    fleet = _Fleet(capacity, current, _shares(load, current, counts))
+    for k in sorted(counts):
+        for _ in range(len(current.get(k, ())) - counts[k]):
+            fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
+    pending = [k for k in sorted(counts) for _ in range(counts[k] - len(current.get(k, ())))]
+    unplaced = []
+    for k in sorted(pending, key=lambda k: -fleet.share[k]):  # stable: ties keep key order
+        h = fleet.coolest(k)
+        if h is None:
+            unplaced.append(k)
+        else:
+            fleet.add(k, h)
+    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+
+
+def plan_from_scratch(
+    load: dict[Key, float], capacity: dict[str, int], num_replicas: int,
+    min_replicas: int = 1, max_replicas: int | None = None,
+) -> PlacementPlan:
+    """Greedy replicate-and-pack (the EPLB-style baseline), ignoring where replicas sit now.
+
+    load[K] tokens/s; capacity[H] slots. Counts come from `replicate`; all R are packed heaviest
+    first onto the least-loaded H with a free slot without K. moves are all adds.
+    """
+    counts = replicate(load, num_replicas, min_replicas, max_replicas)
+    return apply_counts(load, capacity, {}, counts)
+
+
+def rebalance(
+    load: dict[Key, float], capacity: dict[str, int], current: Placement,
+    num_replicas: int | None = None, min_replicas: int = 1, max_replicas: int | None = None,
+) -> PlacementPlan:
+    """Migration-aware replan: new counts with few moves, then relieve the hottest host.
+
+    load[K] tokens/s (a K in `current` but not in `load` counts as 0); capacity[H] slots;
+    current K -> [H]; num_replicas defaults to the replicas in `current`.
+    Counts come from `replicate` and are applied with `apply_counts`. Then a bounded local
+    search (at most one step per R) relieves the hottest H, one R moved off it (or swapped for a
+    lighter R when no move helps) per step, while the step leaves both hosts below the hottest
+    H's load and that load is more than _SLACK above `_floor`. moves are the net change from
+    `current` (an add and a remove of the same (K, H) cancel out).
+    """
+    full = {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
+    if num_replicas is None:
+        num_replicas = sum(len(hs) for hs in current.values())
+    counts = replicate(full, num_replicas, min_replicas, max_replicas)
+    plan = apply_counts(full, capacity, current, counts)
+    fleet = _Fleet(capacity, plan.placement, _shares(full, plan.placement, {}))
+    good_enough = (1 + _SLACK) * _floor(fleet)
+    for _ in range(sum(len(hs) for hs in plan.placement.values())):
+        if fleet.load[fleet.hottest()] <= good_enough or not _relieve_hottest(fleet):
+            break
+    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), plan.unplaced)
+
+
+def _floor(fleet: _Fleet) -> float:
+    """A lower bound on the hottest H for these replicas: the even share, or the heaviest R."""
+    usable = [h for h in fleet.hosts if fleet.capacity.get(h, 0) > 0] or fleet.hosts
+    even = sum(fleet.load.values()) / max(len(usable), 1)
+    return max([even] + [fleet.share[k] for k in fleet.placement])
+
+
+def _relieve_hottest(fleet: _Fleet) -> bool:
+    """Take the step off the hottest H that lowers its pair's peak most; False if none lowers it.
+
+    A step moves one R to another H, or, when no single move helps, swaps one R of the hottest
+    H for a lighter R of another H (hosts full, or every move would overshoot).
+    """
+    hot = fleet.hottest()
+    steps = _single_moves(fleet, hot) or _swaps(fleet, hot)
+    if not steps:
+        return False
+    _, trades = min(steps)
+    for k, src, _ in trades:
+        fleet.remove(k, src)
+    for k, _, dst in trades:
+        fleet.add(k, dst)
+    return True
+
+
+_Step = tuple[float, list[tuple[Key, str, str]]]  # (the pair's new peak, [(K, from H, to H)])
+
+
+def _single_moves(fleet: _Fleet, hot: str) -> list[_Step]:
+    steps = []
+    for k in sorted(fleet.held[hot]):
+        dst = fleet.coolest(k)
+        if dst is not None:
+            steps.append((_peak(fleet, hot, dst, fleet.share[k]), [(k, hot, dst)]))
+    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+
+
+def _swaps(fleet: _Fleet, hot: str) -> list[_Step]:
+    """Per other H and R `a` on the hottest, the R `b` whose swap best evens the pair."""
+    steps = []
+    for h in fleet.hosts:
+        gap = fleet.load[hot] - fleet.load[h]  # the swap should shift about gap / 2
+        theirs = sorted((fleet.share[b], b) for b in fleet.held[h] - fleet.held[hot])
+        for a in sorted(fleet.held[hot] - fleet.held[h]):
+            i = bisect.bisect_left(theirs, (fleet.share[a] - gap / 2,))
+            for s_b, b in theirs[max(i - 1, 0): i + 1]:
+                d = fleet.share[a] - s_b
+                if 0 < d < gap:
+                    steps.append((_peak(fleet, hot, h, d), [(a, hot, h), (b, h, hot)]))
+    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+
+
+def _peak(fleet: _Fleet, src: str, dst: str, shift: float) -> float:
+    """The hotter of src and dst once `shift` tokens/s go from src to dst."""
+    return max(fleet.load[src] - shift, fleet.load[dst] + shift)
