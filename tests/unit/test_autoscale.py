@@ -1,0 +1,265 @@
+"""cluster/autoscale.py: replicas follow sustained load after the configured delays, stay inside
+[min, max], ignore a damped spike, and idle hosts are retired; driven by a fake clock, no cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import pytest
+
+from moefleet.cluster.autoscale import (
+    AutoscalingConfig,
+    Decision,
+    PolicyState,
+    Snapshot,
+    decide,
+    desired_replicas,
+)
+
+pytestmark = pytest.mark.unit
+
+K = (0, 0)  # the one expert most tests watch
+
+
+def _cfg(**over) -> AutoscalingConfig:
+    """target 100 tokens/s per replica, 1..8 replicas, no smoothing unless asked."""
+    base = dict(enabled=True, target_tokens_per_s=100.0, min_replicas=1, max_replicas=8,
+                upscale_delay_s=2.0, downscale_delay_s=4.0, smoothing=1.0, period_s=1.0, host_idle_s=10.0)
+    return AutoscalingConfig(**{**base, **over})
+
+
+def _snap(cfg: AutoscalingConfig, tokens: dict, replicas: dict, hosts: dict | None = None) -> Snapshot:
+    return Snapshot(cfg, tokens, replicas, hosts or {})
+
+
+def _simulate(cfg: AutoscalingConfig, loads: list[float], replicas: int = 1) -> list[int]:
+    """Expert K under `loads` (tokens/s), one decide per period at t = 0, 1, 2, ...; each decision
+    is carried out at once. -> replica count after each decide."""
+    state, counts = PolicyState(), []
+    for t, load in enumerate(loads):
+        decision, state = decide(_snap(cfg, {K: load}, {K: replicas}), state, float(t))
+        replicas = decision.replicas.get(K, replicas)
+        counts.append(replicas)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# desired_replicas
+
+
+@pytest.mark.parametrize("tokens_per_s, want", [
+    (0.0, 1), (1.0, 1), (100.0, 1), (100.1, 2), (250.0, 3), (800.0, 8), (10_000.0, 8),
+    (-5.0, 1), (math.nan, 1), (math.inf, 8),
+])
+def test_desired_replicas_is_ceil_of_load_over_target_within_bounds(tokens_per_s: float, want: int) -> None:
+    assert desired_replicas(tokens_per_s, _cfg()) == want
+
+
+def test_zero_load_wants_min_replicas() -> None:
+    assert desired_replicas(0.0, _cfg(min_replicas=3)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# delays
+
+
+def test_upscale_only_after_upscale_delay_of_sustained_load() -> None:
+    # 250 tokens/s wants 3; delay 2 s: t=0 first seen, t=1 one step before, t=2 acts
+    assert _simulate(_cfg(), [250.0] * 4) == [1, 1, 3, 3]
+
+
+def test_upscale_keeps_its_start_time_when_the_wanted_count_grows() -> None:
+    assert _simulate(_cfg(), [250.0, 450.0, 450.0]) == [1, 1, 5]
+
+
+def test_upscale_pending_is_recorded_with_first_seen_time() -> None:
+    _, state = decide(_snap(_cfg(), {K: 250.0}, {K: 1}), PolicyState(), 7.0)
+    assert state.pending == {K: (3, 7.0)}
+
+
+def test_downscale_after_downscale_delay() -> None:
+    assert _simulate(_cfg(), [50.0] * 6, replicas=3) == [3, 3, 3, 3, 1, 1]
+
+
+def test_load_blip_during_downscale_wait_resets_it() -> None:
+    loads = [50.0, 50.0, 50.0, 300.0] + [50.0] * 5  # 300 wants the current 3: pending cleared at t=3
+    assert _simulate(_cfg(), loads, replicas=3) == [3, 3, 3, 3, 3, 3, 3, 3, 1]
+
+
+def test_direction_flip_restarts_the_wait() -> None:
+    # wants down at t=0,1, then up from t=2: the upscale waits its own 2 s from t=2
+    loads = [50.0, 50.0, 450.0, 450.0, 450.0]
+    assert _simulate(_cfg(), loads, replicas=3) == [3, 3, 3, 3, 5]
+
+
+def test_zero_delays_act_on_the_first_decide() -> None:
+    cfg = _cfg(upscale_delay_s=0.0, downscale_delay_s=0.0)
+    assert _simulate(cfg, [450.0]) == [5]
+    assert _simulate(cfg, [50.0], replicas=5) == [1]
+
+
+def test_acting_clears_pending() -> None:
+    cfg = _cfg(upscale_delay_s=0.0)
+    decision, state = decide(_snap(cfg, {K: 250.0}, {K: 1}), PolicyState(), 0.0)
+    assert decision.replicas == {K: 3}
+    assert state.pending == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds
+
+
+def test_load_beyond_max_stops_at_max() -> None:
+    assert _simulate(_cfg(max_replicas=4, upscale_delay_s=0.0), [10_000.0]) == [4]
+
+
+def test_cold_expert_never_goes_below_min() -> None:
+    assert _simulate(_cfg(min_replicas=2, downscale_delay_s=0.0), [0.0, 0.0], replicas=2) == [2, 2]
+
+
+def test_expert_below_min_is_raised_at_once_despite_delays() -> None:
+    cfg = _cfg(min_replicas=2, upscale_delay_s=100.0)
+    decision, _ = decide(_snap(cfg, {}, {K: 0}), PolicyState(), 0.0)
+    assert decision.replicas == {K: 2}
+
+
+def test_expert_above_max_is_lowered_at_once_then_downscales_after_the_delay() -> None:
+    # 6 replicas with max 4 and no load: clamp to 4 now, reach min 1 after downscale_delay_s
+    assert _simulate(_cfg(max_replicas=4), [0.0] * 5, replicas=6) == [4, 4, 4, 4, 1]
+
+
+def test_clamp_to_min_keeps_the_upscale_wait_running() -> None:
+    # no replicas and high load: 1 at once, then the rest when the 2 s since t=0 have passed
+    assert _simulate(_cfg(), [250.0] * 3, replicas=0) == [1, 1, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# smoothing
+
+
+def test_smoothing_damps_a_single_spike_below_the_upscale_point() -> None:
+    cfg = _cfg(smoothing=0.5, upscale_delay_s=0.0)
+    state, seen = PolicyState(), []
+    for t, load in enumerate([60.0, 130.0, 60.0]):
+        decision, state = decide(_snap(cfg, {K: load}, {K: 1}), state, float(t))
+        assert decision.replicas == {}
+        seen.append(state.smoothed[K])
+    assert seen == [60.0, 95.0, 77.5]  # 0.5*130 + 0.5*60, then 0.5*60 + 0.5*95: never above 100
+
+
+def test_without_smoothing_the_same_spike_upscales() -> None:
+    assert _simulate(_cfg(smoothing=1.0, upscale_delay_s=0.0), [60.0, 130.0]) == [1, 2]
+
+
+def test_smoothed_load_keeps_a_spike_alive_into_the_delay() -> None:
+    # 100, 500, 100, 100 -> smoothed 100, 300, 200, 150: wants 3, 2, 2 since t=1, so it acts at t=3
+    assert _simulate(_cfg(smoothing=0.5), [100.0, 500.0, 100.0, 100.0]) == [1, 1, 1, 2]
+
+
+def test_expert_without_a_sample_counts_as_zero_load() -> None:
+    cfg = _cfg(smoothing=0.5)
+    _, state = decide(_snap(cfg, {K: 200.0}, {K: 1}), PolicyState(), 0.0)
+    _, state = decide(_snap(cfg, {}, {K: 1}), state, 1.0)
+    assert state.smoothed == {K: 100.0}
+
+
+def test_non_finite_or_negative_sample_counts_as_zero() -> None:
+    cfg = _cfg(smoothing=0.5)
+    state = PolicyState(smoothed={K: 200.0, (0, 1): 200.0})
+    _, state = decide(_snap(cfg, {K: math.nan, (0, 1): -50.0}, {K: 1, (0, 1): 1}), state, 0.0)
+    assert state.smoothed == {K: 100.0, (0, 1): 100.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# experts come and go, skew
+
+
+def test_removed_expert_is_dropped_from_state_and_added_one_starts_fresh() -> None:
+    old, new = (0, 1), (0, 2)
+    cfg = _cfg(smoothing=0.5)
+    state = PolicyState(smoothed={K: 100.0, old: 500.0}, pending={old: (5, 0.0)})
+    decision, state = decide(_snap(cfg, {K: 100.0, new: 250.0}, {K: 1, new: 1}), state, 1.0)
+    assert decision.replicas == {}
+    assert state.smoothed == {K: 100.0, new: 250.0}  # the new expert's first sample, unsmoothed
+    assert state.pending == {new: (3, 1.0)}
+
+
+def test_skewed_load_scales_the_hot_expert_and_leaves_cold_ones_at_min() -> None:
+    cfg = _cfg(upscale_delay_s=0.0, downscale_delay_s=0.0)
+    experts = [(1, e) for e in range(8)]
+    tokens = {key: 20.0 for key in experts} | {(1, 3): 650.0}
+    decision, state = decide(_snap(cfg, tokens, dict.fromkeys(experts, 1)), PolicyState(), 0.0)
+    assert decision.replicas == {(1, 3): 7}
+    assert state.pending == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# hosts
+
+
+def _retired(cfg: AutoscalingConfig, timeline: list[tuple[float, dict[str, int]]]) -> list[list[str]]:
+    state, out = PolicyState(), []
+    for now, hosts in timeline:
+        decision, state = decide(_snap(cfg, {}, {}, hosts), state, now)
+        out.append(decision.retire_hosts)
+    return out
+
+
+def test_empty_host_is_retired_after_host_idle_s_not_before() -> None:
+    timeline = [(0.0, {"a": 2, "b": 0}), (9.5, {"a": 2, "b": 0}), (10.0, {"a": 2, "b": 0})]
+    assert _retired(_cfg(), timeline) == [[], [], ["b"]]
+
+
+def test_host_that_receives_a_replica_again_is_not_retired() -> None:
+    timeline = [(0.0, {"b": 0}), (5.0, {"b": 1}), (10.0, {"b": 0}), (19.0, {"b": 0}), (20.0, {"b": 0})]
+    assert _retired(_cfg(), timeline) == [[], [], [], [], ["b"]]
+
+
+def test_retired_hosts_are_sorted_and_vanished_hosts_dropped() -> None:
+    cfg = _cfg(host_idle_s=0.0)
+    decision, state = decide(_snap(cfg, {}, {}, {"c": 0, "a": 0, "b": 3}), PolicyState(), 0.0)
+    assert decision.retire_hosts == ["a", "c"]
+    _, state = decide(_snap(cfg, {}, {}, {"b": 0}), state, 1.0)
+    assert state.host_empty_since == {"b": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# config and purity
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"target_tokens_per_s": 0.0}, "target_tokens_per_s"),
+    ({"min_replicas": 0}, "min_replicas"),
+    ({"min_replicas": 5, "max_replicas": 4}, "max_replicas"),
+    ({"upscale_delay_s": -1.0}, "upscale_delay_s"),
+    ({"downscale_delay_s": -1.0}, "downscale_delay_s"),
+    ({"host_idle_s": -1.0}, "host_idle_s"),
+    ({"smoothing": 0.0}, "smoothing"),
+    ({"smoothing": 1.5}, "smoothing"),
+    ({"smoothing": math.nan}, "smoothing"),
+    ({"period_s": 0.0}, "period_s"),
+])
+def test_bad_config_raises_value_error_naming_the_field(over: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"autoscaling.{field} must be")):
+        AutoscalingConfig(**over)
+
+
+def test_default_config_is_valid_and_disabled() -> None:
+    cfg = AutoscalingConfig()
+    assert (cfg.enabled, cfg.min_replicas, cfg.max_replicas, cfg.smoothing) == (False, 1, 4, 0.5)
+
+
+def test_decide_does_not_mutate_the_state_passed_in() -> None:
+    cfg = _cfg(smoothing=0.5, upscale_delay_s=0.0)
+    gone = (9, 9)
+    state = PolicyState(smoothed={K: 100.0, gone: 1.0}, pending={K: (2, 0.0), gone: (3, 0.0)},
+                        host_empty_since={"a": 0.0, "gone": 0.0})
+    before = copy.deepcopy(state)
+    decision, after = decide(_snap(cfg, {K: 900.0}, {K: 1}, {"a": 1, "b": 0}), state, 5.0)
+    assert state == before
+    assert after is not state and after.smoothed is not state.smoothed
+    assert decision == Decision({K: 5}, [])
+    assert after == PolicyState(smoothed={K: 500.0}, pending={}, host_empty_since={"b": 5.0})
