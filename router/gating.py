@@ -98,7 +98,9 @@ def _mask_groups(choice: torch.Tensor, gate: Gate, cfg: MoEConfig) -> torch.Tens
         group_score = grouped.amax(dim=-1)  # [T, G]
     present = torch.isfinite(grouped).any(-1)  # [T, G]; empty groups never win
     group_score = group_score.masked_fill(~present, float("-inf"))
-    keep = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+    # groups past the last non-empty one are not in the layout (experts were removed):
+    # they could never win anyway
+    keep = group_score.topk(min(cfg.topk_group, group_score.shape[1]), dim=-1).indices  # [T, <=topk_group]
     kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
     return choice.masked_fill(~kept[:, gate.group_ids], float("-inf"))  # [T, E]
 
