@@ -3,7 +3,8 @@
     y = Client("localhost:50051").infer("tiny", layer=0, x=x)   # x: [T, H] torch or numpy
 
 Speaks the Open Inference Protocol (any OIP server with moefleet's conventions answers it),
-retries on UNAVAILABLE with backoff, and honours a per-call deadline.
+retries on UNAVAILABLE with backoff, and honours a per-call deadline. The admin calls send
+the admin token, when one is given, as `authorization: Bearer <token>` metadata.
 """
 
 from __future__ import annotations
@@ -53,9 +54,41 @@ class Client:
     def ready(self, timeout_s: float = 5.0) -> bool:
         return self._infer.ServerReady(inference_pb2.ServerReadyRequest(), timeout=timeout_s).ready
 
+    # ---- admin (moefleet.v1.Admin); changes answer once they are published ----------------
+
     def status(self, model: str = "", timeout_s: float = 10.0) -> admin_pb2.StatusResponse:
         req = admin_pb2.StatusRequest(model=model)
         return self._call(self._admin.Status, req, timeout_s)
+
+    def scale_expert(self, model: str, layer: int, replicas: int, expert: int | None = None,
+                     timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
+        """Set one expert's replica count, or every expert's of the layer (expert=None)."""
+        req = admin_pb2.ScaleExpertRequest(model=model, layer=layer, expert=expert, replicas=replicas)
+        return self._call(self._admin.ScaleExpert, req, timeout_s)
+
+    def add_expert(self, model: str, layer: int, safetensors: bytes, expert: int | None = None,
+                   group: int | None = None, timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
+        """Add an expert from a safetensors file's bytes; the response names its id."""
+        req = admin_pb2.AddExpertRequest(model=model, layer=layer, expert=expert, group=group,
+                                         safetensors=safetensors)
+        return self._call(self._admin.AddExpert, req, timeout_s)
+
+    def remove_expert(self, model: str, layer: int, expert: int,
+                      timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
+        req = admin_pb2.RemoveExpertRequest(model=model, layer=layer, expert=expert)
+        return self._call(self._admin.RemoveExpert, req, timeout_s)
+
+    def rebalance(self, model: str, replicas: int = 0,
+                  timeout_s: float = 600.0) -> admin_pb2.RebalanceResponse:
+        req = admin_pb2.RebalanceRequest(model=model, replicas=replicas)
+        return self._call(self._admin.Rebalance, req, timeout_s)
+
+    def set_autoscaling(self, model: str, enabled: bool, timeout_s: float = 30.0,
+                        **policy: float | int | None) -> admin_pb2.AutoscalingStatus:
+        """Switch the autoscaler; policy fields (target_tokens_per_s, min_replicas, ...) that
+        are given change too."""
+        req = admin_pb2.SetAutoscalingRequest(model=model, enabled=enabled, **policy)
+        return self._call(self._admin.SetAutoscaling, req, timeout_s)
 
     def close(self) -> None:
         self._channel.close()

@@ -1,24 +1,73 @@
-"""The admin gRPC API (`moefleet.v1.Admin`): validates, converts, delegates to the Controller.
+"""The admin gRPC API (`moefleet.v1.Admin`): checks the token, converts, delegates to the
+Controller. Served on the router's port, beside the inference API. No logic of its own.
 
-Served on the router's port, beside the inference API. No logic of its own.
+With an admin token configured, every call needs `authorization: Bearer <token>` metadata:
+without it the call fails UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from moefleet.protos import admin_pb2 as pb
 from moefleet.protos import admin_pb2_grpc as pb_grpc
+from moefleet.router.errors import PermissionDenied, Unauthenticated
 
 __all__ = ["AdminServicer", "status_to_proto", "status_from_proto"]
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, controller: Any):
+    def __init__(self, controller: Any, token: str | None = None):
         self._controller = controller
+        self._token = token or None
 
     async def Status(self, request, context):
+        self._authorize(context)
         return status_to_proto(await self._controller.status.remote(request.model))
+
+    async def ScaleExpert(self, request, context):
+        self._authorize(context)
+        expert = request.expert if request.HasField("expert") else None
+        return pb.ChangeResponse(**await self._controller.scale_expert.remote(
+            request.model, request.layer, expert, request.replicas))
+
+    async def AddExpert(self, request, context):
+        self._authorize(context)
+        expert = request.expert if request.HasField("expert") else None
+        group = request.group if request.HasField("group") else None
+        return pb.ChangeResponse(**await self._controller.add_expert.remote(
+            request.model, request.layer, request.safetensors, expert, group))
+
+    async def RemoveExpert(self, request, context):
+        self._authorize(context)
+        return pb.ChangeResponse(**await self._controller.remove_expert.remote(
+            request.model, request.layer, request.expert))
+
+    async def Rebalance(self, request, context):
+        self._authorize(context)
+        return pb.RebalanceResponse(**await self._controller.rebalance.remote(
+            request.model, request.replicas))
+
+    async def SetAutoscaling(self, request, context):
+        self._authorize(context)
+        fields = {f: getattr(request, f) for f in _POLICY_FIELDS if request.HasField(f)}
+        out = await self._controller.set_autoscaling.remote(request.model, request.enabled, **fields)
+        return pb.AutoscalingStatus(**{k: out[k] for k in ("enabled", *_POLICY_FIELDS)})
+
+    def _authorize(self, context) -> None:
+        if self._token is None:
+            return
+        given = dict(context.invocation_metadata()).get("authorization")
+        if not given:
+            raise Unauthenticated("admin calls need the admin token: `authorization: Bearer <token>` "
+                                  "metadata (moefleet --token or $MOEFLEET_TOKEN)")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            raise PermissionDenied("the admin token does not match")
+
+
+_POLICY_FIELDS = ("target_tokens_per_s", "min_replicas", "max_replicas", "upscale_delay_s",
+                  "downscale_delay_s")
 
 
 def status_to_proto(s: dict[str, Any]) -> pb.StatusResponse:
@@ -27,9 +76,13 @@ def status_to_proto(s: dict[str, Any]) -> pb.StatusResponse:
             name=m["name"], routing_version=m["routing_version"], dtype=m["dtype"],
             hidden_size=m["hidden_size"],
             layers=[pb.LayerStatus(layer=L["layer"], experts=[
-                pb.ExpertStatus(expert=e["expert"],
+                pb.ExpertStatus(expert=e["expert"], group=e["group"],
+                                tokens_per_s=e["tokens_per_s"], target_replicas=e["target_replicas"],
                                 replicas=[pb.ReplicaStatus(**r) for r in e["replicas"]])
                 for e in L["experts"]]) for L in m["layers"]],
+            autoscaling=pb.AutoscalingStatus(**m["autoscaling"]),
+            latency_p50_s=m["latency_p50_s"], latency_p99_s=m["latency_p99_s"],
+            requests_per_s=m["requests_per_s"],
         )
         for m in s["models"]
     ]

@@ -1,19 +1,30 @@
 """The `moefleet` command line, in the style of `serve status` and `kubectl scale`.
 
-    moefleet serve SPEC.yaml [--port 50051] [--address local|auto|ray://…] [--detach]
-    moefleet status [--server HOST:PORT] [-o table|json|yaml]
+    moefleet serve SPEC.yaml [--port 50051] [--address local|auto|ray://…] [--token T]
+    moefleet status [-o table|json|yaml] [--model M]
+    moefleet top [--model M]                       live per-layer × per-expert load heatmap
+    moefleet scale MODEL --layer L [--expert E] --replicas N
+    moefleet add-expert MODEL --layer L --weights FILE.safetensors [--expert E] [--group G]
+    moefleet remove-expert MODEL --layer L --expert E
+    moefleet rebalance MODEL [--replicas N]
+    moefleet autoscale MODEL --on|--off [--target-tokens-per-s X] [--min-replicas N] ...
 
 Commands that talk to a running service use its admin gRPC API at `--server`
-(default `localhost:50051`, or $MOEFLEET_SERVER). Argument parsing only: the work is done by
-`service` (bring-up) and the client.
+(default `localhost:50051`, or $MOEFLEET_SERVER) and send `--token` ($MOEFLEET_TOKEN) when
+one is set. Argument parsing only: the work is done by `service` (bring-up) and the client.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import click
 import grpc
@@ -21,8 +32,25 @@ import yaml
 
 __all__ = ["main"]
 
-_SERVER = click.option("--server", envvar="MOEFLEET_SERVER", default="localhost:50051",
-                       show_default=True, help="HOST:PORT of a running service (or $MOEFLEET_SERVER).")
+
+def _admin_options(f: Callable) -> Callable:
+    f = click.option("--token", envvar="MOEFLEET_TOKEN", default=None,
+                     help="Admin token of the service (or $MOEFLEET_TOKEN).")(f)
+    return click.option("--server", envvar="MOEFLEET_SERVER", default="localhost:50051",
+                        show_default=True,
+                        help="HOST:PORT of a running service (or $MOEFLEET_SERVER).")(f)
+
+
+@contextmanager
+def _admin(server: str, token: str | None):
+    """A client for one command; gRPC errors become one clear line and exit status 1."""
+    from moefleet.client import Client
+
+    with Client(server, retries=0, token=token) as c:
+        try:
+            yield c
+        except grpc.RpcError as e:
+            raise click.ClickException(f"{server}: {e.code().name}: {e.details()}") from None
 
 
 @click.group()
@@ -37,7 +65,12 @@ def main() -> None:
 @click.option("--address", default="local", show_default=True,
               help="`local` (embedded Ray), `auto` (running cluster) or ray://HOST:PORT.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray.")
-def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | None) -> None:
+@click.option("--token", envvar="MOEFLEET_TOKEN", default=None,
+              help="Require this admin token on admin calls (or $MOEFLEET_TOKEN).")
+@click.option("--state-dir", envvar="MOEFLEET_STATE_DIR", default=None,
+              help="Where the Controller journals its registry (default: a folder under ~/.moefleet).")
+def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | None,
+          token: str | None, state_dir: str | None) -> None:
     """Start the service for SPEC and serve until SIGINT/SIGTERM."""
     from .service import connect_ray, start
     from .spec import SpecError, load_spec
@@ -47,7 +80,7 @@ def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | No
     except SpecError as e:
         raise click.UsageError(f"{spec_path}: {e}") from None
     connect_ray(address, num_cpus)
-    svc = start(spec, port=port, host=host)
+    svc = start(spec, port=port, host=host, token=token, state_dir=state_dir)
     click.echo(f"moefleet: serving model {spec.name!r} (layers {spec.layers}) on "
                f"{host}:{svc.port}", err=True)
     click.echo(f"{host}:{svc.port}")  # the address alone on stdout, for scripts
@@ -61,21 +94,16 @@ def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | No
 
 
 @main.command()
-@_SERVER
+@_admin_options
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table",
               show_default=True)
 @click.option("--model", default="", help="Only this model.")
-def status(server: str, output: str, model: str) -> None:
-    """Show models, layers, experts, replicas, hosts and the routing-table version."""
-    from moefleet.client import Client
-
+def status(server: str, token: str | None, output: str, model: str) -> None:
+    """Show models, experts, replicas, load, latency, hosts and the routing-table version."""
     from .admin import status_from_proto
 
-    with Client(server, retries=0) as c:
-        try:
-            resp = c.status(model)
-        except grpc.RpcError as e:
-            raise click.ClickException(f"{server}: {e.code().name}: {e.details()}") from None
+    with _admin(server, token) as c:
+        resp = c.status(model)
     data = status_from_proto(resp)
     if output == "json":
         click.echo(json.dumps(data, indent=2))
@@ -85,16 +113,125 @@ def status(server: str, output: str, model: str) -> None:
         click.echo(_status_table(resp))
 
 
+@main.command()
+@_admin_options
+@click.option("--model", default="", help="Only this model.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=0, help="Stop after N frames (0 = until Ctrl-C).")
+def top(server: str, token: str | None, model: str, interval: float, iterations: int) -> None:
+    """A live view: per-layer × per-expert load heatmap with replica counts."""
+    from .top import render
+
+    frame = 0
+    with _admin(server, token) as c:
+        while True:
+            text = render(c.status(model), width=shutil.get_terminal_size().columns)
+            click.echo(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + text)
+            frame += 1
+            if iterations and frame >= iterations:
+                return
+            time.sleep(interval)
+
+
+@main.command()
+@_admin_options
+@click.argument("model")
+@click.option("--layer", type=int, required=True)
+@click.option("--expert", type=int, default=None, help="The expert; omitted: every expert of the layer.")
+@click.option("--replicas", type=click.IntRange(min=1), required=True)
+def scale(server: str, token: str | None, model: str, layer: int, expert: int | None,
+          replicas: int) -> None:
+    """Set the replica count of an expert (or of every expert of a layer)."""
+    with _admin(server, token) as c:
+        r = c.scale_expert(model, layer, replicas, expert)
+    what = f"expert {expert}" if expert is not None else "every expert"
+    click.echo(f"{model} layer {layer} {what}: {replicas} replica(s) (+{r.replicas_added} "
+               f"-{r.replicas_removed}), routing_version {r.routing_version}")
+
+
+@main.command("add-expert")
+@_admin_options
+@click.argument("model")
+@click.option("--layer", type=int, required=True)
+@click.option("--weights", "weights_path", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="safetensors with gate.weight [1,H], gate_proj/up_proj [I,H], down_proj [H,I].")
+@click.option("--expert", type=int, default=None, help="The new id (default: the next free one).")
+@click.option("--group", type=int, default=None, help="Its group, for group-limited models.")
+def add_expert(server: str, token: str | None, model: str, layer: int, weights_path: str,
+               expert: int | None, group: int | None) -> None:
+    """Add a routed expert to a layer; prints the new expert's id."""
+    with _admin(server, token) as c:
+        r = c.add_expert(model, layer, Path(weights_path).read_bytes(), expert, group)
+    click.echo(f"moefleet: added expert {r.expert} to {model} layer {layer}, routing_version "
+               f"{r.routing_version}", err=True)
+    click.echo(r.expert)
+
+
+@main.command("remove-expert")
+@_admin_options
+@click.argument("model")
+@click.option("--layer", type=int, required=True)
+@click.option("--expert", type=int, required=True)
+def remove_expert(server: str, token: str | None, model: str, layer: int, expert: int) -> None:
+    """Remove a routed expert: unpublish, drain, free its slots."""
+    with _admin(server, token) as c:
+        r = c.remove_expert(model, layer, expert)
+    click.echo(f"{model} layer {layer}: removed expert {expert} ({r.replicas_removed} replica(s)), "
+               f"routing_version {r.routing_version}")
+
+
+@main.command()
+@_admin_options
+@click.argument("model")
+@click.option("--replicas", type=click.IntRange(min=0), default=0,
+              help="Total replicas to plan for (0 = keep the current total).")
+def rebalance(server: str, token: str | None, model: str, replicas: int) -> None:
+    """Re-plan replicas from the measured per-expert load, with few moves."""
+    with _admin(server, token) as c:
+        r = c.rebalance(model, replicas)
+    click.echo(f"{model}: moved {r.moves} replica(s) (a plan from scratch: {r.moves_from_scratch}); "
+               f"per-replica load max/mean {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}; "
+               f"routing_version {r.routing_version}")
+
+
+@main.command()
+@_admin_options
+@click.argument("model")
+@click.option("--on/--off", "enabled", required=True, help="Switch the autoscaler on or off.")
+@click.option("--target-tokens-per-s", type=float, default=None)
+@click.option("--min-replicas", type=int, default=None)
+@click.option("--max-replicas", type=int, default=None)
+@click.option("--upscale-delay-s", type=float, default=None)
+@click.option("--downscale-delay-s", type=float, default=None)
+def autoscale(server: str, token: str | None, model: str, enabled: bool, **policy: Any) -> None:
+    """Switch the per-expert autoscaler and change its policy."""
+    with _admin(server, token) as c:
+        r = c.set_autoscaling(model, enabled, **policy)
+    click.echo(f"{model}: autoscaling {'on' if r.enabled else 'off'}, target "
+               f"{r.target_tokens_per_s:g} tokens/s per replica, replicas "
+               f"{r.min_replicas}..{r.max_replicas}, delays up {r.upscale_delay_s:g}s / "
+               f"down {r.downscale_delay_s:g}s")
+
+
 def _status_table(resp) -> str:
     lines = []
     for m in resp.models:
+        a = m.autoscaling
         lines.append(f"MODEL {m.name}  routing_version={m.routing_version}  dtype={m.dtype}  "
-                     f"hidden_size={m.hidden_size}")
-        lines.append(f"  {'LAYER':>5}  {'EXPERTS':>7}  {'REPLICAS':>8}  MIN/MAX REPLICAS")
+                     f"hidden_size={m.hidden_size}  autoscaling={'on' if a.enabled else 'off'}")
+        lines.append(f"  requests/s={m.requests_per_s:.1f}  latency p50={m.latency_p50_s * 1e3:.1f}ms "
+                     f"p99={m.latency_p99_s * 1e3:.1f}ms")
+        lines.append(f"  {'LAYER':>5}  {'EXPERTS':>7}  {'REPLICAS':>8}  {'MIN/MAX':>7}  "
+                     f"{'TOKENS/S':>10}  HOTTEST")
         for layer in m.layers:
             counts = [len(e.replicas) for e in layer.experts] or [0]
+            tokens = sum(e.tokens_per_s for e in layer.experts)
+            hot = max(layer.experts, key=lambda e: e.tokens_per_s, default=None)
+            hottest = (f"expert {hot.expert}: {hot.tokens_per_s:.0f}/s on {len(hot.replicas)}"
+                       if hot is not None and hot.tokens_per_s > 0 else "-")
             lines.append(f"  {layer.layer:>5}  {len(layer.experts):>7}  {sum(counts):>8}  "
-                         f"{min(counts)}/{max(counts)}")
+                         f"{min(counts):>3}/{max(counts):<3}  {tokens:>10.0f}  {hottest}")
     lines.append(f"{'HOST':<24} {'NODE':<16} {'DEVICE':<8} SLOTS")
     for h in resp.hosts:
         lines.append(f"{h.id:<24} {h.node_ip:<16} {h.device:<8} {h.slots_used}/{h.slots_total}")

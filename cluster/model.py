@@ -2,7 +2,8 @@
 
 The one place that turns a spec's `weights:` section into a weight source, and that puts the
 router's gating together with the reference expert maths, giving the oracle the service is
-tested and benchmarked against.
+tested and benchmarked against: `Reference` for the spec as served at first, and
+`VersionedReference` for a service whose experts were added and removed at runtime.
 
 # T = tokens, H = hidden, E = routed experts
 """
@@ -13,13 +14,13 @@ from typing import Any
 
 import torch
 
-from moefleet.experts.reference import MoELayer
+from moefleet.experts.reference import ExpertWeights, MoELayer
 from moefleet.experts.weights import RandomSource, SafetensorsSource
 from moefleet.router.gating import Gate, route
 
 from .spec import ModelSpec
 
-__all__ = ["source_of", "source_args", "gate_of", "Reference"]
+__all__ = ["source_of", "source_args", "gate_of", "Reference", "VersionedReference"]
 
 
 def source_args(spec: ModelSpec) -> dict[str, Any]:
@@ -70,3 +71,43 @@ class Reference:
         """x: [T, H] -> [T, H]"""
         topk_w, topk_ids = route(x, self.gates[layer], self.spec.moe)
         return self.layers[layer](x, topk_w, topk_ids)
+
+
+class VersionedReference:
+    """The reference of each routing version: the spec's experts, plus those added and minus
+    those removed by changes published at or before that version (as AddExpert/RemoveExpert
+    report them)."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.base = Reference(spec)
+        self._changes: list[tuple[int, int, int, tuple | None]] = []  # (version, layer, id, add)
+
+    def added(self, version: int, layer: int, expert: int, gate_row: torch.Tensor,
+              weights: ExpertWeights, bias: float | None = None, group: int = 0) -> None:
+        """gate_row: [H]"""
+        self._changes.append((version, layer, expert, (gate_row, bias, group, weights)))
+
+    def removed(self, version: int, layer: int, expert: int) -> None:
+        self._changes.append((version, layer, expert, None))
+
+    def __call__(self, version: int, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H] as routing version `version` computes it."""
+        g, base = self.base.gates[layer], self.base.layers[layer]
+        bias = [None] * len(g.expert_ids) if g.bias is None else g.bias.tolist()
+        rows = {e: (g.weight[i], bias[i], int(g.group_ids[i])) for i, e in enumerate(g.expert_ids.tolist())}
+        experts = dict(base.experts)
+        for v, L, e, add in self._changes:
+            if v > version or L != layer:
+                continue
+            if add is None:
+                rows.pop(e)
+                experts.pop(e)
+            else:
+                rows[e], experts[e] = add[:3], add[3]
+        ids = sorted(rows)
+        gate = Gate(torch.stack([rows[e][0] for e in ids]), torch.tensor(ids),  # [E, H], [E]
+                    torch.tensor([rows[e][2] for e in ids]),
+                    None if g.bias is None else torch.tensor([rows[e][1] or 0.0 for e in ids]))
+        topk_w, topk_ids = route(x, gate, self.spec.moe)
+        return MoELayer(experts, base.shared)(x, topk_w, topk_ids)

@@ -1,8 +1,8 @@
-"""Bringing the service up and down on Ray: the executor of the initial plan.
+"""Bringing the service up and down on Ray.
 
     start(spec)  ray.init (embedded local Ray, `auto`, or `ray://`) → Controller (named,
-                 detached) → ExpertHost actors → weights into slots (each host reads or makes
-                 its own experts) → replicas registered → table published → Router listening
+                 detached, journalled) → Controller.deploy: hosts, one replica of every
+                 expert, version 1 → Router (named) listening, registered with the Controller
 
 Only this module and the actors have effects; what goes where is `placement`'s decision.
 """
@@ -10,24 +10,25 @@ Only this module and the actors have effects; what goes where is `placement`'s d
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 
-from moefleet.experts.host import ExpertHost
 from moefleet.router.actor import Router
 
 from .controller import Controller
-from .model import gate_of, source_args, source_of
-from .placement import initial_placement
+from .hosts import NAMESPACE
 from .spec import ModelSpec
 
-__all__ = ["Service", "start", "connect_ray", "NAMESPACE", "CONTROLLER_NAME"]
+__all__ = ["Service", "start", "connect_ray", "NAMESPACE", "CONTROLLER_NAME", "ROUTER_NAME"]
 
 log = logging.getLogger(__name__)
-NAMESPACE = "moefleet"
 CONTROLLER_NAME = "moefleet-controller"
+ROUTER_NAME = "moefleet-router-{}"
 
 
 @dataclass
@@ -36,7 +37,6 @@ class Service:
 
     controller: Any
     routers: list[Any]
-    hosts: list[Any]
     host: str
     port: int
 
@@ -44,11 +44,17 @@ class Service:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def hosts(self) -> dict[str, Any]:
+        """The expert hosts now, by id (they change as the service scales)."""
+        return ray.get(self.controller.hosts.remote())
+
     def shutdown(self, grace_s: float = 5.0) -> None:
-        """Stop the routers (draining in-flight requests), then end every actor."""
+        """Stop the routers (draining in-flight requests), end the hosts, then the rest."""
         ray.get([r.stop.remote(grace_s) for r in self.routers])
-        for actor in [*self.routers, *self.hosts, self.controller]:
-            ray.kill(actor)
+        ray.get(self.controller.shutdown.remote())
+        for actor in [*self.routers, self.controller]:
+            ray.kill(actor, no_restart=True)
 
 
 def connect_ray(address: str = "local", num_cpus: int | None = None) -> None:
@@ -63,29 +69,35 @@ def connect_ray(address: str = "local", num_cpus: int | None = None) -> None:
         ray.init(address=address, **kw)
 
 
-def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1",
-          detached: bool = False) -> Service:
+def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached: bool = False,
+          token: str | None = None, state_dir: str | None = None) -> Service:
     """Start everything for one model spec on the connected Ray cluster."""
-    lifetime = "detached" if detached else None
-    controller = _start_controller()
-    hosts = _start_hosts(spec, lifetime)
-    _load_experts(spec, controller, hosts)
-    router = ray.remote(Router).options(
-        num_cpus=spec.router.num_cpus, num_gpus=spec.router.num_gpus, lifetime=lifetime,
-        max_concurrency=1000,
-    ).remote(controller, spec.router)
-    bound = ray.get(router.start.remote(host, port))
+    controller = _start_controller(state_dir)
+    try:
+        ray.get(controller.deploy.remote(spec))
+        router = ray.remote(Router).options(
+            name=ROUTER_NAME.format(0), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
+            num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
+            max_concurrency=1000,
+        ).remote(controller, spec.router, token)
+        bound = ray.get(router.start.remote(host, port))
+        ray.get(controller.add_router.remote(ROUTER_NAME.format(0), router))
+    except BaseException:
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller, no_restart=True)
+        raise
     log.info("moefleet serving %s on %s:%d", spec.name, host, bound)
-    return Service(controller, [router], [h for _, h in hosts], host, bound)
+    return Service(controller, [router], host, bound)
 
 
-def _start_controller() -> Any:
+def _start_controller(state_dir: str | None) -> Any:
     """The named, detached Controller; one per Ray cluster (namespace)."""
+    state_dir = state_dir or _default_state_dir()
     try:
         return ray.remote(Controller).options(
             name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-            num_cpus=0,
-        ).remote()
+            max_task_retries=-1, num_cpus=0, max_concurrency=1000,
+        ).remote(state_dir)
     except ValueError as e:  # the name is taken
         raise RuntimeError(
             f"a moefleet service already runs on this Ray cluster (actor {CONTROLLER_NAME!r} "
@@ -93,44 +105,12 @@ def _start_controller() -> Any:
         ) from e
 
 
-def _start_hosts(spec: ModelSpec, lifetime: str | None) -> list[tuple[str, Any]]:
-    hc = spec.hosts
-    actor = ray.remote(_RayExpertHost)
-    hosts = []
-    for i in range(hc.count):
-        host_id = f"{spec.name}-host-{i}"
-        handle = actor.options(
-            num_cpus=hc.num_cpus, num_gpus=hc.num_gpus, lifetime=lifetime, name=host_id,
-            namespace=NAMESPACE,
-        ).remote(host_id, hc.slots, hc.num_cpus, "auto", hc.kernel_backend)
-        hosts.append((host_id, handle))
-    return hosts
-
-
-def _load_experts(spec: ModelSpec, controller: Any, hosts: list[tuple[str, Any]]) -> None:
-    """Every host loads its experts (in parallel), then the Controller learns of the ready
-    slots, the gates and shared experts, and publishes version 1."""
-    infos = ray.get([h.info.remote() for _, h in hosts])
-    placement = initial_placement(spec.layers, spec.moe.n_routed_experts, [i["slots_total"] for i in infos])
-    src = source_args(spec)
-    loads = [hosts[h][1].load_source.remote(slot, layer, e, src)
-             for (layer, e), reps in placement.items() for h, slot in reps]
-    ray.get(loads)
-    weights = source_of(spec)
-    layers = {L: {"gate": gate_of(spec, L), "shared": weights.shared(L)} for L in spec.layers}
-    ray.get(controller.add_model.remote(spec, layers))
-    for (host_id, handle), info in zip(hosts, infos, strict=True):
-        ray.get(controller.add_host.remote(host_id, handle, info))
-    for (layer, e), reps in placement.items():
-        for h, slot in reps:
-            controller.add_replica.remote(spec.name, layer, e, hosts[h][0], slot)
-    ray.get(controller.publish.remote(spec.name))
-
-
-class _RayExpertHost(ExpertHost):
-    """ExpertHost as it runs in Ray: it also says which node it is on."""
-
-    def info(self) -> dict[str, Any]:
-        ctx = ray.get_runtime_context()
-        return {**super().info(), "node_id": ctx.get_node_id(),
-                "node_ip": ray.util.get_node_ip_address()}
+def _default_state_dir() -> str:
+    """One journal folder per Ray session, so a new cluster never replays an old registry."""
+    session = Path(ray.get_runtime_context().gcs_address.replace(":", "_"))
+    root = Path(os.environ.get("MOEFLEET_STATE_DIR", Path.home() / ".moefleet" / "state"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir()) / "moefleet-state"
+    return str(root / session)

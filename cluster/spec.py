@@ -8,8 +8,9 @@ config works as is. Everything here is plain data: no Ray, no torch, no grpc.
     dtype: float32
     moe: {hidden_size: 64, moe_intermediate_size: 96, n_routed_experts: 8, ...}
     weights: {random: {seed: 0}}          # or {safetensors: path/to/file.safetensors}
-    hosts: {count: 2, num_cpus: 1, num_gpus: 0, slots: 16}
+    hosts: {count: 2, num_cpus: 1, num_gpus: 0, slots: 16, max_count: 4}
     router: {max_batch_tokens: 4096, max_wait_ms: 2.0, ...}
+    autoscaling: {enabled: true, target_tokens_per_s: 2000, min_replicas: 1, ...}
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .autoscale import AutoscalingConfig
 
 __all__ = [
     "MoEConfig",
@@ -120,14 +123,26 @@ class WeightsSource:
 
 @dataclass
 class HostsConfig:
-    count: int = 1
+    count: int = 1  # hosts started with the model, and the fewest it keeps
     num_cpus: float = 1
     num_gpus: float = 0
     slots: int = 64
     kernel_backend: str = "auto"  # "auto", "torch" or "triton"
+    max_count: int = 0  # the most hosts scaling may start; 0 means 2 × count
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per host
+    start_timeout_s: float = 60.0  # how long a new host may wait for a node before giving up
 
     def __post_init__(self):
         _check(self.count >= 1 and self.slots >= 1, "hosts.count and hosts.slots must be >= 1")
+        self.max_count = self.max_count or 2 * self.count
+        _check(self.max_count >= self.count, "hosts.max_count must be >= hosts.count")
+        _check(self.start_timeout_s > 0, "hosts.start_timeout_s must be > 0")
+        _check(isinstance(self.resources, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in self.resources.items()),
+            "hosts.resources must map resource names to numbers >= 0")
+        _check(not {"CPU", "GPU"} & set(self.resources),
+               "hosts.resources: give CPUs and GPUs as hosts.num_cpus and hosts.num_gpus")
 
 
 @dataclass
@@ -156,6 +171,7 @@ class ModelSpec:
     dtype: str = "float32"
     hosts: HostsConfig = field(default_factory=HostsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self):
         _check(bool(self.name), "name must not be empty")
@@ -171,6 +187,7 @@ class ModelSpec:
         d["weights"] = _build(WeightsSource, d["weights"], "weights")
         d["hosts"] = _build(HostsConfig, d.get("hosts", {}), "hosts")
         d["router"] = _build(RouterConfig, d.get("router", {}), "router")
+        d["autoscaling"] = _build(AutoscalingConfig, d.get("autoscaling", {}), "autoscaling")
         return _build(cls, d, "spec")
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +218,9 @@ def _build(cls, d: Any, where: str):
             _check(ok, f"{where}.{f.name}: expected {f.type}, got {v!r}")
     try:
         return cls(**d)
-    except TypeError as e:
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. AutoscalingConfig's own range checks
         raise SpecError(f"{where}: {e}") from None
 
 

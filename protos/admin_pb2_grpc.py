@@ -40,6 +40,31 @@ class AdminStub(object):
                 request_serializer=moefleet_dot_protos_dot_admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=moefleet_dot_protos_dot_admin__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ScaleExpert = channel.unary_unary(
+                '/moefleet.v1.Admin/ScaleExpert',
+                request_serializer=moefleet_dot_protos_dot_admin__pb2.ScaleExpertRequest.SerializeToString,
+                response_deserializer=moefleet_dot_protos_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.AddExpert = channel.unary_unary(
+                '/moefleet.v1.Admin/AddExpert',
+                request_serializer=moefleet_dot_protos_dot_admin__pb2.AddExpertRequest.SerializeToString,
+                response_deserializer=moefleet_dot_protos_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.RemoveExpert = channel.unary_unary(
+                '/moefleet.v1.Admin/RemoveExpert',
+                request_serializer=moefleet_dot_protos_dot_admin__pb2.RemoveExpertRequest.SerializeToString,
+                response_deserializer=moefleet_dot_protos_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/moefleet.v1.Admin/Rebalance',
+                request_serializer=moefleet_dot_protos_dot_admin__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=moefleet_dot_protos_dot_admin__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
+        self.SetAutoscaling = channel.unary_unary(
+                '/moefleet.v1.Admin/SetAutoscaling',
+                request_serializer=moefleet_dot_protos_dot_admin__pb2.SetAutoscalingRequest.SerializeToString,
+                response_deserializer=moefleet_dot_protos_dot_admin__pb2.AutoscalingStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -53,6 +78,41 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleExpert(self, request, context):
+        """Set the replica count of one expert, or of every expert of a layer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddExpert(self, request, context):
+        """Add a routed expert (its gate row and FFN weights) to a layer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveExpert(self, request, context):
+        """Remove a routed expert from a layer: it is unpublished first, then drained and freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Re-plan the replicas of a model from its measured per-expert load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAutoscaling(self, request, context):
+        """Switch the autoscaler on or off and change its policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +120,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=moefleet_dot_protos_dot_admin__pb2.StatusRequest.FromString,
                     response_serializer=moefleet_dot_protos_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'ScaleExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleExpert,
+                    request_deserializer=moefleet_dot_protos_dot_admin__pb2.ScaleExpertRequest.FromString,
+                    response_serializer=moefleet_dot_protos_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'AddExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddExpert,
+                    request_deserializer=moefleet_dot_protos_dot_admin__pb2.AddExpertRequest.FromString,
+                    response_serializer=moefleet_dot_protos_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'RemoveExpert': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveExpert,
+                    request_deserializer=moefleet_dot_protos_dot_admin__pb2.RemoveExpertRequest.FromString,
+                    response_serializer=moefleet_dot_protos_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=moefleet_dot_protos_dot_admin__pb2.RebalanceRequest.FromString,
+                    response_serializer=moefleet_dot_protos_dot_admin__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'SetAutoscaling': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAutoscaling,
+                    request_deserializer=moefleet_dot_protos_dot_admin__pb2.SetAutoscalingRequest.FromString,
+                    response_serializer=moefleet_dot_protos_dot_admin__pb2.AutoscalingStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +175,141 @@ class Admin(object):
             '/moefleet.v1.Admin/Status',
             moefleet_dot_protos_dot_admin__pb2.StatusRequest.SerializeToString,
             moefleet_dot_protos_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/ScaleExpert',
+            moefleet_dot_protos_dot_admin__pb2.ScaleExpertRequest.SerializeToString,
+            moefleet_dot_protos_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/AddExpert',
+            moefleet_dot_protos_dot_admin__pb2.AddExpertRequest.SerializeToString,
+            moefleet_dot_protos_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/RemoveExpert',
+            moefleet_dot_protos_dot_admin__pb2.RemoveExpertRequest.SerializeToString,
+            moefleet_dot_protos_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/Rebalance',
+            moefleet_dot_protos_dot_admin__pb2.RebalanceRequest.SerializeToString,
+            moefleet_dot_protos_dot_admin__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAutoscaling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/SetAutoscaling',
+            moefleet_dot_protos_dot_admin__pb2.SetAutoscalingRequest.SerializeToString,
+            moefleet_dot_protos_dot_admin__pb2.AutoscalingStatus.FromString,
             options,
             channel_credentials,
             insecure,

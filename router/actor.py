@@ -3,11 +3,16 @@
 It takes each model's state (one routing-table version) from the Controller, serves the
 Open Inference Protocol and the admin API on one port, merges concurrent requests per layer
 (micro-batching) and fans each batch out to the expert hosts: one Ray call per host.
+
+For the Controller it installs new versions, says when older versions have drained, reports
+per-expert load and request latencies, and tells it when a host is gone.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import defaultdict
 from collections.abc import Awaitable
 from typing import Any
 
@@ -16,6 +21,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from moefleet.cluster.admin import AdminServicer
+from moefleet.cluster.metrics import RouterMetrics
 from moefleet.cluster.spec import RouterConfig
 from moefleet.experts.host import from_wire, to_wire
 from moefleet.experts.weights import DTYPES
@@ -24,10 +30,12 @@ from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_
 from .batcher import MicroBatcher
 from .dispatch import HostBatch, LayerTable
 from .engine import Engine, LayerState, ModelState
-from .errors import MoefleetError, Unavailable
+from .errors import HostGone, MoefleetError, Unavailable
 from .servicer import InferenceServicer, serve_grpc
 
 __all__ = ["Router", "state_from_controller"]
+
+_LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
 
 
 def state_from_controller(d: dict[str, Any]) -> ModelState:
@@ -38,7 +46,8 @@ def state_from_controller(d: dict[str, Any]) -> ModelState:
                       parts.get("shared"))
         for L, parts in d["layers"].items()
     }
-    return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, d["hosts"])
+    return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, d["hosts"],
+                      d["host_ids"])
 
 
 def _call_host(handle: Any, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
@@ -51,8 +60,8 @@ def _call_host(handle: Any, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Te
 async def _receive(ref: ray.ObjectRef) -> torch.Tensor:
     try:
         y, y_dtype = await ref
-    except RayActorError as e:
-        raise Unavailable(f"expert host is gone: {e}") from e
+    except RayActorError as e:  # the engine retries the rows on other replicas
+        raise HostGone(f"expert host is gone: {e}") from e
     except RayTaskError as e:
         cause = e.as_instanceof_cause()
         raise (cause if isinstance(cause, MoefleetError) else Unavailable(str(cause))) from e
@@ -60,11 +69,15 @@ async def _receive(ref: ray.ObjectRef) -> torch.Tensor:
 
 
 class Router:
-    def __init__(self, controller: Any, cfg: RouterConfig, device: str = "auto"):
+    def __init__(self, controller: Any, cfg: RouterConfig, token: str | None = None,
+                 device: str = "auto"):
         torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))  # not Ray's OMP default
         self._controller = controller
         self._cfg = cfg
-        self._engine = Engine(_call_host, device)
+        self._token = token
+        self._engine = Engine(_call_host, device, on_host_gone=self._host_gone)
+        self._latency: dict[str, list[float]] = defaultdict(list)
+        self._metrics = RouterMetrics()
         self._batcher = MicroBatcher(
             self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens
         )
@@ -79,13 +92,12 @@ class Router:
             (inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
              InferenceServicer(self, self._cfg.max_request_tokens),
              inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name),
-            (admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self._controller),
+            (admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self._controller, self._token),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name),
         ]
         self._server, bound, _ = await serve_grpc(
             servicers, host, port, self._cfg.max_message_mb << 20
         )
-        await self._controller.add_router.remote(ray.get_runtime_context().current_actor)
         self._ready = True
         return bound
 
@@ -95,15 +107,36 @@ class Router:
         if self._server is not None:
             await self._server.stop(grace_s)
 
+    # ---- what the Controller calls -------------------------------------------------------
+
     async def install(self, state: dict[str, Any]) -> int:
         self._engine.install(state_from_controller(state))
         return state["version"]
+
+    async def wait_drained(self, model: str, version: int, timeout_s: float) -> bool:
+        """True once no request of `model` runs on a version older than `version`."""
+        return await self._engine.wait_drained(model, version, timeout_s)
+
+    async def take_load(self) -> dict[str, Any]:
+        """Rows per (model, layer, expert) and request latencies since the last call."""
+        latency, self._latency = dict(self._latency), defaultdict(list)
+        return {"rows": self._engine.take_load(), "latency_s": latency}
+
+    def _host_gone(self, host_id: str) -> None:
+        self._controller.host_gone.remote(host_id)
 
     # ---- what the servicer delegates to ---------------------------------------------------
 
     async def submit(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         self._engine.check(model, layer, x)  # fail fast, before queueing
-        return await self._batcher.submit((model, layer, x.dtype), x)
+        t0 = time.perf_counter()
+        out = await self._batcher.submit((model, layer, x.dtype), x)
+        seconds = time.perf_counter() - t0
+        self._metrics.observe(model, seconds)
+        window = self._latency[model]
+        if len(window) < _LATENCY_WINDOW:
+            window.append(seconds)
+        return out
 
     async def _run_batch(self, key, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         model, layer, _ = key

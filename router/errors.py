@@ -3,6 +3,9 @@
 Code anywhere in moefleet raises these; the one place that turns them into gRPC statuses
 is the servicers' `ErrorInterceptor` (router/servicer.py). This module imports no grpc,
 so the maths and the control plane can raise them freely.
+
+`HostGone` is the one exception here that is not a status: a host call raises it when the
+host is gone for good, and the engine retries those rows on other replicas.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ __all__ = [
     "Unavailable",
     "DeadlineExceeded",
     "Unauthenticated",
+    "PermissionDenied",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "HostGone",
 ]
 
 
@@ -48,3 +55,22 @@ class DeadlineExceeded(MoefleetError):
 
 class Unauthenticated(MoefleetError):
     code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MoefleetError):
+    code = "PERMISSION_DENIED"
+
+
+class AlreadyExists(MoefleetError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(MoefleetError):
+    """The request is valid but the state refuses it (e.g. removing a layer's last expert)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class HostGone(ConnectionError):
+    """An expert host is gone for good (its actor died). Not a MoefleetError: the engine
+    marks the host dead and retries its rows on other replicas, or raises Unavailable."""

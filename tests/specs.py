@@ -39,7 +39,7 @@ def family_spec(family: str, **overrides: Any) -> ModelSpec:
         "router": {"num_cpus": 0.25},
     }
     for key, value in overrides.items():
-        d[key] = {**d[key], **value} if isinstance(value, dict) else value
+        d[key] = {**d.get(key, {}), **value} if isinstance(value, dict) else value
     return ModelSpec.from_dict(d)
 
 

@@ -1,6 +1,7 @@
 """The moefleet demo: serve deploy/examples/tiny.yaml on an embedded local Ray, send traffic
 with the Python client, check every answer against the in-process reference, print latency
-and throughput, and shut down.
+and throughput; then change the service while traffic flows (scale an expert, add one,
+remove it) and check that no request was lost or wrong; shut down.
 
     python deploy/examples/demo.py [SPEC] [--requests N]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,8 +20,9 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference
+from moefleet.cluster.model import Reference, VersionedReference
 from moefleet.cluster.spec import load_spec
+from moefleet.experts.reference import ExpertWeights
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,6 +42,7 @@ def main() -> None:
             check(client, spec, Reference(spec))
             latency(client, spec, args.requests)
             throughput(client, spec)
+            elasticity(client, spec)
     finally:
         svc.shutdown()
         ray.shutdown()
@@ -85,6 +89,65 @@ def throughput(client: Client, spec, tokens: int = 4096, seconds: float = 3.0) -
     with ThreadPoolExecutor(4) as pool:
         total = sum(pool.map(worker, range(4)))
     print(f"throughput at T={tokens}, 4 clients: {total / (time.perf_counter() - t):,.0f} tokens/s")
+
+
+def elasticity(client: Client, spec) -> None:
+    """While 2 threads keep sending requests: scale expert 0 of the first layer to 2 replicas,
+    add a new expert, remove it, scale back. Every answer is checked against the reference of
+    the routing version it reports."""
+    from safetensors.torch import save
+
+    layer, h, inter = spec.layers[0], spec.moe.hidden_size, spec.moe.moe_intermediate_size
+    ref, stop, lock = VersionedReference(spec), threading.Event(), threading.Lock()
+    answers: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    failed = [0]
+
+    def traffic(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        while not stop.is_set():
+            x = torch.randn(8, h, generator=g)
+            try:
+                y, version = client.infer_with_version(spec.name, layer, x)
+            except Exception:
+                failed[0] += 1
+                continue
+            with lock:
+                answers.append((x, y, version))
+
+    workers = [threading.Thread(target=traffic, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        r = client.scale_expert(spec.name, layer, replicas=2, expert=0)
+        print(f"elasticity: expert 0 of layer {layer} has 2 replicas from version {r.routing_version}")
+        g = torch.Generator().manual_seed(99)
+        new = ExpertWeights(torch.randn(inter, h, generator=g) / h**0.5,  # w1 [I, H]
+                            torch.randn(h, inter, generator=g) / inter**0.5,  # w2 [H, I]
+                            torch.randn(inter, h, generator=g) / h**0.5)  # w3 [I, H]
+        row = 2 * torch.randn(h, generator=g) / h**0.5  # [H], large: tokens pick it often
+        tensors = {"gate.weight": row[None], "gate_proj.weight": new.w1, "up_proj.weight": new.w3,
+                   "down_proj.weight": new.w2}
+        grouped = spec.moe.n_group > 1 and spec.moe.topk_method != "greedy"
+        r = client.add_expert(spec.name, layer, save(tensors), group=0 if grouped else None)
+        bias = 0.0 if spec.moe.topk_method == "noaux_tc" else None
+        ref.added(r.routing_version, layer, r.expert, row, new, bias, group=0)
+        print(f"elasticity: added expert {r.expert} to layer {layer} (version {r.routing_version})")
+        time.sleep(1.0)
+        r = client.remove_expert(spec.name, layer, r.expert)
+        ref.removed(r.routing_version, layer, r.expert)
+        print(f"elasticity: removed it again (version {r.routing_version})")
+        client.scale_expert(spec.name, layer, replicas=1, expert=0)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    wrong = 0
+    for x, y, version in answers:
+        wrong += not torch.allclose(y, ref(version, layer, x), rtol=1.3e-6, atol=1e-5)
+    versions = sorted({v for *_, v in answers})
+    print(f"elasticity: {len(answers) + failed[0]} requests over routing versions "
+          f"{versions[0]}..{versions[-1]}: {failed[0]} failed, {wrong} wrong")
 
 
 def _parse() -> argparse.Namespace:

@@ -18,24 +18,27 @@ from tests.specs import family_spec
 # Tight limits so the error paths are cheap to reach.
 LIMITS = {"max_request_tokens": 4096, "max_message_mb": 4, "max_queue_tokens": 4096,
           "max_wait_ms": 2.0}
+TOKEN = "e2e-admin-token"  # the admin token `serve` is started with (through $MOEFLEET_TOKEN)
 
 
 class Served:
     def __init__(self, spec, address: str, proc: subprocess.Popen):
         self.spec, self.address, self.proc = spec, address, proc
+        self.token = TOKEN
         self.reference = Reference(spec)
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    spec = family_spec("deepseek_v3", router=LIMITS)
+    spec = family_spec("deepseek_v3", router=LIMITS, hosts={"slots": 24})
     path = tmp_path_factory.mktemp("spec") / "e2e.yaml"
     path.write_text(yaml.safe_dump(spec.to_dict()))
     cli = Path(sys.executable).with_name("moefleet")
     log = open(path.with_suffix(".log"), "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(cli), "serve", str(path), "--host", "127.0.0.1", "--port", "0", "--num-cpus", "2"],
-        stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+        stdout=subprocess.PIPE, stderr=log, text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "MOEFLEET_TOKEN": TOKEN},
     )
     address = _read_address(proc, path.with_suffix(".log"))
     yield Served(spec, address, proc)

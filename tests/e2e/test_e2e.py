@@ -221,8 +221,8 @@ def test_deadline_exceeded(served):
 
 def test_status_command_shows_the_served_model(served):
     cli = Path(sys.executable).with_name("moefleet")
-    out = subprocess.run([str(cli), "status", "--server", served.address, "-o", "json"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(cli), "status", "--server", served.address, "-o", "json",
+                          "--token", served.token], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     (model,) = status["models"]

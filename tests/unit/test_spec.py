@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moefleet.cluster.autoscale import AutoscalingConfig
 from moefleet.cluster.spec import ModelSpec, MoEConfig, SpecError, load_spec
 
 pytestmark = pytest.mark.unit
@@ -179,3 +180,96 @@ def test_moe_section_that_is_not_a_mapping_raises_spec_error(moe) -> None:
 def test_wrongly_typed_moe_field_is_named() -> None:
     with pytest.raises(SpecError, match="hidden_size"):
         MoEConfig.from_dict(_moe(hidden_size="64"))
+
+
+# ---- autoscaling and elastic hosts ---------------------------------------------------------
+
+AUTOSCALING = {"enabled": True, "target_tokens_per_s": 1500.5, "min_replicas": 2, "max_replicas": 6,
+               "upscale_delay_s": 0.5, "downscale_delay_s": 45.0, "smoothing": 0.25, "period_s": 2.0,
+               "host_idle_s": 90.0}
+
+
+def test_autoscaling_block_loads_field_for_field(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(_spec(autoscaling=AUTOSCALING)))
+    spec = load_spec(tmp_path / "m.yaml")
+    assert spec.autoscaling == AutoscalingConfig(**AUTOSCALING)
+    assert vars(spec.autoscaling) == AUTOSCALING
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_omitted_autoscaling_is_off_with_the_default_policy() -> None:
+    a = ModelSpec.from_dict(_spec()).autoscaling
+    assert a == AutoscalingConfig()
+    assert (a.enabled, a.target_tokens_per_s, a.min_replicas, a.max_replicas) == (False, 2000.0, 1, 4)
+
+
+def test_whole_numbers_are_accepted_for_float_autoscaling_fields() -> None:
+    spec = ModelSpec.from_dict(_spec(autoscaling={"target_tokens_per_s": 500, "downscale_delay_s": 0}))
+    a = spec.autoscaling
+    assert (a.target_tokens_per_s, a.downscale_delay_s) == (500, 0)
+
+
+BAD_AUTOSCALING = [
+    (dict(target_tokens_per_s=0), "autoscaling.target_tokens_per_s"),
+    (dict(target_tokens_per_s=float("nan")), "autoscaling.target_tokens_per_s"),
+    (dict(min_replicas=0), "autoscaling.min_replicas"),
+    (dict(min_replicas=3, max_replicas=2), "autoscaling.max_replicas"),
+    (dict(upscale_delay_s=-1), "autoscaling.upscale_delay_s"),
+    (dict(downscale_delay_s=-0.5), "autoscaling.downscale_delay_s"),
+    (dict(host_idle_s=-1), "autoscaling.host_idle_s"),
+    (dict(smoothing=0), "autoscaling.smoothing"),
+    (dict(smoothing=1.5), "autoscaling.smoothing"),
+    (dict(period_s=0), "autoscaling.period_s"),
+    (dict(enabled="yes"), "autoscaling.enabled"),
+    (dict(min_replicas=1.5), "autoscaling.min_replicas"),
+    (dict(max_replicas=True), "autoscaling.max_replicas"),
+    (dict(target_tokens_per_s="fast"), "autoscaling.target_tokens_per_s"),
+    (dict(cooldown_s=5), "cooldown_s"),
+]
+
+
+@pytest.mark.parametrize(("over", "field"), BAD_AUTOSCALING,
+                         ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_AUTOSCALING)])
+def test_bad_autoscaling_raises_spec_error_naming_the_field(over: dict, field: str) -> None:
+    with pytest.raises(SpecError, match=field):
+        ModelSpec.from_dict(_spec(autoscaling=over))
+
+
+def test_autoscaling_that_is_not_a_mapping_is_refused() -> None:
+    with pytest.raises(SpecError, match="autoscaling: expected a mapping"):
+        ModelSpec.from_dict(_spec(autoscaling=[1, 2]))
+
+
+@pytest.mark.parametrize(("hosts", "max_count"), [({"count": 3}, 6), ({}, 2),
+                                                  ({"count": 2, "max_count": 5}, 5),
+                                                  ({"count": 2, "max_count": 2}, 2)])
+def test_hosts_max_count_defaults_to_twice_count(hosts: dict, max_count: int) -> None:
+    assert ModelSpec.from_dict(_spec(hosts=hosts)).hosts.max_count == max_count
+
+
+@pytest.mark.parametrize(("hosts", "field"), [({"count": 3, "max_count": 2}, "hosts.max_count"),
+                                              ({"start_timeout_s": 0}, "hosts.start_timeout_s"),
+                                              ({"max_count": "4"}, "hosts.max_count")])
+def test_bad_elastic_hosts_fields_are_named(hosts: dict, field: str) -> None:
+    with pytest.raises(SpecError, match=field):
+        ModelSpec.from_dict(_spec(hosts=hosts))
+
+
+def test_hosts_resources_map_names_to_numbers() -> None:
+    hosts = ModelSpec.from_dict(_spec(hosts={"resources": {"accel_a": 1, "mem_gb": 0.5}})).hosts
+    assert hosts.resources == {"accel_a": 1, "mem_gb": 0.5}
+    assert ModelSpec.from_dict(_spec()).hosts.resources == {}
+
+
+@pytest.mark.parametrize("resources", [{"accel": "one"}, {"accel": True}, {"accel": None}, ["accel"],
+                                       "accel"],
+                         ids=["string", "bool", "null", "list", "name"])
+def test_hosts_resources_that_are_not_numbers_by_name_are_refused(resources) -> None:
+    with pytest.raises(SpecError, match="hosts.resources must map resource names to numbers"):
+        ModelSpec.from_dict(_spec(hosts={"resources": resources}))
+
+
+@pytest.mark.parametrize("resources", [{"accel": -1}, {"CPU": 2}, {"GPU": 1}], ids=["negative", "CPU", "GPU"])
+def test_hosts_resources_ray_cannot_schedule_are_refused(resources: dict) -> None:
+    with pytest.raises(SpecError, match="hosts.resources"):
+        ModelSpec.from_dict(_spec(hosts={"resources": resources}))

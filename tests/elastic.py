@@ -1,0 +1,114 @@
+"""Helpers for the elasticity tests: new expert files, and a bounded concurrent load that
+records what each request got (checked with `moefleet.cluster.model.VersionedReference`).
+
+# T = tokens, H = hidden, I = expert intermediate
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save
+
+from moefleet.client import Client
+from moefleet.cluster.model import VersionedReference
+from moefleet.cluster.spec import ModelSpec
+from moefleet.experts.reference import ExpertWeights
+
+
+@dataclass
+class NewExpert:
+    gate_row: torch.Tensor  # [H]
+    bias: float | None
+    weights: ExpertWeights
+    data: bytes  # the safetensors file AddExpert takes
+
+    def record(self, ref: VersionedReference, version: int, layer: int, expert: int,
+               group: int = 0) -> None:
+        """Tell `ref` this expert exists from `version` on."""
+        ref.added(version, layer, expert, self.gate_row, self.weights, self.bias, group)
+
+
+def new_expert(spec: ModelSpec, seed: int, scale: float = 1.0) -> NewExpert:
+    """A random expert for `spec`; `scale` grows its gate row so tokens pick it often."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter = spec.moe.hidden_size, spec.moe.moe_intermediate_size
+    row = scale * torch.randn(h, generator=g) / h**0.5  # [H]
+    w = ExpertWeights(torch.randn(inter, h, generator=g) / h**0.5,  # w1 [I, H]
+                      torch.randn(h, inter, generator=g) / inter**0.5,  # w2 [H, I]
+                      torch.randn(inter, h, generator=g) / h**0.5)  # w3 [I, H]
+    tensors = {"gate.weight": row[None], "gate_proj.weight": w.w1, "up_proj.weight": w.w3,
+               "down_proj.weight": w.w2}
+    bias = None
+    if spec.moe.topk_method == "noaux_tc":
+        bias = 0.05
+        tensors["gate.e_score_correction_bias"] = torch.tensor([bias])
+    return NewExpert(row, bias, w, save(tensors))
+
+
+@dataclass
+class LoadResult:
+    answers: list[tuple[int, torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)  # (layer, x, y, version) above
+
+
+def run_load(address: str, spec: ModelSpec, stop: threading.Event, threads: int = 4,
+             max_requests: int = 4000, max_s: float = 120.0, make_x=None) -> tuple[LoadResult, list]:
+    """Start `threads` clients sending requests of 1..16 tokens to random layers until `stop`
+    is set, `max_requests` are sent or `max_s` passes. Returns the result (filled as they
+    run) and the threads to join."""
+    result, lock = LoadResult(), threading.Lock()
+    deadline = time.monotonic() + max_s
+    per_thread = max_requests // threads
+
+    def client(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with Client(address, retries=0) as c:
+            for _ in range(per_thread):
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                layer = spec.layers[int(torch.randint(len(spec.layers), (1,), generator=g))]
+                t = int(torch.randint(1, 17, (1,), generator=g))
+                x = (make_x or _randn)(t, spec.moe.hidden_size, g)
+                try:
+                    y, version = c.infer_with_version(spec.name, layer, x, timeout_s=60)
+                except Exception as e:  # every failure is counted, none is expected
+                    with lock:
+                        result.errors.append(e)
+                    continue
+                with lock:
+                    result.answers.append((layer, x, y, version))
+
+    workers = [threading.Thread(target=client, args=(1000 + i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    return result, workers
+
+
+def _randn(t: int, h: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(t, h, generator=g)
+
+
+def wrong_answers(result: LoadResult, ref: VersionedReference) -> list[tuple[int, int]]:
+    """(index, version) of every answer that differs from its version's reference."""
+    bad = []
+    for i, (layer, x, y, version) in enumerate(result.answers):
+        try:
+            torch.testing.assert_close(y, ref(version, layer, x))
+        except AssertionError:
+            bad.append((i, version))
+    return bad
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.2):
+    """Poll `predicate` until it returns something truthy; that value, or None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    return None

@@ -1,0 +1,325 @@
+"""cluster/registry.py: a layer's gate built from per-expert rows routes like the HF dense gate
+while ids are contiguous and like a per-token reference once experts are gone; lookups,
+slots and the journal snapshot say what the registry holds; a removal that would leave a
+layer unable to route is refused with FAILED_PRECONDITION.
+
+# T = tokens, H = hidden, E = experts of a layer, K = experts per token
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moefleet.cluster.registry import ExpertRecord, HostRecord, ModelRecord, check_removable
+from moefleet.cluster.spec import ModelSpec, MoEConfig
+from moefleet.router.errors import FailedPrecondition, NotFound
+from moefleet.router.gating import Gate, route
+from tests.specs import FAMILIES, family_spec
+
+pytestmark = pytest.mark.unit
+
+T = 32
+
+
+def _rows(spec: ModelSpec, seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Random HF-layout gate rows per layer: (weight [E, H], bias [E] or None, groups [E])."""
+    cfg, g = spec.moe, torch.Generator().manual_seed(seed)
+    n = cfg.n_routed_experts
+    out = {}
+    for L in spec.layers:
+        weight = torch.randn(n, cfg.hidden_size, generator=g)  # [E, H]
+        bias = torch.randn(n, generator=g) * 0.1 if cfg.topk_method == "noaux_tc" else None  # [E]
+        out[L] = (weight, bias, torch.arange(n) // (n // cfg.n_group))
+    return out
+
+
+def _model(spec: ModelSpec, seed: int = 0) -> tuple[ModelRecord, dict]:
+    rows = _rows(spec, seed)
+    experts = {L: {e: ExpertRecord(w[e], None if b is None else b[e].item(), int(grp[e]))
+                   for e in range(w.shape[0])} for L, (w, b, grp) in rows.items()}
+    return ModelRecord(spec, experts, {L: None for L in spec.layers}, spec.autoscaling), rows
+
+
+def _x(spec: ModelSpec, seed: int) -> torch.Tensor:
+    return torch.randn(T, spec.moe.hidden_size, generator=torch.Generator().manual_seed(seed))  # [T, H]
+
+
+def _route_by_hand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   ids: list[int], groups: list[int], cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slow twin of `route`, one token at a time over the rows given.
+    x: [T, H], weight: [E, H], bias: [E] -> (topk_w [T, K], topk_ids [T, K])"""
+    all_w, all_ids = [], []
+    for t in range(x.shape[0]):
+        logits = weight @ x[t]  # [E]
+        s = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        choice = s if bias is None else s + bias
+        allowed = range(len(ids))
+        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+            members: dict[int, list[int]] = {}
+            for i, grp in enumerate(groups):
+                members.setdefault(grp, []).append(i)
+            score = {}  # V2: the group's best; V3: the sum of its best two (or its one)
+            for grp, rows in members.items():
+                best = sorted((choice[i].item() for i in rows), reverse=True)
+                score[grp] = sum(best[:2]) if cfg.topk_method == "noaux_tc" else best[0]
+            kept = sorted(members, key=score.__getitem__, reverse=True)
+            allowed = [i for grp in kept[:cfg.topk_group] for i in members[grp]]
+        top = sorted(allowed, key=lambda i: choice[i].item(), reverse=True)[:cfg.num_experts_per_tok]
+        w = s[top]
+        if cfg.norm_topk_prob:
+            w = w / w.sum()
+        all_w.append(w * cfg.routed_scaling_factor)
+        all_ids.append([ids[i] for i in top])
+    return torch.stack(all_w), torch.tensor(all_ids)
+
+
+def _assert_same_routes(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]):
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+
+
+# Removals each family's check accepts, leaving non-contiguous ids (and, for the two DeepSeek
+# families, uneven groups: v2 keeps [3, 1, 4, 3] experts per group, v3 [0, 4, 3, 3]).
+REMOVALS = {
+    "mixtral": [0, 3, 6],
+    "olmoe": [1, 2, 9, 15],
+    "qwen2_moe": [0, 5, 11],
+    "deepseek_v2": [1, 4, 5, 6, 13],
+    "deepseek_v3": [0, 1, 2, 3, 9, 14],
+}
+
+
+# ---- the gate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gate_of_contiguous_experts_routes_like_the_dense_gate_of_the_same_rows(family: str) -> None:
+    spec = family_spec(family)
+    model, rows = _model(spec, seed=1)
+    x = _x(spec, seed=2)
+    for L in spec.layers:
+        weight, bias, _ = rows[L]
+        dense = Gate.dense(weight, bias, spec.moe.n_group)
+        gate = model.gate(L)
+        torch.testing.assert_close(gate.expert_ids, dense.expert_ids)
+        torch.testing.assert_close(gate.group_ids, dense.group_ids)
+        _assert_same_routes(route(x, gate, spec.moe), route(x, dense, spec.moe))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gate_after_removals_routes_like_a_reference_over_the_remaining_rows(family: str) -> None:
+    spec, L = family_spec(family), 3
+    model, rows = _model(spec, seed=3)
+    weight, bias, groups = rows[L]
+    for e in REMOVALS[family]:
+        check_removable(model, L, e)
+        del model.experts[L][e]
+    keep = [e for e in range(spec.moe.n_routed_experts) if e not in REMOVALS[family]]
+    keep_bias = None if bias is None else bias[keep]
+    x = _x(spec, seed=4)
+
+    got = route(x, model.gate(L), spec.moe)
+
+    direct = Gate(weight[keep], torch.tensor(keep), groups[keep], keep_bias)
+    _assert_same_routes(got, route(x, direct, spec.moe))
+    by_hand = _route_by_hand(x, weight[keep], keep_bias, keep, groups[keep].tolist(), spec.moe)
+    _assert_same_routes(got, by_hand)
+    assert not set(got[1].flatten().tolist()) & set(REMOVALS[family])
+    # the other layer is untouched: still the dense gate of its rows
+    w1, b1, _ = rows[1]
+    _assert_same_routes(route(x, model.gate(1), spec.moe),
+                        route(x, Gate.dense(w1, b1, spec.moe.n_group), spec.moe))
+
+
+def test_gate_carries_each_experts_selection_bias_in_id_order() -> None:
+    spec, L = family_spec("deepseek_v3"), 1
+    model, rows = _model(spec, seed=5)
+    del model.experts[L][2]
+    gate = model.gate(L)
+    keep = [e for e in range(16) if e != 2]
+    assert gate.bias is not None and gate.bias.dtype == torch.float32
+    torch.testing.assert_close(gate.bias, rows[L][1][keep])
+
+
+def test_gate_has_no_bias_when_no_expert_has_one_and_zero_for_an_expert_without() -> None:
+    spec, L = family_spec("mixtral"), 1
+    model, _ = _model(spec, seed=6)
+    assert model.gate(L).bias is None
+    model.experts[L][4].bias = 0.25  # e.g. an added expert that came with a bias
+    bias = model.gate(L).bias
+    assert bias is not None
+    torch.testing.assert_close(bias, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.25, 0.0, 0.0, 0.0]))
+
+
+# ---- lookups and slots ---------------------------------------------------------------------
+
+
+def test_placement_maps_every_expert_to_its_replica_hosts_in_order() -> None:
+    spec = family_spec("mixtral")
+    model, _ = _model(spec)
+    model.replicas = {(1, 0): [("h1", 3), ("h0", 0)], (3, 7): [("h0", 1)], (3, 2): []}
+    placement = model.placement()
+    assert len(placement) == 16  # 2 layers × 8 experts, placed or not
+    assert placement[(1, 0)] == ["h1", "h0"]
+    assert placement[(3, 7)] == ["h0"]
+    assert placement[(3, 2)] == [] and placement[(1, 5)] == []
+    assert list(placement) == model.keys() == sorted(placement)
+
+
+def test_next_expert_id_is_one_past_the_largest_id_left() -> None:
+    model, _ = _model(family_spec("mixtral"))
+    assert model.next_expert_id(1) == 8
+    del model.experts[1][3]
+    assert model.next_expert_id(1) == 8  # a gap is not reused
+    del model.experts[1][7]
+    assert model.next_expert_id(1) == 7  # only the largest id counts
+    model.experts[1] = {}
+    assert model.next_expert_id(1) == 0
+
+
+def test_expert_of_an_unknown_layer_or_id_raises_not_found() -> None:
+    model, _ = _model(family_spec("mixtral"))
+    assert model.expert(3, 5) is model.experts[3][5]
+    with pytest.raises(NotFound, match=r"no MoE layer 2; layers: \[1, 3\]") as layer:
+        model.expert(2, 0)
+    del model.experts[3][5]
+    with pytest.raises(NotFound, match="layer 3 has no expert 5") as expert:
+        model.expert(3, 5)
+    assert layer.value.code == expert.value.code == "NOT_FOUND"
+    assert model.expert(3, 6) is model.experts[3][6]  # lookups still answer afterwards
+
+
+def test_host_reserve_takes_the_lowest_free_slot_and_free_slots_counts_what_is_left() -> None:
+    host = HostRecord("h0", "m", None, {"slots_total": 4})
+    assert host.free_slots() == 4
+    assert [host.reserve((1, e)) for e in (5, 6, 7)] == [0, 1, 2]
+    assert host.free_slots() == 1
+    del host.slots[1]
+    assert host.reserve((3, 0)) == 1  # the freed slot, not the last one
+    assert host.reserve((3, 1)) == 3
+    assert host.free_slots() == 0
+    assert host.slots == {0: (1, 5), 1: (3, 0), 2: (1, 7), 3: (3, 1)}
+
+
+# ---- the journal snapshot ------------------------------------------------------------------
+
+
+def test_to_plain_lists_added_and_removed_experts_targets_and_replicas() -> None:
+    spec = family_spec("mixtral")
+    model, _ = _model(spec)
+    del model.experts[1][2]
+    del model.experts[3][0]
+    del model.experts[3][5]
+    model.experts[1][8] = ExpertRecord(torch.randn(64), None, 0, file="/state/m-1-8.safetensors")
+    model.replicas = {(1, 0): [("h0", 0), ("h1", 3)], (1, 8): [("h1", 1)]}
+    model.target = {(1, 0): 2, (1, 8): 1}
+    model.version, model.next_host = 5, 2
+
+    plain = model.to_plain()
+
+    assert plain["added"] == [[1, 8, 0, "/state/m-1-8.safetensors"]]
+    assert sorted(plain["removed"]) == [[1, 2], [3, 0], [3, 5]]
+    assert sorted(plain["replicas"]) == [[1, 0, "h0", 0], [1, 0, "h1", 3], [1, 8, "h1", 1]]
+    assert sorted(plain["target"]) == [[1, 0, 2], [1, 8, 1]]
+    assert (plain["version"], plain["next_host"]) == (5, 2)
+    assert ModelSpec.from_dict(plain["spec"]) == spec
+    assert plain["autoscaling"] == vars(spec.autoscaling)
+    plain["autoscaling"]["min_replicas"] = 3
+    assert model.autoscaling.min_replicas == 1  # a copy, not the live config
+
+
+# ---- removals ------------------------------------------------------------------------------
+
+
+def test_removing_the_last_expert_of_a_layer_is_refused() -> None:
+    spec = family_spec("mixtral", moe={"num_experts_per_tok": 1})
+    model, _ = _model(spec)
+    for e in range(7):
+        check_removable(model, 1, e)
+        del model.experts[1][e]
+    with pytest.raises(FailedPrecondition, match="expert 7 is the last expert of layer 1") as err:
+        check_removable(model, 1, 7)
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert list(model.experts[1]) == [7]
+    check_removable(model, 3, 7)  # the other layer still has all its experts
+
+
+def test_removal_leaving_fewer_than_top_k_experts_is_refused() -> None:
+    spec = family_spec("mixtral")  # k = 2 of 8
+    model, _ = _model(spec)
+    for e in (0, 1, 2, 4, 5, 6):
+        check_removable(model, 1, e)
+        del model.experts[1][e]
+    with pytest.raises(FailedPrecondition, match="would keep 1 experts; num_experts_per_tok is 2") as err:
+        check_removable(model, 1, 3)
+    assert err.value.code == "FAILED_PRECONDITION"
+    ids = route(_x(spec, seed=7), model.gate(1), spec.moe)[1]
+    assert sorted(set(ids.flatten().tolist())) == [3, 7]  # the layer still routes to both
+
+
+def test_group_limited_removal_leaving_the_smallest_kept_groups_short_of_top_k_is_refused() -> None:
+    # deepseek_v2: 4 groups of 4, keep 2 groups, k = 3.
+    spec = family_spec("deepseek_v2")
+    model, _ = _model(spec)
+    for e in (0, 1, 2, 4, 5):  # group sizes [1, 2, 4, 4]: the two smallest hold 3 = k
+        check_removable(model, 1, e)
+        del model.experts[1][e]
+    with pytest.raises(FailedPrecondition, match="2 smallest groups with 2 experts") as err:
+        check_removable(model, 1, 6)  # would leave [1, 1, 4, 4]
+    assert err.value.code == "FAILED_PRECONDITION"
+    check_removable(model, 1, 3)  # emptying group 0 instead leaves [0, 2, 4, 4]: fine
+    check_removable(model, 1, 15)  # and [1, 2, 4, 3] is fine too
+
+
+def test_emptying_a_whole_group_is_accepted_because_empty_groups_are_never_kept() -> None:
+    spec = family_spec("deepseek_v3")  # 4 groups of 4, keep 2 groups, k = 4
+    model, _ = _model(spec)
+    for e in (4, 5, 6, 7):  # all of group 1
+        check_removable(model, 1, e)
+        del model.experts[1][e]
+    ids = route(_x(spec, seed=8), model.gate(1), spec.moe)[1]  # [T, K]
+    assert not set(ids.flatten().tolist()) & {4, 5, 6, 7}
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+
+
+def test_removing_an_unknown_expert_raises_not_found() -> None:
+    model, _ = _model(family_spec("olmoe"))
+    with pytest.raises(NotFound, match="no expert 16"):
+        check_removable(model, 1, 16)
+    with pytest.raises(NotFound, match="no MoE layer 0"):
+        check_removable(model, 0, 1)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_every_removal_check_accepts_leaves_a_layer_that_routes_to_k_present_experts(family: str) -> None:
+    # Remove group 0 first, then on up: the highest group is never emptied.
+    spec = family_spec(family)
+    model, _ = _model(spec, seed=9)
+    x, k = _x(spec, seed=10), spec.moe.num_experts_per_tok
+    for e in range(16):
+        try:
+            check_removable(model, 1, e)
+        except FailedPrecondition:
+            continue
+        del model.experts[1][e]
+        ids = route(x, model.gate(1), spec.moe)[1].tolist()  # [T, K]
+        assert all(len(set(row)) == k and set(row) <= set(model.experts[1]) for row in ids)
+    assert len(model.experts[1]) == k  # it got down to exactly k experts
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_accepted_removals_of_the_highest_groups_leave_a_layer_that_routes(family: str) -> None:
+    # Remove from expert 15 down: groups 3 and 2 empty, then group 1 empties and only group 0
+    # (4 experts, >= k) is left, so check_removable accepts; G would be 1 < topk_group = 2.
+    spec = family_spec(family)
+    model, _ = _model(spec, seed=11)
+    x, k = _x(spec, seed=12), spec.moe.num_experts_per_tok
+    for e in range(15, -1, -1):
+        try:
+            check_removable(model, 1, e)
+        except FailedPrecondition:
+            continue
+        del model.experts[1][e]
+        ids = route(x, model.gate(1), spec.moe)[1].tolist()  # [T, K]
+        assert all(len(set(row)) == k and set(row) <= set(model.experts[1]) for row in ids)
