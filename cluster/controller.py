@@ -1,18 +1,14 @@
-"""The Controller: the single source of truth for models, experts, replicas and hosts, and
-the executor that carries every change out.
+"""The Controller: the single source of truth for models, experts, replicas and hosts.
 
 A plain async class that the cluster runs as a named, detached Ray actor, restarted on
-failure. Every change follows DESIGN.md's order:
+failure. It takes operators' changes (scale, add or remove an expert, rebalance, autoscaling
+on or off), serialises them under one lock, decides them with `placement` and `autoscale`
+(pure) and has the `Executor` carry them out. The registry is journalled (msgpack) after
+every change, so a restarted Controller restores it.
 
-    scale up / add expert    load weights into free slots → publish a version with them
-    scale down / remove      publish a version without them → drain the routers → free slots
-
-Changes are serialised by one lock; each publish is awaited by every router, and the registry
-is journalled (msgpack) after it, so a restarted Controller restores it. A background loop
-polls the routers' per-expert load, checks the hosts, runs the autoscaling policy and brings
-every expert back to its target replica count (after a host is lost, say).
-
-What goes where is decided by `placement` and `autoscale` (pure); this module has the effects.
+A background loop, every period: collect per-expert load and latencies from the routers,
+drop hosts that are gone, run the autoscaling policy, and bring every expert back to its
+target replica count (after a host is lost, say).
 """
 
 from __future__ import annotations
@@ -25,28 +21,30 @@ import time
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import RayActorError
-from safetensors.torch import load as load_safetensors
 
-from moefleet.experts.reference import ExpertWeights
-from moefleet.experts.weights import DTYPES
 from moefleet.router.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
 from . import autoscale, placement
-from .hosts import start_host
+from .executor import Executor
 from .journal import Journal
 from .metrics import ControllerMetrics
-from .model import gate_of, source_args, source_of
-from .registry import ExpertRecord, HostRecord, Key, ModelRecord, check_removable
+from .registry import (
+    HostRecord,
+    Key,
+    ModelRecord,
+    check_removable,
+    parse_new_expert,
+    policy_from_plain,
+    policy_to_plain,
+)
 from .spec import ModelSpec
 
 __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
-_DRAIN_TIMEOUT_S = 30.0
-_CALL_TIMEOUT_S = 30.0
 _LOAD_SMOOTHING = 0.5  # weight of the newest poll in each expert's measured load
+_PING_TIMEOUT_S = 10.0
 
 
 class Controller:
@@ -54,6 +52,7 @@ class Controller:
         self._models: dict[str, ModelRecord] = {}
         self._hosts: dict[str, HostRecord] = {}
         self._routers: dict[str, Any] = {}  # actor name -> handle
+        self._weights: dict[tuple[str, int, int], Any] = {}  # added experts' FFN weights (refs)
         self._policy: dict[str, autoscale.PolicyState] = {}
         self._journal = Journal(state_dir) if state_dir else None
         self._tick_s = tick_s
@@ -61,6 +60,7 @@ class Controller:
         self._loop_task: asyncio.Task | None = None
         self._last_poll = time.monotonic()
         self._metrics = ControllerMetrics()
+        self._exec = Executor(self._hosts, self._routers, self._weights, self._save, self._metrics)
         self._restore = bool(self._journal and ray.get_runtime_context().was_current_actor_reconstructed)
         if self._journal and not self._restore:
             self._journal.clear()
@@ -73,12 +73,12 @@ class Controller:
         async with self._lock:
             if spec.name in self._models:
                 raise AlreadyExists(f"model {spec.name!r} is already served")
-            m = self._new_model(spec)
+            m = ModelRecord.from_spec(spec)
             self._models[spec.name] = m
-            await asyncio.gather(*(self._start_host(m) for _ in range(spec.hosts.count)))
+            await asyncio.gather(*(self._exec.start_host(m) for _ in range(spec.hosts.count)))
             counts = {k: max(1, m.autoscaling.min_replicas) for k in m.keys()}
             m.target.update(counts)
-            await self._apply(m, counts)
+            await self._exec.apply(m, counts)
             return m.version
 
     async def add_router(self, name: str, handle: Any) -> None:
@@ -112,7 +112,7 @@ class Controller:
                 m.expert(*k)
             counts = {k: replicas for k in keys}
             m.target.update(counts)
-            added, removed, _ = await self._apply(m, counts)
+            added, removed, _ = await self._exec.apply(m, counts)
             return {"routing_version": m.version, "expert": -1 if expert is None else expert,
                     "replicas_added": added, "replicas_removed": removed}
 
@@ -128,7 +128,7 @@ class Controller:
                 raise AlreadyExists(f"model {model!r} layer {layer} already has expert {e}")
             if e < 0:
                 raise InvalidArgument(f"expert ids are >= 0, got {e}")
-            rec, weights = _parse_new_expert(m.spec, safetensors, group)
+            rec, weights = parse_new_expert(m.spec, safetensors, group)
             if self._journal:
                 rec.file = self._journal.write_blob(f"{model}-L{layer}-E{e}.safetensors", safetensors)
             self._weights[(model, layer, e)] = ray.put(weights)
@@ -139,7 +139,7 @@ class Controller:
             def admit():
                 m.experts[layer][e] = rec
             try:
-                added, _, version = await self._apply(m, counts, before_publish=admit)
+                added, _, version = await self._exec.apply(m, counts, before_publish=admit)
             except BaseException:
                 m.target.pop(key, None)
                 self._weights.pop((model, layer, e), None)
@@ -159,7 +159,7 @@ class Controller:
                 del m.experts[layer][expert]
                 for d in (m.target, m.load, m.rate):
                     d.pop(key, None)
-            _, removed, version = await self._apply(m, {key: 0}, before_publish=forget)
+            _, removed, version = await self._exec.apply(m, {key: 0}, before_publish=forget)
             self._weights.pop((model, layer, expert), None)
             return {"routing_version": version, "expert": expert, "replicas_added": 0,
                     "replicas_removed": removed}
@@ -173,7 +173,7 @@ class Controller:
             if not any(load.values()):
                 raise ResourceExhausted(f"model {model!r} has no measured load yet to plan for")
             current = m.placement()
-            capacity = self._capacity(m)
+            capacity = self._exec.capacity(m)
             total = replicas or sum(len(v) for v in current.values())
             cap = len(capacity)  # replicas of one expert sit on distinct hosts
             plan = placement.rebalance(load, capacity, current, total, max_replicas=cap)
@@ -181,7 +181,7 @@ class Controller:
             counts = {k: len(v) for k, v in plan.placement.items()}
             m.target.update(counts)
             before = _imbalance(placement.replica_loads(load, current))
-            await self._execute(m, plan.moves)
+            await self._exec.execute(m, plan.moves)
             return {"routing_version": m.version, "moves": len(plan.moves),
                     "moves_from_scratch": _distance(current, scratch.placement),
                     "imbalance_before": before,
@@ -206,7 +206,7 @@ class Controller:
         rec = self._hosts.get(host_id)
         if rec is not None and not await _alive(rec.handle):
             async with self._lock:
-                await self._lose_host(host_id)
+                await self._exec.lose_host(host_id, self._models)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class Controller:
 
     async def model_state(self, model: str) -> dict[str, Any]:
         await self._ready()
-        return self._model_state(model)
+        return self._exec.model_state(self._model(model))
 
     async def status(self, model: str = "") -> dict[str, Any]:
         """The registry and its live figures as plain data (what `moefleet status` shows)."""
@@ -229,23 +229,6 @@ class Controller:
         return {"models": [self._model_status(self._model(n)) for n in names],
                 "hosts": [{**rec.info, "slots_used": len(rec.slots)}
                           for _, rec in sorted(self._hosts.items())]}
-
-    def _model_state(self, model: str) -> dict[str, Any]:
-        """What a router needs for one version: spec, gates, shared experts, replicas by host
-        index, and the host handles and ids those indices refer to."""
-        m = self._model(model)
-        host_ids = sorted({h for reps in m.replicas.values() for h, _ in reps})
-        index = {h: i for i, h in enumerate(host_ids)}
-        replicas: dict[int, dict[int, list[tuple[int, int]]]] = {L: {} for L in m.experts}
-        for (L, e), reps in m.replicas.items():
-            if reps:
-                replicas[L][e] = [(index[h], s) for h, s in reps]
-        return {
-            "spec": m.spec, "version": m.version,
-            "layers": {L: {"gate": m.gate(L), "shared": m.shared[L]} for L in m.experts},
-            "replicas": replicas,
-            "hosts": [self._hosts[h].handle for h in host_ids], "host_ids": host_ids,
-        }
 
     def _model_status(self, m: ModelRecord) -> dict[str, Any]:
         layers = []
@@ -264,155 +247,12 @@ class Controller:
                 "latency_p99_s": m.latency.get("p99_s", 0.0),
                 "requests_per_s": m.latency.get("requests_per_s", 0.0)}
 
-    # ---- the executor ----------------------------------------------------------------------
-
-    async def _apply(self, m: ModelRecord, counts: dict[Key, int],
-                     before_publish=None) -> tuple[int, int, int]:
-        """Bring the experts in `counts` to those replica counts; start hosts when slots run
-        out (up to hosts.max_count). Returns what `_execute` returns."""
-        load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
-        while True:
-            plan = placement.apply_counts(load, self._capacity(m), m.placement(), counts)
-            if not plan.unplaced:
-                break
-            hosts_now = sum(1 for h in self._hosts.values() if h.model == m.name)
-            if hosts_now >= m.spec.hosts.max_count:
-                raise ResourceExhausted(
-                    f"no free slot for {len(plan.unplaced)} replica(s) of {sorted(set(plan.unplaced))}: "
-                    f"{hosts_now} hosts of {m.spec.hosts.slots} slots, hosts.max_count is "
-                    f"{m.spec.hosts.max_count}")
-            await self._start_host(m)
-        return await self._execute(m, plan.moves, before_publish)
-
-    async def _execute(self, m: ModelRecord, moves: list[placement.Move],
-                       before_publish=None) -> tuple[int, int, int]:
-        """Adds: load into reserved slots. Then publish (with the adds, without the removes),
-        drain the routers, free the removed slots. A migration onto a full host is done in two
-        rounds: its removes first. `before_publish` changes the registry (a gate row) in the
-        first version published. Returns (replicas added, removed, that first version)."""
-        adds = [mv for mv in moves if mv.op == "add"]
-        removes = [mv for mv in moves if mv.op == "remove"]
-        n_added = n_removed = 0
-        first = 0
-        while True:
-            now = [mv for mv in adds if self._hosts[mv.host].free_slots() > 0]
-            adds = [mv for mv in adds if mv not in now]
-            loaded = await self._load(m, now)
-            for key, host, slot in loaded:
-                m.replicas.setdefault(key, []).append((host, slot))
-            freed = [self._unpublish(m, mv) for mv in removes]
-            removes = []
-            if before_publish is not None:
-                before_publish()
-                before_publish = None
-            version = await self._publish(m)
-            first = first or version
-            await self._drain_and_free(m.name, version, [f for f in freed if f])
-            n_added += len(loaded)
-            n_removed += sum(1 for f in freed if f)
-            if not adds or not (loaded or freed):
-                break
-        if adds:
-            raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
-        return n_added, n_removed, first
-
-    async def _load(self, m: ModelRecord, adds: list[placement.Move]) -> list[tuple[Key, str, int]]:
-        """Load each add into a reserved slot, all at once; return the loaded ones."""
-        jobs = []
-        for mv in adds:
-            host = self._hosts[mv.host]
-            slot = host.reserve(mv.key)
-            ref = self._weights.get((m.name, *mv.key))
-            call = (host.handle.load.remote(slot, *mv.key, ref) if ref is not None
-                    else host.handle.load_source.remote(slot, *mv.key, source_args(m.spec)))
-            jobs.append((mv, slot, call))
-        results = await asyncio.gather(*(c for _, _, c in jobs), return_exceptions=True)
-        loaded = []
-        for (mv, slot, _), r in zip(jobs, results, strict=True):
-            if isinstance(r, BaseException):
-                log.warning("loading %s into %s slot %d failed: %s", mv.key, mv.host, slot, r)
-                self._hosts[mv.host].slots.pop(slot, None)
-                if isinstance(r, RayActorError):
-                    continue  # the loop notices the lost host
-                raise r
-            loaded.append((mv.key, mv.host, slot))
-        return loaded
-
-    def _unpublish(self, m: ModelRecord, mv: placement.Move) -> tuple[str, int] | None:
-        reps = m.replicas.get(mv.key, [])
-        for i, (h, slot) in enumerate(reps):
-            if h == mv.host:
-                del reps[i]
-                if not reps:
-                    m.replicas.pop(mv.key)
-                return h, slot
-        return None
-
-    async def _publish(self, m: ModelRecord) -> int:
-        """Bump the version and wait until every live router has installed it."""
-        m.version += 1
-        state = self._model_state(m.name)
-        names = list(self._routers)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(self._routers[n].install.remote(state), _CALL_TIMEOUT_S)
-              for n in names), return_exceptions=True)
-        for n, r in zip(names, results, strict=True):
-            if isinstance(r, RayActorError):
-                log.warning("router %s is gone; it no longer gets new versions", n)
-                self._routers.pop(n, None)
-            elif isinstance(r, BaseException):
-                log.warning("router %s did not install version %d: %s", n, m.version, r)
-        self._metrics.record_model(m)
-        self._save()
-        return m.version
-
-    async def _drain_and_free(self, model: str, version: int, slots: list[tuple[str, int]]) -> None:
-        if not slots:
-            return
-        drained = await asyncio.gather(
-            *(r.wait_drained.remote(model, version, _DRAIN_TIMEOUT_S) for r in self._routers.values()),
-            return_exceptions=True)
-        if not all(d is True for d in drained):
-            log.warning("routers did not drain %s below version %d: %s", model, version, drained)
-        for host_id, slot in slots:
-            rec = self._hosts.get(host_id)
-            if rec is not None:
-                rec.slots.pop(slot, None)
-                rec.handle.free.remote(slot)
-        self._save()
-
-    async def _start_host(self, m: ModelRecord) -> str:
-        host_id = f"{m.name}-host-{m.next_host}"
-        m.next_host += 1
-        handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s)
-        self._hosts[host_id] = HostRecord(host_id, m.name, handle, info)
-        self._save()
-        return host_id
-
-    async def _lose_host(self, host_id: str) -> None:
-        """Stop routing to a dead host; the loop restores its replicas elsewhere."""
-        rec = self._hosts.pop(host_id, None)
-        if rec is None:
-            return
-        log.warning("expert host %s is gone", host_id)
-        m = self._models.get(rec.model)
-        if m is not None:
-            for key in list(m.replicas):
-                m.replicas[key] = [(h, s) for h, s in m.replicas[key] if h != host_id]
-                if not m.replicas[key]:
-                    del m.replicas[key]
-            await self._publish(m)
-
-    def _capacity(self, m: ModelRecord) -> dict[str, int]:
-        return {h: rec.slots_total for h, rec in self._hosts.items() if rec.model == m.name}
-
     # ---- the background loop ---------------------------------------------------------------
 
     async def _ready(self) -> None:
         """Set up what needs the actor's event loop; restore the journal after a restart."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-            self._weights: dict[tuple[str, int, int], Any] = {}
             if self._restore:
                 async with self._lock:
                     await self._restore_journal()
@@ -420,7 +260,8 @@ class Controller:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._tick_s)
+            periods = [m.autoscaling.period_s for m in self._models.values() if m.autoscaling.enabled]
+            await asyncio.sleep(min([self._tick_s, *periods]))
             try:
                 await self._tick()
             except Exception:
@@ -428,10 +269,12 @@ class Controller:
 
     async def _tick(self) -> None:
         await self._poll_routers()
-        dead = [h for h, rec in list(self._hosts.items()) if not await _alive(rec.handle)]
+        hosts = list(self._hosts.items())
+        alive = await asyncio.gather(*(_alive(rec.handle) for _, rec in hosts))
+        dead = [h for (h, _), ok in zip(hosts, alive, strict=True) if not ok]
         async with self._lock:
             for h in dead:
-                await self._lose_host(h)
+                await self._exec.lose_host(h, self._models)
             now = time.time()  # wall clock: the journalled policy state outlives a restart
             for m in list(self._models.values()):
                 if m.autoscaling.enabled:
@@ -439,7 +282,7 @@ class Controller:
                 short = {k: n for k, n in m.target.items() if len(m.replicas.get(k, [])) != n}
                 if short:
                     try:
-                        await self._apply(m, short)
+                        await self._exec.apply(m, short)
                     except ResourceExhausted as e:
                         log.warning("cannot restore %s's replicas yet: %s", m.name, e)
 
@@ -497,7 +340,7 @@ class Controller:
                        "slots": [[s, L, e] for s, (L, e) in h.slots.items()]}
                       for h in self._hosts.values()],
             "routers": sorted(self._routers),
-            "policy": {n: _policy_to_plain(p) for n, p in self._policy.items()},
+            "policy": {n: policy_to_plain(p) for n, p in self._policy.items()},
         })
 
     async def _restore_journal(self) -> None:
@@ -516,45 +359,21 @@ class Controller:
                 self._routers[name] = ray.get_actor(name, namespace="moefleet")
             except ValueError:
                 pass
-        self._policy = {n: _policy_from_plain(p) for n, p in state.get("policy", {}).items()}
+        self._policy = {n: policy_from_plain(p) for n, p in state.get("policy", {}).items()}
         for name, d in state["models"].items():
-            m = self._restore_model(d)
+            m, weights = ModelRecord.from_plain(d)
+            for key, reps in list(m.replicas.items()):  # replicas of hosts still alive
+                m.replicas[key] = [(h, s) for h, s in reps if h in self._hosts]
+                if not m.replicas[key]:
+                    del m.replicas[key]
+            for (L, e), w in weights.items():
+                self._weights[(name, L, e)] = ray.put(w)
             self._models[name] = m
-            await self._publish(m)
+            await self._exec.publish(m)
         log.info("restored %d model(s) and %d host(s) from %s", len(self._models),
                  len(self._hosts), self._journal.path)
 
-    def _restore_model(self, d: dict[str, Any]) -> ModelRecord:
-        spec = ModelSpec.from_dict(d["spec"])
-        m = self._new_model(spec)
-        m.version, m.next_host = d["version"], d["next_host"]
-        m.autoscaling = autoscale.AutoscalingConfig(**d["autoscaling"])
-        for L, e in d["removed"]:
-            m.experts[L].pop(e, None)
-        for L, e, group, file in d["added"]:
-            with open(file, "rb") as f:
-                rec, weights = _parse_new_expert(spec, f.read(), group)
-            rec.file = file
-            m.experts[L][e] = rec
-            self._weights[(spec.name, L, e)] = ray.put(weights)
-        m.target = {(L, e): n for L, e, n in d["target"]}
-        for L, e, h, s in d["replicas"]:
-            if h in self._hosts:
-                m.replicas.setdefault((L, e), []).append((h, s))
-        return m
-
     # ---- helpers ---------------------------------------------------------------------------
-
-    def _new_model(self, spec: ModelSpec) -> ModelRecord:
-        src = source_of(spec)
-        experts = {}
-        for L in spec.layers:
-            g = gate_of(spec, L)
-            bias = [None] * len(g.expert_ids) if g.bias is None else g.bias.tolist()
-            experts[L] = {int(e): ExpertRecord(g.weight[i], bias[i], int(g.group_ids[i]))
-                          for i, e in enumerate(g.expert_ids.tolist())}
-        return ModelRecord(spec, experts, {L: src.shared(L) for L in spec.layers},
-                           spec.autoscaling)
 
     def _model(self, name: str) -> ModelRecord:
         if name not in self._models:
@@ -564,58 +383,6 @@ class Controller:
 
 _AUTOSCALING_FIELDS = ("enabled", "target_tokens_per_s", "min_replicas", "max_replicas",
                        "upscale_delay_s", "downscale_delay_s")
-
-
-def _parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[ExpertRecord, ExpertWeights]:
-    """Validate an AddExpert file against the model; its gate record and FFN weights."""
-    cfg = spec.moe
-    try:
-        t = load_safetensors(data)
-    except Exception as e:
-        raise InvalidArgument(f"the expert file is not a readable safetensors file: {e}") from None
-    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
-    want = {"gate.weight": (1, h), "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h),
-            "down_proj.weight": (h, inter)}
-    for key, shape in want.items():
-        if key not in t:
-            raise InvalidArgument(f"the expert file has no tensor {key!r}; it needs {sorted(want)}")
-        if tuple(t[key].shape) != shape:
-            raise InvalidArgument(f"{key} has shape {list(t[key].shape)}; model {spec.name!r} "
-                                  f"needs {list(shape)}")
-    bias_key = "gate.e_score_correction_bias"
-    biased = cfg.topk_method == "noaux_tc"
-    if bias_key in t and not biased:
-        raise InvalidArgument(f"{bias_key} given, but model {spec.name!r} "
-                              f"(topk_method {cfg.topk_method}) has no selection bias")
-    if bias_key in t and tuple(t[bias_key].shape) != (1,):
-        raise InvalidArgument(f"{bias_key} has shape {list(t[bias_key].shape)}; it needs [1]")
-    bias = float(t[bias_key][0]) if bias_key in t else (0.0 if biased else None)
-    grouped = cfg.topk_method != "greedy" and cfg.n_group > 1
-    if grouped and group is None:
-        raise InvalidArgument(f"model {spec.name!r} routes by group (n_group {cfg.n_group}): "
-                              f"name the new expert's group")
-    g = 0 if group is None else group
-    if not 0 <= g < (cfg.n_group if grouped else 1):
-        raise InvalidArgument(f"group {g} is outside 0..{(cfg.n_group if grouped else 1) - 1}")
-    for key in want:
-        if not torch.isfinite(t[key].float()).all():
-            raise InvalidArgument(f"{key} holds non-finite values")
-    dt = DTYPES[spec.dtype]
-    weights = ExpertWeights(t["gate_proj.weight"].to(dt), t["down_proj.weight"].to(dt),
-                            t["up_proj.weight"].to(dt))
-    return ExpertRecord(t["gate.weight"][0].to(dt), bias, g), weights
-
-
-def _policy_to_plain(p: autoscale.PolicyState) -> dict[str, Any]:
-    return {"smoothed": [[L, e, v] for (L, e), v in p.smoothed.items()],
-            "pending": [[L, e, n, t] for (L, e), (n, t) in p.pending.items()],
-            "host_empty_since": dict(p.host_empty_since)}
-
-
-def _policy_from_plain(d: dict[str, Any]) -> autoscale.PolicyState:
-    return autoscale.PolicyState({(L, e): v for L, e, v in d["smoothed"]},
-                                 {(L, e): (n, t) for L, e, n, t in d["pending"]},
-                                 dict(d["host_empty_since"]))
 
 
 def _imbalance(loads: list[float]) -> float:
@@ -639,7 +406,7 @@ def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
     return {"p50_s": pick(0.5), "p99_s": pick(0.99), "requests_per_s": len(s) / elapsed_s}
 
 
-async def _alive(handle: Any, timeout_s: float = 10.0) -> bool:
+async def _alive(handle: Any, timeout_s: float = _PING_TIMEOUT_S) -> bool:
     """False only when Ray says the actor is dead; a busy host is alive."""
     try:
         await asyncio.wait_for(handle.info.remote(), timeout_s)

@@ -1,9 +1,10 @@
 """The Controller's registry as plain data: models, logical experts (with their gate rows),
 published replicas, target replica counts and hosts, and their snapshot for the journal.
 
-No Ray and no effects: the Controller owns the actors and carries changes out; this module
-only records them, builds each layer's `Gate` from its experts' rows, and answers the
-questions placement and the policy ask (which host holds what, where a slot is free).
+No Ray and no effects: the Controller and its executor own the actors and carry changes out;
+this module only records them, builds each layer's `Gate` from its experts' rows, checks a
+new expert's file and a removal against the model, and answers the questions placement and
+the policy ask (which host holds what, where a slot is free).
 
 # H = hidden, E = experts of a layer
 """
@@ -14,15 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 
-from moefleet.experts.reference import SharedExperts
-from moefleet.router.errors import FailedPrecondition, NotFound, ResourceExhausted
+from moefleet.experts.reference import ExpertWeights, SharedExperts
+from moefleet.experts.weights import DTYPES
+from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from moefleet.router.gating import Gate
 
+from . import autoscale
 from .autoscale import AutoscalingConfig
+from .model import gate_of, source_of
 from .spec import ModelSpec
 
-__all__ = ["Key", "ExpertRecord", "HostRecord", "ModelRecord", "check_removable"]
+__all__ = ["Key", "ExpertRecord", "HostRecord", "ModelRecord", "check_removable",
+           "parse_new_expert", "policy_to_plain", "policy_from_plain"]
 
 Key = tuple[int, int]  # (layer, expert id)
 
@@ -75,6 +81,38 @@ class ModelRecord:
     rate: dict[Key, float] = field(default_factory=dict)  # tokens/s over the last poll
     load: dict[Key, float] = field(default_factory=dict)  # tokens/s, smoothed over polls
     latency: dict[str, float] = field(default_factory=dict)  # p50_s, p99_s, requests_per_s
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> ModelRecord:
+        """The model as its spec serves it at first: every expert's row from the gate."""
+        experts = {}
+        for L in spec.layers:
+            g = gate_of(spec, L)
+            bias = [None] * len(g.expert_ids) if g.bias is None else g.bias.tolist()
+            experts[L] = {int(e): ExpertRecord(g.weight[i], bias[i], int(g.group_ids[i]))
+                          for i, e in enumerate(g.expert_ids.tolist())}
+        src = source_of(spec)
+        return cls(spec, experts, {L: src.shared(L) for L in spec.layers}, spec.autoscaling)
+
+    @classmethod
+    def from_plain(cls, d: dict[str, Any]) -> tuple[ModelRecord, dict[Key, ExpertWeights]]:
+        """The inverse of `to_plain`; also the FFN weights of the experts added at runtime,
+        read back from their files."""
+        m = cls.from_spec(ModelSpec.from_dict(d["spec"]))
+        m.version, m.next_host = d["version"], d["next_host"]
+        m.autoscaling = AutoscalingConfig(**d["autoscaling"])
+        for L, e in d["removed"]:
+            m.experts[L].pop(e, None)
+        weights = {}
+        for L, e, group, file in d["added"]:
+            with open(file, "rb") as f:
+                rec, weights[(L, e)] = parse_new_expert(m.spec, f.read(), group)
+            rec.file = file
+            m.experts[L][e] = rec
+        m.target = {(L, e): n for L, e, n in d["target"]}
+        for L, e, h, s in d["replicas"]:
+            m.replicas.setdefault((L, e), []).append((h, s))
+        return m, weights
 
     @property
     def name(self) -> str:
@@ -146,3 +184,55 @@ def check_removable(model: ModelRecord, layer: int, expert: int) -> None:
             raise FailedPrecondition(
                 f"removing expert {expert} leaves layer {layer}'s {cfg.topk_group} smallest "
                 f"groups with {worst} experts; num_experts_per_tok is {k}")
+
+
+def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[ExpertRecord, ExpertWeights]:
+    """Validate an AddExpert file against the model; its gate record and FFN weights."""
+    cfg = spec.moe
+    try:
+        t = load_safetensors(data)
+    except Exception as e:
+        raise InvalidArgument(f"the expert file is not a readable safetensors file: {e}") from None
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    want = {"gate.weight": (1, h), "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h),
+            "down_proj.weight": (h, inter)}
+    for key, shape in want.items():
+        if key not in t:
+            raise InvalidArgument(f"the expert file has no tensor {key!r}; it needs {sorted(want)}")
+        if tuple(t[key].shape) != shape:
+            raise InvalidArgument(f"{key} has shape {list(t[key].shape)}; model {spec.name!r} "
+                                  f"needs {list(shape)}")
+    bias_key = "gate.e_score_correction_bias"
+    biased = cfg.topk_method == "noaux_tc"
+    if bias_key in t and not biased:
+        raise InvalidArgument(f"{bias_key} given, but model {spec.name!r} "
+                              f"(topk_method {cfg.topk_method}) has no selection bias")
+    if bias_key in t and tuple(t[bias_key].shape) != (1,):
+        raise InvalidArgument(f"{bias_key} has shape {list(t[bias_key].shape)}; it needs [1]")
+    bias = float(t[bias_key][0]) if bias_key in t else (0.0 if biased else None)
+    grouped = cfg.topk_method != "greedy" and cfg.n_group > 1
+    if grouped and group is None:
+        raise InvalidArgument(f"model {spec.name!r} routes by group (n_group {cfg.n_group}): "
+                              f"name the new expert's group")
+    g = 0 if group is None else group
+    if not 0 <= g < (cfg.n_group if grouped else 1):
+        raise InvalidArgument(f"group {g} is outside 0..{(cfg.n_group if grouped else 1) - 1}")
+    for key in want:
+        if not torch.isfinite(t[key].float()).all():
+            raise InvalidArgument(f"{key} holds non-finite values")
+    dt = DTYPES[spec.dtype]
+    weights = ExpertWeights(t["gate_proj.weight"].to(dt), t["down_proj.weight"].to(dt),
+                            t["up_proj.weight"].to(dt))
+    return ExpertRecord(t["gate.weight"][0].to(dt), bias, g), weights
+
+
+def policy_to_plain(p: autoscale.PolicyState) -> dict[str, Any]:
+    return {"smoothed": [[L, e, v] for (L, e), v in p.smoothed.items()],
+            "pending": [[L, e, n, t] for (L, e), (n, t) in p.pending.items()],
+            "host_empty_since": dict(p.host_empty_since)}
+
+
+def policy_from_plain(d: dict[str, Any]) -> autoscale.PolicyState:
+    return autoscale.PolicyState({(L, e): v for L, e, v in d["smoothed"]},
+                                 {(L, e): (n, t) for L, e, n, t in d["pending"]},
+                                 dict(d["host_empty_since"]))

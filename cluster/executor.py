@@ -1,0 +1,202 @@
+"""The executor: the only code that changes the cluster. It carries out placement plans
+for the Controller, in DESIGN.md's order:
+
+    scale up / add expert    load weights into free slots → publish a version with them
+    scale down / remove      publish a version without them → drain the routers → free slots
+
+It starts hosts when slots run out, publishes routing-table versions (each awaited by every
+router), and drops hosts that are gone. The Controller decides what to do and serialises the
+changes; what goes where is decided by `placement`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ray.exceptions import RayActorError
+
+from moefleet.router.errors import ResourceExhausted
+
+from . import placement
+from .hosts import start_host
+from .metrics import ControllerMetrics
+from .model import source_args
+from .registry import HostRecord, Key, ModelRecord
+
+__all__ = ["Executor"]
+
+log = logging.getLogger(__name__)
+_DRAIN_TIMEOUT_S = 30.0
+_CALL_TIMEOUT_S = 30.0
+
+
+class Executor:
+    """hosts: host id -> record; routers: actor name -> handle; weights: (model, layer,
+    expert) -> object ref of the FFN weights of experts added at runtime. All three are the
+    Controller's own dicts, shared. `save` journals the registry after each change."""
+
+    def __init__(self, hosts: dict[str, HostRecord], routers: dict[str, Any],
+                 weights: dict[tuple[str, int, int], Any], save: Callable[[], None],
+                 metrics: ControllerMetrics):
+        self.hosts, self.routers, self.weights = hosts, routers, weights
+        self._save = save
+        self._metrics = metrics
+
+    def model_state(self, m: ModelRecord) -> dict[str, Any]:
+        """What a router needs for one version: spec, gates, shared experts, replicas by host
+        index, and the host handles and ids those indices refer to."""
+        host_ids = sorted({h for reps in m.replicas.values() for h, _ in reps})
+        index = {h: i for i, h in enumerate(host_ids)}
+        replicas: dict[int, dict[int, list[tuple[int, int]]]] = {L: {} for L in m.experts}
+        for (L, e), reps in m.replicas.items():
+            if reps:
+                replicas[L][e] = [(index[h], s) for h, s in reps]
+        return {
+            "spec": m.spec, "version": m.version,
+            "layers": {L: {"gate": m.gate(L), "shared": m.shared[L]} for L in m.experts},
+            "replicas": replicas,
+            "hosts": [self.hosts[h].handle for h in host_ids], "host_ids": host_ids,
+        }
+
+    async def apply(self, m: ModelRecord, counts: dict[Key, int],
+                     before_publish=None) -> tuple[int, int, int]:
+        """Bring the experts in `counts` to those replica counts; start hosts when slots run
+        out (up to hosts.max_count). Returns what `execute` returns."""
+        load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
+        while True:
+            plan = placement.apply_counts(load, self.capacity(m), m.placement(), counts)
+            if not plan.unplaced:
+                break
+            hosts_now = sum(1 for h in self.hosts.values() if h.model == m.name)
+            if hosts_now >= m.spec.hosts.max_count:
+                raise ResourceExhausted(
+                    f"no free slot for {len(plan.unplaced)} replica(s) of {sorted(set(plan.unplaced))}: "
+                    f"{hosts_now} hosts of {m.spec.hosts.slots} slots, hosts.max_count is "
+                    f"{m.spec.hosts.max_count}")
+            await self.start_host(m)
+        return await self.execute(m, plan.moves, before_publish)
+
+    async def execute(self, m: ModelRecord, moves: list[placement.Move],
+                       before_publish=None) -> tuple[int, int, int]:
+        """Adds: load into reserved slots. Then publish (with the adds, without the removes),
+        drain the routers, free the removed slots. A migration onto a full host is done in two
+        rounds: its removes first. `before_publish` changes the registry (a gate row) in the
+        first version published. Returns (replicas added, removed, that first version)."""
+        adds = [mv for mv in moves if mv.op == "add"]
+        removes = [mv for mv in moves if mv.op == "remove"]
+        n_added = n_removed = 0
+        first = 0
+        while True:
+            now = [mv for mv in adds if self.hosts[mv.host].free_slots() > 0]
+            adds = [mv for mv in adds if mv not in now]
+            loaded = await self._load(m, now)
+            for key, host, slot in loaded:
+                m.replicas.setdefault(key, []).append((host, slot))
+            freed = [self._unpublish(m, mv) for mv in removes]
+            removes = []
+            if before_publish is not None:
+                before_publish()
+                before_publish = None
+            version = await self.publish(m)
+            first = first or version
+            await self._drain_and_free(m.name, version, [f for f in freed if f])
+            n_added += len(loaded)
+            n_removed += sum(1 for f in freed if f)
+            if not adds or not (loaded or freed):
+                break
+        if adds:
+            raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
+        return n_added, n_removed, first
+
+    async def _load(self, m: ModelRecord, adds: list[placement.Move]) -> list[tuple[Key, str, int]]:
+        """Load each add into a reserved slot, all at once; return the loaded ones."""
+        jobs = []
+        for mv in adds:
+            host = self.hosts[mv.host]
+            slot = host.reserve(mv.key)
+            ref = self.weights.get((m.name, *mv.key))
+            call = (host.handle.load.remote(slot, *mv.key, ref) if ref is not None
+                    else host.handle.load_source.remote(slot, *mv.key, source_args(m.spec)))
+            jobs.append((mv, slot, call))
+        results = await asyncio.gather(*(c for _, _, c in jobs), return_exceptions=True)
+        loaded = []
+        for (mv, slot, _), r in zip(jobs, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("loading %s into %s slot %d failed: %s", mv.key, mv.host, slot, r)
+                self.hosts[mv.host].slots.pop(slot, None)
+                if isinstance(r, RayActorError):
+                    continue  # the loop notices the lost host
+                raise r
+            loaded.append((mv.key, mv.host, slot))
+        return loaded
+
+    def _unpublish(self, m: ModelRecord, mv: placement.Move) -> tuple[str, int] | None:
+        reps = m.replicas.get(mv.key, [])
+        for i, (h, slot) in enumerate(reps):
+            if h == mv.host:
+                del reps[i]
+                if not reps:
+                    m.replicas.pop(mv.key)
+                return h, slot
+        return None
+
+    async def publish(self, m: ModelRecord) -> int:
+        """Bump the version and wait until every live router has installed it."""
+        m.version += 1
+        state = self.model_state(m)
+        names = list(self.routers)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.routers[n].install.remote(state), _CALL_TIMEOUT_S)
+              for n in names), return_exceptions=True)
+        for n, r in zip(names, results, strict=True):
+            if isinstance(r, RayActorError):
+                log.warning("router %s is gone; it no longer gets new versions", n)
+                self.routers.pop(n, None)
+            elif isinstance(r, BaseException):
+                log.warning("router %s did not install version %d: %s", n, m.version, r)
+        self._metrics.record_model(m)
+        self._save()
+        return m.version
+
+    async def _drain_and_free(self, model: str, version: int, slots: list[tuple[str, int]]) -> None:
+        if not slots:
+            return
+        drained = await asyncio.gather(
+            *(r.wait_drained.remote(model, version, _DRAIN_TIMEOUT_S) for r in self.routers.values()),
+            return_exceptions=True)
+        if not all(d is True for d in drained):
+            log.warning("routers did not drain %s below version %d: %s", model, version, drained)
+        for host_id, slot in slots:
+            rec = self.hosts.get(host_id)
+            if rec is not None:
+                rec.slots.pop(slot, None)
+                rec.handle.free.remote(slot)
+        self._save()
+
+    async def start_host(self, m: ModelRecord) -> str:
+        host_id = f"{m.name}-host-{m.next_host}"
+        m.next_host += 1
+        handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s)
+        self.hosts[host_id] = HostRecord(host_id, m.name, handle, info)
+        self._save()
+        return host_id
+
+    async def lose_host(self, host_id: str, models: dict[str, ModelRecord]) -> None:
+        """Stop routing to a dead host; the Controller's loop restores its replicas."""
+        rec = self.hosts.pop(host_id, None)
+        if rec is None:
+            return
+        log.warning("expert host %s is gone", host_id)
+        m = models.get(rec.model)
+        if m is not None:
+            for key in list(m.replicas):
+                m.replicas[key] = [(h, s) for h, s in m.replicas[key] if h != host_id]
+                if not m.replicas[key]:
+                    del m.replicas[key]
+            await self.publish(m)
+
+    def capacity(self, m: ModelRecord) -> dict[str, int]:
+        return {h: rec.slots_total for h, rec in self.hosts.items() if rec.model == m.name}
