@@ -80,36 +80,66 @@ class Executor:
         return await self.execute(m, plan.moves, before_publish)
 
     async def execute(self, m: ModelRecord, moves: list[placement.Move],
-                       before_publish=None) -> tuple[int, int, int]:
+                      before_publish=None) -> tuple[int, int, int]:
         """Adds: load into reserved slots. Then publish (with the adds, without the removes),
-        drain the routers, free the removed slots. A migration onto a full host is done in two
-        rounds: its removes first. `before_publish` changes the registry (a gate row) in the
-        first version published. Returns (replicas added, removed, that first version)."""
+        drain the routers, free the removed slots. Adds that find their host full wait for a
+        later round, after that round's removes have freed slots; a remove that would leave a
+        migrating expert with no replica waits for its add. `before_publish` changes the
+        registry (a gate row) in the first version published. Returns (replicas added,
+        removed, that first version)."""
         adds = [mv for mv in moves if mv.op == "add"]
         removes = [mv for mv in moves if mv.op == "remove"]
-        n_added = n_removed = 0
-        first = 0
-        while True:
-            now = [mv for mv in adds if self.hosts[mv.host].free_slots() > 0]
-            adds = [mv for mv in adds if mv not in now]
+        stays = {mv.key for mv in adds} | {k for k, reps in m.replicas.items()
+                                           if len(reps) > sum(1 for r in removes if r.key == k)}
+        n_added = n_removed = first = 0
+        while adds or removes or before_publish is not None:
+            now, adds = self._fitting(adds)
             loaded = await self._load(m, now)
+            if now:
+                log.info("%s: loaded %d of %d replica(s)", m.name, len(loaded), len(now))
             for key, host, slot in loaded:
                 m.replicas.setdefault(key, []).append((host, slot))
-            freed = [self._unpublish(m, mv) for mv in removes]
-            removes = []
+            ready, removes = self._safe_removes(m, removes, stays, stuck=not loaded and not now)
+            freed = [f for f in (self._unpublish(m, mv) for mv in ready) if f]
             if before_publish is not None:
                 before_publish()
                 before_publish = None
             version = await self.publish(m)
+            log.info("%s: published routing version %d (+%d -%d replicas)", m.name, version,
+                     len(loaded), len(freed))
             first = first or version
-            await self._drain_and_free(m.name, version, [f for f in freed if f])
-            n_added += len(loaded)
-            n_removed += sum(1 for f in freed if f)
-            if not adds or not (loaded or freed):
-                break
-        if adds:
-            raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
+            await self._drain_and_free(m.name, version, freed)
+            n_added, n_removed = n_added + len(loaded), n_removed + len(freed)
+            if adds and not (loaded or freed):
+                raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
         return n_added, n_removed, first
+
+    def _fitting(self, adds: list[placement.Move]) -> tuple[list[placement.Move], list[placement.Move]]:
+        """(adds their hosts have a free slot for now, the rest)."""
+        free = {h: rec.free_slots() for h, rec in self.hosts.items()}
+        now, later = [], []
+        for mv in adds:
+            fits = free.get(mv.host, 0) > 0
+            (now if fits else later).append(mv)
+            free[mv.host] = free.get(mv.host, 0) - fits
+        return now, later
+
+    def _safe_removes(self, m: ModelRecord, removes: list[placement.Move], stays: set[Key],
+                      stuck: bool) -> tuple[list[placement.Move], list[placement.Move]]:
+        """(removes to do now, removes to defer): an expert that keeps replicas in the end is
+        never left with none in between, unless nothing else can move (`stuck`)."""
+        now, later = [], []
+        left = {k: len(reps) for k, reps in m.replicas.items()}
+        for mv in removes:
+            if mv.key in stays and left.get(mv.key, 0) <= 1 and not stuck:
+                later.append(mv)
+            else:
+                now.append(mv)
+                left[mv.key] = left.get(mv.key, 0) - 1
+        if stuck and later:
+            log.warning("%s: a migration has no free slot to go through; %s briefly has no replica",
+                        m.name, sorted({mv.key for mv in later}))
+        return now, later
 
     async def _load(self, m: ModelRecord, adds: list[placement.Move]) -> list[tuple[Key, str, int]]:
         """Load each add into a reserved slot, all at once; return the loaded ones."""
@@ -179,7 +209,9 @@ class Executor:
     async def start_host(self, m: ModelRecord) -> str:
         host_id = f"{m.name}-host-{m.next_host}"
         m.next_host += 1
+        log.info("starting expert host %s", host_id)
         handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s)
+        log.info("expert host %s is up on node %s", host_id, info.get("node_ip"))
         self.hosts[host_id] = HostRecord(host_id, m.name, handle, info)
         self._save()
         return host_id

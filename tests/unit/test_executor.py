@@ -1,0 +1,126 @@
+"""cluster/executor.py with fake hosts and routers (no Ray): the order of effects DESIGN.md
+asks for (load → publish → drain → free), migrations through full hosts, and that an expert
+that keeps replicas is never left with none between two versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from moefleet.cluster.executor import Executor
+from moefleet.cluster.placement import Move
+from moefleet.cluster.registry import HostRecord, ModelRecord
+from tests.specs import family_spec
+
+pytestmark = pytest.mark.unit
+
+
+class _Method:
+    def __init__(self, log: list, name: str, result=None):
+        self._log, self._name, self._result = log, name, result
+
+    def remote(self, *args):
+        self._log.append((self._name, *args))
+        return _Done(self._result)
+
+
+class _Done:
+    """Awaitable like an ObjectRef, and harmless when never awaited (fire and forget)."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def __await__(self):
+        return self._result
+        yield  # a generator: awaiting it returns at once
+
+
+class _Actor:
+    """Records each call as (name, *args) into a log shared by every fake."""
+
+    def __init__(self, log: list, name: str, **results):
+        self._log, self._name, self._results = log, name, results
+
+    def __getattr__(self, method: str) -> _Method:
+        return _Method(self._log, f"{self._name}.{method}", self._results.get(method))
+
+
+class _Metrics:
+    def record_model(self, m) -> None:
+        pass
+
+
+def _setup(slots: dict[str, int], replicas: dict[tuple[int, int], list[tuple[str, int]]]):
+    log: list = []
+    spec = family_spec("mixtral")
+    model = ModelRecord.from_spec(spec)
+    model.replicas = {k: list(v) for k, v in replicas.items()}
+    hosts = {h: HostRecord(h, spec.name, _Actor(log, h), {"slots_total": n}) for h, n in slots.items()}
+    for k, reps in replicas.items():
+        for h, s in reps:
+            hosts[h].slots[s] = k
+    router = _Actor(log, "router", wait_drained=True)
+    ex = Executor(hosts, {"r0": router}, {}, lambda: None, _Metrics())
+    return ex, model, hosts, log
+
+
+def _versions(log: list) -> list[dict]:
+    """The replicas of each installed version, as {(layer, expert): [(host index, slot)]}."""
+    return [args[0]["replicas"] for name, *args in log if name == "router.install"]
+
+
+def test_adds_are_loaded_before_the_publish_and_removes_freed_after_the_drain():
+    ex, m, hosts, log = _setup({"A": 4, "B": 4}, {(1, 0): [("A", 0)], (1, 1): [("B", 0)]})
+    moves = [Move("add", (1, 0), "B"), Move("remove", (1, 1), "B"), Move("add", (1, 1), "A")]
+    added, removed, first = asyncio.run(ex.execute(m, moves))
+    names = [entry[0] for entry in log]
+    assert names.index("B.load_source") < names.index("router.install")
+    assert names.index("router.install") < names.index("router.wait_drained") < names.index("B.free")
+    assert (added, removed, first) == (2, 1, 1)
+    assert sorted(m.replicas[(1, 0)]) == [("A", 0), ("B", 1)] and m.replicas[(1, 1)] == [("A", 1)]
+    assert hosts["B"].slots == {1: (1, 0)}
+
+
+def test_more_adds_than_free_slots_wait_for_the_removes_of_the_same_plan():
+    # host A has 2 slots: expert 0 leaves it, experts 1 and 2 arrive (the bench's failing case)
+    ex, m, hosts, log = _setup({"A": 2, "B": 4},
+                               {(1, 0): [("A", 0), ("B", 0)], (1, 1): [("B", 1)], (1, 2): [("B", 2)]})
+    moves = [Move("remove", (1, 0), "A"), Move("add", (1, 1), "A"), Move("add", (1, 2), "A")]
+    added, removed, _ = asyncio.run(ex.execute(m, moves))
+    assert (added, removed) == (2, 1)
+    assert set(hosts["A"].slots.values()) == {(1, 1), (1, 2)}
+    assert len(_versions(log)) == 2  # a second round after the first freed A's slot
+
+
+def test_a_migrating_expert_keeps_a_replica_in_every_version():
+    # A is full, B has one free slot; expert 0 moves A -> B and expert 2 moves B -> A: 2 waits
+    # for the slot 0 leaves, and keeps its old replica until then
+    ex, m, hosts, log = _setup({"A": 1, "B": 3},
+                               {(1, 0): [("A", 0)], (1, 1): [("B", 0)], (1, 2): [("B", 1)]})
+    moves = [Move("remove", (1, 0), "A"), Move("add", (1, 0), "B"),
+             Move("remove", (1, 2), "B"), Move("add", (1, 2), "A")]
+    asyncio.run(ex.execute(m, moves))
+    for version in _versions(log):
+        assert {0, 1, 2} <= {e for per_layer in version.values() for e in per_layer}
+    assert m.replicas[(1, 0)][0][0] == "B" and m.replicas[(1, 2)][0][0] == "A"
+
+
+def test_removing_an_expert_entirely_is_one_publish_then_free():
+    ex, m, hosts, log = _setup({"A": 4}, {(1, 0): [("A", 0)], (1, 1): [("A", 1)]})
+    del m.experts[1][1]
+    _, removed, first = asyncio.run(ex.execute(m, [Move("remove", (1, 1), "A")]))
+    assert removed == 1 and first == 1 and len(_versions(log)) == 1
+    assert 1 not in _versions(log)[0][1] and hosts["A"].slots == {0: (1, 0)}
+
+
+def test_a_swap_between_full_hosts_still_completes():
+    # no free slot anywhere: the only way through leaves the two experts briefly without a
+    # replica (requests touching them get UNAVAILABLE, never a wrong answer)
+    ex, m, hosts, log = _setup({"A": 1, "B": 1}, {(1, 0): [("A", 0)], (1, 2): [("B", 0)]})
+    moves = [Move("remove", (1, 0), "A"), Move("add", (1, 0), "B"),
+             Move("remove", (1, 2), "B"), Move("add", (1, 2), "A")]
+    added, removed, _ = asyncio.run(ex.execute(m, moves))
+    assert (added, removed) == (2, 2)
+    assert m.replicas == {(1, 0): [("B", 0)], (1, 2): [("A", 0)]}
