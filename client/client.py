@@ -90,6 +90,10 @@ class Client:
         req = admin_pb2.SetAutoscalingRequest(model=model, enabled=enabled, **policy)
         return self._call(self._admin.SetAutoscaling, req, timeout_s)
 
+    def shutdown(self, grace_s: float = 5.0, timeout_s: float = 30.0) -> admin_pb2.ShutdownResponse:
+        """Stop the whole service (it answers first, then goes away)."""
+        return self._call(self._admin.Shutdown, admin_pb2.ShutdownRequest(grace_s=grace_s), timeout_s)
+
     def close(self) -> None:
         self._channel.close()
 

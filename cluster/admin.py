@@ -55,6 +55,11 @@ class AdminServicer(pb_grpc.AdminServicer):
         out = await self._controller.set_autoscaling.remote(request.model, request.enabled, **fields)
         return pb.AutoscalingStatus(**{k: out[k] for k in ("enabled", *_POLICY_FIELDS)})
 
+    async def Shutdown(self, request, context):
+        self._authorize(context)
+        grace_s = request.grace_s or 5.0
+        return pb.ShutdownResponse(models=await self._controller.shutdown_service.remote(grace_s))
+
     def _authorize(self, context) -> None:
         if self._token is None:
             return

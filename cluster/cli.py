@@ -1,7 +1,8 @@
 """The `moefleet` command line, in the style of `serve status` and `kubectl scale`.
 
-    moefleet serve SPEC.yaml [--port 50051] [--address local|auto|ray://…] [--token T]
+    moefleet serve SPEC.yaml [--port 50051] [--address local|auto|HOST:PORT|ray://…] [--detach]
     moefleet status [-o table|json|yaml] [--model M]
+    moefleet shutdown                               stop a (detached) service from anywhere
     moefleet top [--model M]                       live per-layer × per-expert load heatmap
     moefleet scale MODEL --layer L [--expert E] --replicas N
     moefleet add-expert MODEL --layer L --weights FILE.safetensors [--expert E] [--group G]
@@ -69,9 +70,13 @@ def main() -> None:
               help="Require this admin token on admin calls (or $MOEFLEET_TOKEN).")
 @click.option("--state-dir", envvar="MOEFLEET_STATE_DIR", default=None,
               help="Where the Controller journals its registry (default: a folder under ~/.moefleet).")
+@click.option("--detach", is_flag=True,
+              help="Start the service on the cluster and return; it outlives this shell.")
 def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | None,
-          token: str | None, state_dir: str | None) -> None:
-    """Start the service for SPEC and serve until SIGINT/SIGTERM."""
+          token: str | None, state_dir: str | None, detach: bool) -> None:
+    """Start the service for SPEC and serve until SIGINT/SIGTERM (or, with --detach, return)."""
+    from moefleet.router.errors import MoefleetError
+
     from .service import connect_ray, start
     from .spec import SpecError, load_spec
 
@@ -79,12 +84,22 @@ def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | No
         spec = load_spec(spec_path)
     except SpecError as e:
         raise click.UsageError(f"{spec_path}: {e}") from None
-    connect_ray(address, num_cpus)
-    svc = start(spec, port=port, host=host, token=token, state_dir=state_dir)
+    if detach and address == "local":
+        raise click.UsageError("--detach needs a running cluster (--address auto or HOST:PORT): "
+                               "an embedded local Ray ends with this process")
+    try:
+        connect_ray(address, num_cpus)
+        svc = start(spec, port=port, host=host, detached=detach, token=token, state_dir=state_dir)
+    except (ConnectionError, RuntimeError, MoefleetError) as e:
+        raise click.ClickException(str(e)) from None
     click.echo(f"moefleet: serving model {spec.name!r} (layers {spec.layers}) on "
-               f"{host}:{svc.port}", err=True)
-    click.echo(f"{host}:{svc.port}")  # the address alone on stdout, for scripts
+               f"{svc.address}", err=True)
+    click.echo(svc.address)  # the address alone on stdout, for scripts
     sys.stdout.flush()
+    if detach:
+        click.echo(f"moefleet: detached; stop it with `moefleet shutdown --server {svc.address}`",
+                   err=True)
+        return
     _wait_for_signal()
     click.echo("moefleet: shutting down", err=True)
     svc.shutdown()
@@ -111,6 +126,27 @@ def status(server: str, token: str | None, output: str, model: str) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False))
     else:
         click.echo(_status_table(resp))
+
+
+@main.command()
+@_admin_options
+@click.option("--grace-s", default=5.0, show_default=True,
+              help="Seconds in-flight requests get to finish.")
+@click.option("--wait-s", default=60.0, show_default=True, help="How long to wait for it to stop.")
+def shutdown(server: str, token: str | None, grace_s: float, wait_s: float) -> None:
+    """Stop the service at --server: routers drain, hosts and the Controller end."""
+    with _admin(server, token) as c:
+        models = c.shutdown(grace_s).models
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                c.ready(timeout_s=1.0)
+            except grpc.RpcError:
+                break
+            time.sleep(0.2)
+        else:
+            raise click.ClickException(f"{server} still answers after {wait_s:.0f}s")
+    click.echo(f"moefleet: stopped {', '.join(models) or 'the service'} at {server}")
 
 
 @main.command()

@@ -49,6 +49,7 @@ _PING_TIMEOUT_S = 10.0
 
 class Controller:
     def __init__(self, state_dir: str | None = None, tick_s: float = 1.0):
+        _log_to_stderr()
         self._models: dict[str, ModelRecord] = {}
         self._hosts: dict[str, HostRecord] = {}
         self._routers: dict[str, Any] = {}  # actor name -> handle
@@ -91,10 +92,28 @@ class Controller:
         if self._loop_task:
             self._loop_task.cancel()
         for rec in self._hosts.values():
-            ray.kill(rec.handle)
+            ray.kill(rec.handle, no_restart=True)
         self._hosts.clear()
         if self._journal:
             self._journal.clear()
+
+    async def shutdown_service(self, grace_s: float = 5.0) -> list[str]:
+        """The admin Shutdown: answer now, then stop the routers (they drain for grace_s),
+        end the hosts, the routers and this actor. For a service that outlives the shell
+        that started it (`serve --detach`)."""
+        await self._ready()
+        asyncio.get_running_loop().create_task(self._teardown(grace_s))
+        return sorted(self._models)
+
+    async def _teardown(self, grace_s: float) -> None:
+        await asyncio.sleep(0.2)  # let the admin answer leave first
+        routers = list(self._routers.values())
+        await asyncio.gather(*(r.stop.remote(grace_s) for r in routers), return_exceptions=True)
+        await self.shutdown()
+        for r in routers:
+            ray.kill(r, no_restart=True)
+        log.info("moefleet shut down")
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     # ---- operator changes ------------------------------------------------------------------
 
@@ -404,6 +423,16 @@ def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
     s = sorted(lat)
     pick = lambda q: s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]  # noqa: E731
     return {"p50_s": pick(0.5), "p99_s": pick(0.99), "requests_per_s": len(s) / elapsed_s}
+
+
+def _log_to_stderr() -> None:
+    """moefleet's INFO and up go to the actor's stderr (Ray's worker .err log), once."""
+    root = logging.getLogger("moefleet")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
 
 async def _alive(handle: Any, timeout_s: float = _PING_TIMEOUT_S) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ __all__ = ["Service", "start", "connect_ray", "NAMESPACE", "CONTROLLER_NAME", "R
 
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "moefleet-controller"
+# The Controller and the router live on the head node (where clients and `ray exec` arrive);
+# expert hosts go wherever their resources are.
+_ON_HEAD = {"node:__internal_head__": 0.001}
 ROUTER_NAME = "moefleet-router-{}"
 
 
@@ -57,16 +61,30 @@ class Service:
             ray.kill(actor, no_restart=True)
 
 
-def connect_ray(address: str = "local", num_cpus: int | None = None) -> None:
-    """`local` starts an embedded Ray; `auto` or `ray://…` joins an existing cluster."""
+def connect_ray(address: str = "local", num_cpus: int | None = None,
+                timeout_s: float = 5.0) -> None:
+    """`local` starts an embedded Ray; `auto`, HOST:PORT or `ray://…` joins a running
+    cluster. A HOST:PORT where nothing listens is a ConnectionError within timeout_s (Ray
+    itself would wait much longer)."""
     if ray.is_initialized():
         return
     kw: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
     if address == "local":
         # address="local" starts a new instance even when RAY_ADDRESS names another cluster
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kw)
-    else:
-        ray.init(address=address, **kw)
+        return
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    if target and target not in ("auto", "local"):
+        _check_reachable(target, timeout_s)
+    ray.init(address=address, **kw)
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"no Ray cluster answers at {address!r}: {e}") from None
 
 
 def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached: bool = False,
@@ -78,10 +96,12 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached:
         router = ray.remote(Router).options(
             name=ROUTER_NAME.format(0), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
             num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
-            max_concurrency=1000,
+            max_concurrency=1000, resources=_ON_HEAD,
         ).remote(controller, spec.router, token)
         bound = ray.get(router.start.remote(host, port))
         ray.get(controller.add_router.remote(ROUTER_NAME.format(0), router))
+        if host in ("0.0.0.0", "::", ""):  # say where clients can reach it
+            host = ray.get(router.node_ip.remote())
     except BaseException:
         ray.get(controller.shutdown.remote())
         ray.kill(controller, no_restart=True)
@@ -96,7 +116,7 @@ def _start_controller(state_dir: str | None) -> Any:
     try:
         return ray.remote(Controller).options(
             name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
-            max_task_retries=-1, num_cpus=0, max_concurrency=1000,
+            max_task_retries=-1, num_cpus=0, max_concurrency=1000, resources=_ON_HEAD,
         ).remote(state_dir)
     except ValueError as e:  # the name is taken
         raise RuntimeError(

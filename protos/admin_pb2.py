@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoefleet/protos/admin.proto\x12\x0bmoefleet.v1\"d\n\x12ScaleExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08replicas\x18\x04 \x01(\x03\x42\t\n\x07_expert\"\x83\x01\n\x10\x41\x64\x64\x45xpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05group\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x42\t\n\x07_expertB\x08\n\x06_group\"C\n\x13RemoveExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x03\"k\n\x0e\x43hangeResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x16\n\x0ereplicas_added\x18\x03 \x01(\x03\x12\x18\n\x10replicas_removed\x18\x04 \x01(\x03\"3\n\x10RebalanceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x03\"\x8a\x01\n\x11RebalanceResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\r\n\x05moves\x18\x02 \x01(\x03\x12\x1a\n\x12moves_from_scratch\x18\x03 \x01(\x03\x12\x18\n\x10imbalance_before\x18\x04 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x05 \x01(\x01\"\xb1\x02\n\x15SetAutoscalingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12 \n\x13target_tokens_per_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmin_replicas\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1c\n\x0fupscale_delay_s\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x64ownscale_delay_s\x18\x07 \x01(\x01H\x04\x88\x01\x01\x42\x16\n\x14_target_tokens_per_sB\x0f\n\r_min_replicasB\x0f\n\r_max_replicasB\x12\n\x10_upscale_delay_sB\x14\n\x12_downscale_delay_s\"\xa1\x01\n\x11\x41utoscalingStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x1b\n\x13target_tokens_per_s\x18\x02 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\x03\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\x03\x12\x17\n\x0fupscale_delay_s\x18\x05 \x01(\x01\x12\x19\n\x11\x64ownscale_delay_s\x18\x06 \x01(\x01\"\x1e\n\rStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"b\n\x0eStatusResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.moefleet.v1.ModelStatus\x12&\n\x05hosts\x18\x02 \x03(\x0b\x32\x17.moefleet.v1.HostStatus\"\xfd\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0frouting_version\x18\x02 \x01(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x03\x12(\n\x06layers\x18\x05 \x03(\x0b\x32\x18.moefleet.v1.LayerStatus\x12\x33\n\x0b\x61utoscaling\x18\x06 \x01(\x0b\x32\x1e.moefleet.v1.AutoscalingStatus\x12\x15\n\rlatency_p50_s\x18\x07 \x01(\x01\x12\x15\n\rlatency_p99_s\x18\x08 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\"H\n\x0bLayerStatus\x12\r\n\x05layer\x18\x01 \x01(\x03\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.moefleet.v1.ExpertStatus\"\x8a\x01\n\x0c\x45xpertStatus\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x03\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.moefleet.v1.ReplicaStatus\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\x17\n\x0ftarget_replicas\x18\x04 \x01(\x03\x12\r\n\x05group\x18\x05 \x01(\x03\"+\n\rReplicaStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x03\"s\n\nHostStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0bslots_total\x18\x05 \x01(\x03\x12\x12\n\nslots_used\x18\x06 \x01(\x03\x32\xdd\x03\n\x05\x41\x64min\x12\x43\n\x06Status\x12\x1a.moefleet.v1.StatusRequest\x1a\x1b.moefleet.v1.StatusResponse\"\x00\x12M\n\x0bScaleExpert\x12\x1f.moefleet.v1.ScaleExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12I\n\tAddExpert\x12\x1d.moefleet.v1.AddExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12O\n\x0cRemoveExpert\x12 .moefleet.v1.RemoveExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12L\n\tRebalance\x12\x1d.moefleet.v1.RebalanceRequest\x1a\x1e.moefleet.v1.RebalanceResponse\"\x00\x12V\n\x0eSetAutoscaling\x12\".moefleet.v1.SetAutoscalingRequest\x1a\x1e.moefleet.v1.AutoscalingStatus\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoefleet/protos/admin.proto\x12\x0bmoefleet.v1\"\"\n\x0fShutdownRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\"\"\n\x10ShutdownResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"d\n\x12ScaleExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08replicas\x18\x04 \x01(\x03\x42\t\n\x07_expert\"\x83\x01\n\x10\x41\x64\x64\x45xpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05group\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x42\t\n\x07_expertB\x08\n\x06_group\"C\n\x13RemoveExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x03\"k\n\x0e\x43hangeResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x16\n\x0ereplicas_added\x18\x03 \x01(\x03\x12\x18\n\x10replicas_removed\x18\x04 \x01(\x03\"3\n\x10RebalanceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x03\"\x8a\x01\n\x11RebalanceResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\r\n\x05moves\x18\x02 \x01(\x03\x12\x1a\n\x12moves_from_scratch\x18\x03 \x01(\x03\x12\x18\n\x10imbalance_before\x18\x04 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x05 \x01(\x01\"\xb1\x02\n\x15SetAutoscalingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12 \n\x13target_tokens_per_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmin_replicas\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1c\n\x0fupscale_delay_s\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x64ownscale_delay_s\x18\x07 \x01(\x01H\x04\x88\x01\x01\x42\x16\n\x14_target_tokens_per_sB\x0f\n\r_min_replicasB\x0f\n\r_max_replicasB\x12\n\x10_upscale_delay_sB\x14\n\x12_downscale_delay_s\"\xa1\x01\n\x11\x41utoscalingStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x1b\n\x13target_tokens_per_s\x18\x02 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\x03\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\x03\x12\x17\n\x0fupscale_delay_s\x18\x05 \x01(\x01\x12\x19\n\x11\x64ownscale_delay_s\x18\x06 \x01(\x01\"\x1e\n\rStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"b\n\x0eStatusResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.moefleet.v1.ModelStatus\x12&\n\x05hosts\x18\x02 \x03(\x0b\x32\x17.moefleet.v1.HostStatus\"\xfd\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0frouting_version\x18\x02 \x01(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x03\x12(\n\x06layers\x18\x05 \x03(\x0b\x32\x18.moefleet.v1.LayerStatus\x12\x33\n\x0b\x61utoscaling\x18\x06 \x01(\x0b\x32\x1e.moefleet.v1.AutoscalingStatus\x12\x15\n\rlatency_p50_s\x18\x07 \x01(\x01\x12\x15\n\rlatency_p99_s\x18\x08 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\"H\n\x0bLayerStatus\x12\r\n\x05layer\x18\x01 \x01(\x03\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.moefleet.v1.ExpertStatus\"\x8a\x01\n\x0c\x45xpertStatus\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x03\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.moefleet.v1.ReplicaStatus\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\x17\n\x0ftarget_replicas\x18\x04 \x01(\x03\x12\r\n\x05group\x18\x05 \x01(\x03\"+\n\rReplicaStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x03\"s\n\nHostStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0bslots_total\x18\x05 \x01(\x03\x12\x12\n\nslots_used\x18\x06 \x01(\x03\x32\xa8\x04\n\x05\x41\x64min\x12\x43\n\x06Status\x12\x1a.moefleet.v1.StatusRequest\x1a\x1b.moefleet.v1.StatusResponse\"\x00\x12M\n\x0bScaleExpert\x12\x1f.moefleet.v1.ScaleExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12I\n\tAddExpert\x12\x1d.moefleet.v1.AddExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12O\n\x0cRemoveExpert\x12 .moefleet.v1.RemoveExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12L\n\tRebalance\x12\x1d.moefleet.v1.RebalanceRequest\x1a\x1e.moefleet.v1.RebalanceResponse\"\x00\x12V\n\x0eSetAutoscaling\x12\".moefleet.v1.SetAutoscalingRequest\x1a\x1e.moefleet.v1.AutoscalingStatus\"\x00\x12I\n\x08Shutdown\x12\x1c.moefleet.v1.ShutdownRequest\x1a\x1d.moefleet.v1.ShutdownResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moefleet.protos.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCALEEXPERTREQUEST']._serialized_start=44
-  _globals['_SCALEEXPERTREQUEST']._serialized_end=144
-  _globals['_ADDEXPERTREQUEST']._serialized_start=147
-  _globals['_ADDEXPERTREQUEST']._serialized_end=278
-  _globals['_REMOVEEXPERTREQUEST']._serialized_start=280
-  _globals['_REMOVEEXPERTREQUEST']._serialized_end=347
-  _globals['_CHANGERESPONSE']._serialized_start=349
-  _globals['_CHANGERESPONSE']._serialized_end=456
-  _globals['_REBALANCEREQUEST']._serialized_start=458
-  _globals['_REBALANCEREQUEST']._serialized_end=509
-  _globals['_REBALANCERESPONSE']._serialized_start=512
-  _globals['_REBALANCERESPONSE']._serialized_end=650
-  _globals['_SETAUTOSCALINGREQUEST']._serialized_start=653
-  _globals['_SETAUTOSCALINGREQUEST']._serialized_end=958
-  _globals['_AUTOSCALINGSTATUS']._serialized_start=961
-  _globals['_AUTOSCALINGSTATUS']._serialized_end=1122
-  _globals['_STATUSREQUEST']._serialized_start=1124
-  _globals['_STATUSREQUEST']._serialized_end=1154
-  _globals['_STATUSRESPONSE']._serialized_start=1156
-  _globals['_STATUSRESPONSE']._serialized_end=1254
-  _globals['_MODELSTATUS']._serialized_start=1257
-  _globals['_MODELSTATUS']._serialized_end=1510
-  _globals['_LAYERSTATUS']._serialized_start=1512
-  _globals['_LAYERSTATUS']._serialized_end=1584
-  _globals['_EXPERTSTATUS']._serialized_start=1587
-  _globals['_EXPERTSTATUS']._serialized_end=1725
-  _globals['_REPLICASTATUS']._serialized_start=1727
-  _globals['_REPLICASTATUS']._serialized_end=1770
-  _globals['_HOSTSTATUS']._serialized_start=1772
-  _globals['_HOSTSTATUS']._serialized_end=1887
-  _globals['_ADMIN']._serialized_start=1890
-  _globals['_ADMIN']._serialized_end=2367
+  _globals['_SHUTDOWNREQUEST']._serialized_start=44
+  _globals['_SHUTDOWNREQUEST']._serialized_end=78
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=80
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=114
+  _globals['_SCALEEXPERTREQUEST']._serialized_start=116
+  _globals['_SCALEEXPERTREQUEST']._serialized_end=216
+  _globals['_ADDEXPERTREQUEST']._serialized_start=219
+  _globals['_ADDEXPERTREQUEST']._serialized_end=350
+  _globals['_REMOVEEXPERTREQUEST']._serialized_start=352
+  _globals['_REMOVEEXPERTREQUEST']._serialized_end=419
+  _globals['_CHANGERESPONSE']._serialized_start=421
+  _globals['_CHANGERESPONSE']._serialized_end=528
+  _globals['_REBALANCEREQUEST']._serialized_start=530
+  _globals['_REBALANCEREQUEST']._serialized_end=581
+  _globals['_REBALANCERESPONSE']._serialized_start=584
+  _globals['_REBALANCERESPONSE']._serialized_end=722
+  _globals['_SETAUTOSCALINGREQUEST']._serialized_start=725
+  _globals['_SETAUTOSCALINGREQUEST']._serialized_end=1030
+  _globals['_AUTOSCALINGSTATUS']._serialized_start=1033
+  _globals['_AUTOSCALINGSTATUS']._serialized_end=1194
+  _globals['_STATUSREQUEST']._serialized_start=1196
+  _globals['_STATUSREQUEST']._serialized_end=1226
+  _globals['_STATUSRESPONSE']._serialized_start=1228
+  _globals['_STATUSRESPONSE']._serialized_end=1326
+  _globals['_MODELSTATUS']._serialized_start=1329
+  _globals['_MODELSTATUS']._serialized_end=1582
+  _globals['_LAYERSTATUS']._serialized_start=1584
+  _globals['_LAYERSTATUS']._serialized_end=1656
+  _globals['_EXPERTSTATUS']._serialized_start=1659
+  _globals['_EXPERTSTATUS']._serialized_end=1797
+  _globals['_REPLICASTATUS']._serialized_start=1799
+  _globals['_REPLICASTATUS']._serialized_end=1842
+  _globals['_HOSTSTATUS']._serialized_start=1844
+  _globals['_HOSTSTATUS']._serialized_end=1959
+  _globals['_ADMIN']._serialized_start=1962
+  _globals['_ADMIN']._serialized_end=2514
 # @@protoc_insertion_point(module_scope)

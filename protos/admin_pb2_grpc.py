@@ -65,6 +65,11 @@ class AdminStub(object):
                 request_serializer=moefleet_dot_protos_dot_admin__pb2.SetAutoscalingRequest.SerializeToString,
                 response_deserializer=moefleet_dot_protos_dot_admin__pb2.AutoscalingStatus.FromString,
                 _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/moefleet.v1.Admin/Shutdown',
+                request_serializer=moefleet_dot_protos_dot_admin__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=moefleet_dot_protos_dot_admin__pb2.ShutdownResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer(object):
@@ -113,6 +118,14 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Shutdown(self, request, context):
+        """Stop the whole service: routers drain and stop, hosts and the Controller end. The
+        answer comes first; the service is gone shortly after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetAutoscaling,
                     request_deserializer=moefleet_dot_protos_dot_admin__pb2.SetAutoscalingRequest.FromString,
                     response_serializer=moefleet_dot_protos_dot_admin__pb2.AutoscalingStatus.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=moefleet_dot_protos_dot_admin__pb2.ShutdownRequest.FromString,
+                    response_serializer=moefleet_dot_protos_dot_admin__pb2.ShutdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class Admin(object):
             '/moefleet.v1.Admin/SetAutoscaling',
             moefleet_dot_protos_dot_admin__pb2.SetAutoscalingRequest.SerializeToString,
             moefleet_dot_protos_dot_admin__pb2.AutoscalingStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moefleet.v1.Admin/Shutdown',
+            moefleet_dot_protos_dot_admin__pb2.ShutdownRequest.SerializeToString,
+            moefleet_dot_protos_dot_admin__pb2.ShutdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

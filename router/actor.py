@@ -145,6 +145,9 @@ class Router:
     def ready(self) -> bool:
         return self._ready
 
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
     def model_names(self) -> list[str]:
         return self._engine.model_names()
 
