@@ -93,6 +93,15 @@ class VersionedReference:
 
     def __call__(self, version: int, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H] as routing version `version` computes it."""
+        gate, experts = self._at(version, layer)
+        topk_w, topk_ids = route(x, gate, self.spec.moe)
+        return MoELayer(experts, self.base.layers[layer].shared)(x, topk_w, topk_ids)
+
+    def route(self, version: int, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (topk_w [T, K], topk_ids [T, K]) as routing version `version` routes."""
+        return route(x, self._at(version, layer)[0], self.spec.moe)
+
+    def _at(self, version: int, layer: int) -> tuple[Gate, dict[int, ExpertWeights]]:
         g, base = self.base.gates[layer], self.base.layers[layer]
         bias = [None] * len(g.expert_ids) if g.bias is None else g.bias.tolist()
         rows = {e: (g.weight[i], bias[i], int(g.group_ids[i])) for i, e in enumerate(g.expert_ids.tolist())}
@@ -109,5 +118,4 @@ class VersionedReference:
         gate = Gate(torch.stack([rows[e][0] for e in ids]), torch.tensor(ids),  # [E, H], [E]
                     torch.tensor([rows[e][2] for e in ids]),
                     None if g.bias is None else torch.tensor([rows[e][1] or 0.0 for e in ids]))
-        topk_w, topk_ids = route(x, gate, self.spec.moe)
-        return MoELayer(experts, base.shared)(x, topk_w, topk_ids)
+        return gate, experts
