@@ -92,7 +92,8 @@ def status_to_proto(s: dict[str, Any]) -> pb.StatusResponse:
         for m in s["models"]
     ]
     hosts = [pb.HostStatus(**{k: h[k] for k in _HOST_FIELDS if k in h}) for h in s["hosts"]]
-    return pb.StatusResponse(models=models, hosts=hosts)
+    routers = [pb.RouterStatus(**r) for r in s.get("routers", [])]
+    return pb.StatusResponse(models=models, hosts=hosts, routers=routers)
 
 
 _HOST_FIELDS = ("id", "node_id", "node_ip", "device", "slots_total", "slots_used")

@@ -93,7 +93,7 @@ def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | No
     except (ConnectionError, RuntimeError, MoefleetError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"moefleet: serving model {spec.name!r} (layers {spec.layers}) on "
-               f"{svc.address}", err=True)
+               f"{', '.join(svc.addresses)}", err=True)
     click.echo(svc.address)  # the address alone on stdout, for scripts
     sys.stdout.flush()
     if detach:
@@ -268,6 +268,7 @@ def _status_table(resp) -> str:
                        if hot is not None and hot.tokens_per_s > 0 else "-")
             lines.append(f"  {layer.layer:>5}  {len(layer.experts):>7}  {sum(counts):>8}  "
                          f"{min(counts):>3}/{max(counts):<3}  {tokens:>10.0f}  {hottest}")
+    lines.append("ROUTERS " + "  ".join(f"{r.name}={r.address}" for r in resp.routers))
     lines.append(f"{'HOST':<24} {'NODE':<16} {'DEVICE':<8} SLOTS")
     for h in resp.hosts:
         lines.append(f"{h.id:<24} {h.node_ip:<16} {h.device:<8} {h.slots_used}/{h.slots_total}")

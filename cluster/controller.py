@@ -53,6 +53,7 @@ class Controller:
         self._models: dict[str, ModelRecord] = {}
         self._hosts: dict[str, HostRecord] = {}
         self._routers: dict[str, Any] = {}  # actor name -> handle
+        self._router_addresses: dict[str, str] = {}  # actor name -> HOST:PORT
         self._weights: dict[tuple[str, int, int], Any] = {}  # added experts' FFN weights (refs)
         self._policy: dict[str, autoscale.PolicyState] = {}
         self._journal = Journal(state_dir) if state_dir else None
@@ -82,9 +83,10 @@ class Controller:
             await self._exec.apply(m, counts)
             return m.version
 
-    async def add_router(self, name: str, handle: Any) -> None:
+    async def add_router(self, name: str, handle: Any, address: str = "") -> None:
         await self._ready()
         self._routers[name] = handle
+        self._router_addresses[name] = address
         self._save()
 
     async def shutdown(self) -> None:
@@ -247,7 +249,9 @@ class Controller:
         names = [model] if model else sorted(self._models)
         return {"models": [self._model_status(self._model(n)) for n in names],
                 "hosts": [{**rec.info, "slots_used": len(rec.slots)}
-                          for _, rec in sorted(self._hosts.items())]}
+                          for _, rec in sorted(self._hosts.items())],
+                "routers": [{"name": n, "address": self._router_addresses.get(n, "")}
+                            for n in sorted(self._routers)]}
 
     def _model_status(self, m: ModelRecord) -> dict[str, Any]:
         layers = []
@@ -358,7 +362,7 @@ class Controller:
             "hosts": [{"id": h.id, "model": h.model, "info": h.info,
                        "slots": [[s, L, e] for s, (L, e) in h.slots.items()]}
                       for h in self._hosts.values()],
-            "routers": sorted(self._routers),
+            "routers": {n: self._router_addresses.get(n, "") for n in self._routers},
             "policy": {n: policy_to_plain(p) for n, p in self._policy.items()},
         })
 
@@ -373,9 +377,10 @@ class Controller:
                 continue  # gone while the Controller was down: its replicas are dropped below
             self._hosts[h["id"]] = HostRecord(h["id"], h["model"], handle, h["info"],
                                               {s: (L, e) for s, L, e in h["slots"]})
-        for name in state["routers"]:
+        for name, address in state["routers"].items():
             try:
                 self._routers[name] = ray.get_actor(name, namespace="moefleet")
+                self._router_addresses[name] = address
             except ValueError:
                 pass
         self._policy = {n: policy_from_plain(p) for n, p in state.get("policy", {}).items()}

@@ -13,11 +13,12 @@ import logging
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moefleet.router.actor import Router
 
@@ -41,8 +42,9 @@ class Service:
 
     controller: Any
     routers: list[Any]
-    host: str
+    host: str  # the head router's address: where the service is usually called
     port: int
+    addresses: list[str] = field(default_factory=list)  # every router's HOST:PORT
 
     @property
     def address(self) -> str:
@@ -89,25 +91,44 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 
 def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached: bool = False,
           token: str | None = None, state_dir: str | None = None) -> Service:
-    """Start everything for one model spec on the connected Ray cluster."""
+    """Start everything for one model spec on the connected Ray cluster: the Controller, its
+    hosts and experts, then a router on the head and on every node that offers the spec's
+    `router.nodes_resource`, each listening on `port` there."""
     controller = _start_controller(state_dir)
+    routers: list[Any] = []
     try:
         ray.get(controller.deploy.remote(spec))
-        router = ray.remote(Router).options(
-            name=ROUTER_NAME.format(0), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
-            num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
-            max_concurrency=1000, resources=_ON_HEAD,
-        ).remote(controller, spec.router, token)
-        bound = ray.get(router.start.remote(host, port))
-        ray.get(controller.add_router.remote(ROUTER_NAME.format(0), router))
-        if host in ("0.0.0.0", "::", ""):  # say where clients can reach it
-            host = ray.get(router.node_ip.remote())
+        for i, where in enumerate(_router_placements(spec.router.nodes_resource)):
+            routers.append(ray.remote(Router).options(
+                name=ROUTER_NAME.format(i), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
+                num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
+                max_concurrency=1000, **where,
+            ).remote(controller, spec.router, token))
+        ports = ray.get([r.start.remote(host, port) for r in routers])
+        wildcard = host in ("0.0.0.0", "::", "")  # then say where clients can reach each one
+        ips = ray.get([r.node_ip.remote() for r in routers]) if wildcard else [host] * len(routers)
+        addresses = [f"{ip}:{p}" for ip, p in zip(ips, ports, strict=True)]
+        ray.get([controller.add_router.remote(ROUTER_NAME.format(i), r, a)
+                 for i, (r, a) in enumerate(zip(routers, addresses, strict=True))])
     except BaseException:
         ray.get(controller.shutdown.remote())
-        ray.kill(controller, no_restart=True)
+        for actor in [*routers, controller]:
+            ray.kill(actor, no_restart=True)
         raise
-    log.info("moefleet serving %s on %s:%d", spec.name, host, bound)
-    return Service(controller, [router], host, bound)
+    log.info("moefleet serving %s on %s", spec.name, ", ".join(addresses))
+    return Service(controller, routers, ips[0], ports[0], addresses)
+
+
+def _router_placements(nodes_resource: str) -> list[dict[str, Any]]:
+    """Ray options for each router: the head's, then one per other live node that offers
+    `nodes_resource` (pinned there)."""
+    head = [{"resources": _ON_HEAD}]
+    if not nodes_resource:
+        return head
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(nodes_resource, 0) > 0
+             and "node:__internal_head__" not in n["Resources"]]
+    return head + [{"scheduling_strategy": NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)}
+                   for n in nodes]
 
 
 def _start_controller(state_dir: str | None) -> Any:

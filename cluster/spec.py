@@ -155,6 +155,7 @@ class RouterConfig:
     transport: str = "ray"
     num_cpus: float = 1
     num_gpus: float = 0  # a router with a GPU computes the gating there
+    nodes_resource: str = ""  # besides the head's, a router on every node offering this resource
 
     def __post_init__(self):
         _check(self.max_batch_tokens >= 1, "router.max_batch_tokens must be >= 1")

@@ -129,12 +129,14 @@ class StatusRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("models", "hosts")
+    __slots__ = ("models", "hosts", "routers")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     hosts: _containers.RepeatedCompositeFieldContainer[HostStatus]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., hosts: _Optional[_Iterable[_Union[HostStatus, _Mapping]]] = ...) -> None: ...
+    routers: _containers.RepeatedCompositeFieldContainer[RouterStatus]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., hosts: _Optional[_Iterable[_Union[HostStatus, _Mapping]]] = ..., routers: _Optional[_Iterable[_Union[RouterStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "routing_version", "dtype", "hidden_size", "layers", "autoscaling", "latency_p50_s", "latency_p99_s", "requests_per_s")
@@ -187,6 +189,14 @@ class ReplicaStatus(_message.Message):
     host: str
     slot: int
     def __init__(self, host: _Optional[str] = ..., slot: _Optional[int] = ...) -> None: ...
+
+class RouterStatus(_message.Message):
+    __slots__ = ("name", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class HostStatus(_message.Message):
     __slots__ = ("id", "node_id", "node_ip", "device", "slots_total", "slots_used")
