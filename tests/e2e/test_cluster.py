@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -50,10 +51,10 @@ class _Cluster:
 
     def __init__(self, temp_dir: str):
         self.temp_dir, self.nodes, self.gcs = temp_dir, [], _free_port()
-        # token auth on every node and driver, as on a secured cluster (the token is Ray's own,
-        # ~/.ray/auth_token, made on first use)
+        # token auth on every node and driver, as on a secured cluster, with this cluster's
+        # own token (a bare machine has no ~/.ray/auth_token)
         self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                    "RAY_AUTH_MODE": "token"}
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     @property
     def address(self) -> str:
