@@ -42,11 +42,10 @@ from functools import partial
 import grpc
 import ray
 import torch
-from safetensors.torch import save
 
 from moefleet.client import Client
 from moefleet.cluster import placement, service
-from moefleet.cluster.model import Reference, VersionedReference
+from moefleet.cluster.model import Reference, VersionedReference, expert_file, random_expert
 from moefleet.cluster.spec import ModelSpec
 from moefleet.experts.reference import ExpertWeights
 
@@ -243,15 +242,8 @@ def replica_bound(load: dict, r: int, cap: int | None = None) -> float:
 def new_expert(spec: ModelSpec, seed: int) -> tuple[torch.Tensor, ExpertWeights, bytes]:
     """A random expert with a gate row NEW_ROW_SCALE times the spec's: (row [H], weights,
     the safetensors file AddExpert takes)."""
-    g = torch.Generator().manual_seed(seed)
-    h, inter = spec.moe.hidden_size, spec.moe.moe_intermediate_size
-    row = NEW_ROW_SCALE * torch.randn(h, generator=g) / h**0.5  # [H]
-    w = ExpertWeights(torch.randn(inter, h, generator=g) / h**0.5,  # w1 [I, H]
-                      torch.randn(h, inter, generator=g) / inter**0.5,  # w2 [H, I]
-                      torch.randn(inter, h, generator=g) / h**0.5)  # w3 [I, H]
-    data = save({"gate.weight": row[None], "gate_proj.weight": w.w1, "up_proj.weight": w.w3,
-                 "down_proj.weight": w.w2})
-    return row, w, data
+    row, _, w = random_expert(spec, seed, NEW_ROW_SCALE)  # this layer has no selection bias
+    return row, w, expert_file(row, w)
 
 
 def measure_add_remove(c: Client, spec: ModelSpec, s: Settings) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors.torch import save
 
 from moefleet.experts.reference import ExpertWeights, MoELayer
 from moefleet.experts.weights import RandomSource, SafetensorsSource
@@ -20,7 +21,8 @@ from moefleet.router.gating import Gate, route
 
 from .spec import ModelSpec
 
-__all__ = ["source_of", "source_args", "gate_of", "Reference", "VersionedReference"]
+__all__ = ["source_of", "source_args", "gate_of", "Reference", "VersionedReference",
+           "expert_file", "random_expert"]
 
 
 def source_args(spec: ModelSpec) -> dict[str, Any]:
@@ -52,6 +54,31 @@ def gate_of(spec: ModelSpec, layer: int) -> Gate:
         raise ValueError(f"layer {layer}: gate weight has shape {tuple(g.weight.shape)}, "
                          f"expected [{spec.moe.n_routed_experts}, {spec.moe.hidden_size}]")
     return Gate.dense(g.weight, g.bias, spec.moe.n_group)
+
+
+def expert_file(gate_row: torch.Tensor, w: ExpertWeights, bias: float | None = None) -> bytes:
+    """The safetensors file AddExpert takes (`moefleet add-expert --weights`): gate row [H],
+    optional selection bias, and the FFN in HF names (gate_proj = w1, up_proj = w3,
+    down_proj = w2). `registry.parse_new_expert` reads it back."""
+    tensors = {"gate.weight": gate_row[None].contiguous(), "gate_proj.weight": w.w1.contiguous(),
+               "up_proj.weight": w.w3.contiguous(), "down_proj.weight": w.w2.contiguous()}
+    if bias is not None:
+        tensors["gate.e_score_correction_bias"] = torch.tensor([bias])
+    return save(tensors)
+
+
+def random_expert(spec: ModelSpec, seed: int, gate_scale: float = 1.0
+                  ) -> tuple[torch.Tensor, float | None, ExpertWeights]:
+    """A new random expert for `spec`: (gate row [H], selection bias or None, weights). A
+    gate_scale > 1 makes tokens pick it more often than the spec's experts."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter = spec.moe.hidden_size, spec.moe.moe_intermediate_size
+    row = gate_scale * torch.randn(h, generator=g) / h**0.5  # [H]
+    w = ExpertWeights(torch.randn(inter, h, generator=g) / h**0.5,  # w1 [I, H]
+                      torch.randn(h, inter, generator=g) / inter**0.5,  # w2 [H, I]
+                      torch.randn(inter, h, generator=g) / h**0.5)  # w3 [I, H]
+    bias = 0.05 if spec.moe.topk_method == "noaux_tc" else None
+    return row, bias, w
 
 
 class Reference:

@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save
 
 from moefleet.client import Client
-from moefleet.cluster.model import VersionedReference
+from moefleet.cluster.model import VersionedReference, expert_file, random_expert
 from moefleet.cluster.spec import ModelSpec
 from moefleet.experts.reference import ExpertWeights
 
@@ -34,19 +33,8 @@ class NewExpert:
 
 def new_expert(spec: ModelSpec, seed: int, scale: float = 1.0) -> NewExpert:
     """A random expert for `spec`; `scale` grows its gate row so tokens pick it often."""
-    g = torch.Generator().manual_seed(seed)
-    h, inter = spec.moe.hidden_size, spec.moe.moe_intermediate_size
-    row = scale * torch.randn(h, generator=g) / h**0.5  # [H]
-    w = ExpertWeights(torch.randn(inter, h, generator=g) / h**0.5,  # w1 [I, H]
-                      torch.randn(h, inter, generator=g) / inter**0.5,  # w2 [H, I]
-                      torch.randn(inter, h, generator=g) / h**0.5)  # w3 [I, H]
-    tensors = {"gate.weight": row[None], "gate_proj.weight": w.w1, "up_proj.weight": w.w3,
-               "down_proj.weight": w.w2}
-    bias = None
-    if spec.moe.topk_method == "noaux_tc":
-        bias = 0.05
-        tensors["gate.e_score_correction_bias"] = torch.tensor([bias])
-    return NewExpert(row, bias, w, save(tensors))
+    row, bias, w = random_expert(spec, seed, scale)
+    return NewExpert(row, bias, w, expert_file(row, w, bias))
 
 
 @dataclass

@@ -20,9 +20,8 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference, VersionedReference
+from moefleet.cluster.model import Reference, VersionedReference, expert_file, random_expert
 from moefleet.cluster.spec import load_spec
-from moefleet.experts.reference import ExpertWeights
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,9 +94,7 @@ def elasticity(client: Client, spec) -> None:
     """While 2 threads keep sending requests: scale expert 0 of the first layer to 2 replicas,
     add a new expert, remove it, scale back. Every answer is checked against the reference of
     the routing version it reports."""
-    from safetensors.torch import save
-
-    layer, h, inter = spec.layers[0], spec.moe.hidden_size, spec.moe.moe_intermediate_size
+    layer, h = spec.layers[0], spec.moe.hidden_size
     ref, stop, lock = VersionedReference(spec), threading.Event(), threading.Lock()
     answers: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     failed = [0]
@@ -120,16 +117,10 @@ def elasticity(client: Client, spec) -> None:
     try:
         r = client.scale_expert(spec.name, layer, replicas=2, expert=0)
         print(f"elasticity: expert 0 of layer {layer} has 2 replicas from version {r.routing_version}")
-        g = torch.Generator().manual_seed(99)
-        new = ExpertWeights(torch.randn(inter, h, generator=g) / h**0.5,  # w1 [I, H]
-                            torch.randn(h, inter, generator=g) / inter**0.5,  # w2 [H, I]
-                            torch.randn(inter, h, generator=g) / h**0.5)  # w3 [I, H]
-        row = 2 * torch.randn(h, generator=g) / h**0.5  # [H], large: tokens pick it often
-        tensors = {"gate.weight": row[None], "gate_proj.weight": new.w1, "up_proj.weight": new.w3,
-                   "down_proj.weight": new.w2}
+        row, bias, new = random_expert(spec, seed=99, gate_scale=2.0)  # tokens pick it often
         grouped = spec.moe.n_group > 1 and spec.moe.topk_method != "greedy"
-        r = client.add_expert(spec.name, layer, save(tensors), group=0 if grouped else None)
-        bias = 0.0 if spec.moe.topk_method == "noaux_tc" else None
+        r = client.add_expert(spec.name, layer, expert_file(row, new, bias),
+                              group=0 if grouped else None)
         ref.added(r.routing_version, layer, r.expert, row, new, bias, group=0)
         print(f"elasticity: added expert {r.expert} to layer {layer} (version {r.routing_version})")
         time.sleep(1.0)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moefleet.cluster.registry import ExpertRecord, HostRecord, ModelRecord, check_removable
+from moefleet.cluster.model import expert_file, random_expert
+from moefleet.cluster.registry import ExpertRecord, HostRecord, ModelRecord, check_removable, parse_new_expert
 from moefleet.cluster.spec import ModelSpec, MoEConfig
-from moefleet.router.errors import FailedPrecondition, NotFound
+from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound
 from moefleet.router.gating import Gate, route
 from tests.specs import FAMILIES, family_spec
 
@@ -291,13 +292,16 @@ def test_removing_an_unknown_expert_raises_not_found() -> None:
         check_removable(model, 0, 1)
 
 
+@pytest.mark.parametrize("order", ["lowest_first", "highest_first"])
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_every_removal_check_accepts_leaves_a_layer_that_routes_to_k_present_experts(family: str) -> None:
-    # Remove group 0 first, then on up: the highest group is never emptied.
+def test_every_removal_check_accepts_leaves_a_layer_that_routes_to_k_present_experts(
+        family: str, order: str) -> None:
+    # lowest first: the highest group is never emptied. Highest first: groups 3, 2, 1 empty
+    # and only group 0 (4 experts, >= k) is left, fewer groups than topk_group = 2.
     spec = family_spec(family)
     model, _ = _model(spec, seed=9)
     x, k = _x(spec, seed=10), spec.moe.num_experts_per_tok
-    for e in range(16):
+    for e in (range(16) if order == "lowest_first" else range(15, -1, -1)):
         try:
             check_removable(model, 1, e)
         except FailedPrecondition:
@@ -308,18 +312,20 @@ def test_every_removal_check_accepts_leaves_a_layer_that_routes_to_k_present_exp
     assert len(model.experts[1]) == k  # it got down to exactly k experts
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_accepted_removals_of_the_highest_groups_leave_a_layer_that_routes(family: str) -> None:
-    # Remove from expert 15 down: groups 3 and 2 empty, then group 1 empties and only group 0
-    # (4 experts, >= k) is left, so check_removable accepts; G would be 1 < topk_group = 2.
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_an_expert_file_reads_back_as_the_row_bias_and_weights_written(family: str) -> None:
     spec = family_spec(family)
-    model, _ = _model(spec, seed=11)
-    x, k = _x(spec, seed=12), spec.moe.num_experts_per_tok
-    for e in range(15, -1, -1):
-        try:
-            check_removable(model, 1, e)
-        except FailedPrecondition:
-            continue
-        del model.experts[1][e]
-        ids = route(x, model.gate(1), spec.moe)[1].tolist()  # [T, K]
-        assert all(len(set(row)) == k and set(row) <= set(model.experts[1]) for row in ids)
+    row, bias, w = random_expert(spec, seed=31)
+    rec, got = parse_new_expert(spec, expert_file(row, w, bias), group=1 if spec.moe.n_group > 1 else None)
+    torch.testing.assert_close(rec.weight, row)
+    assert rec.bias == (pytest.approx(bias) if bias is not None else None)
+    for name in ("w1", "w2", "w3"):
+        torch.testing.assert_close(getattr(got, name), getattr(w, name))
+
+
+def test_an_expert_file_with_a_wrong_shape_names_the_tensor() -> None:
+    spec = family_spec("mixtral")
+    row, _, w = random_expert(spec, seed=32)
+    bad = type(w)(w.w1[:, :-1], w.w2, w.w3)
+    with pytest.raises(InvalidArgument, match=r"gate_proj.weight has shape \[48, 63\]"):
+        parse_new_expert(spec, expert_file(row, bad), None)
