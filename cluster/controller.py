@@ -23,7 +23,13 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from moefleet.router.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from moefleet.router.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 
 from . import autoscale, placement
 from .executor import Executor
@@ -127,10 +133,9 @@ class Controller:
             m = self._model(model)
             if replicas < 1:
                 raise InvalidArgument(f"replicas must be >= 1, got {replicas}")
-            keys = [(layer, expert)] if expert is not None else [
-                (layer, e) for e in sorted(m.experts.get(layer, {}))]
-            for k in keys:
-                m.expert(*k)
+            if expert is not None:
+                m.expert(layer, expert)  # NotFound for an unknown layer or expert
+            keys = [(layer, e) for e in sorted(m.layer(layer)) if expert in (None, e)]
             counts = {k: replicas for k in keys}
             m.target.update(counts)
             added, removed, _ = await self._exec.apply(m, counts)
@@ -143,9 +148,8 @@ class Controller:
         await self._ready()
         async with self._lock:
             m = self._model(model)
-            m.expert(layer, next(iter(m.experts.get(layer, {0: None}))))  # NotFound for the layer
             e = m.next_expert_id(layer) if expert is None else expert
-            if e in m.experts[layer]:
+            if e in m.layer(layer):  # also NotFound for an unknown layer
                 raise AlreadyExists(f"model {model!r} layer {layer} already has expert {e}")
             if e < 0:
                 raise InvalidArgument(f"expert ids are >= 0, got {e}")
@@ -192,7 +196,7 @@ class Controller:
             m = self._model(model)
             load = {k: m.load.get(k, 0.0) for k in m.keys()}
             if not any(load.values()):
-                raise ResourceExhausted(f"model {model!r} has no measured load yet to plan for")
+                raise FailedPrecondition(f"model {model!r} has no measured load yet to plan for")
             current = m.placement()
             capacity = self._exec.capacity(m)
             total = replicas or sum(len(v) for v in current.values())

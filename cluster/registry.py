@@ -118,11 +118,15 @@ class ModelRecord:
     def name(self) -> str:
         return self.spec.name
 
-    def expert(self, layer: int, expert: int) -> ExpertRecord:
+    def layer(self, layer: int) -> dict[int, ExpertRecord]:
+        """The layer's experts by id; NotFound for a layer the model does not have."""
         if layer not in self.experts:
             raise NotFound(f"model {self.name!r} has no MoE layer {layer}; "
                            f"layers: {sorted(self.experts)}")
-        if expert not in self.experts[layer]:
+        return self.experts[layer]
+
+    def expert(self, layer: int, expert: int) -> ExpertRecord:
+        if expert not in self.layer(layer):
             raise NotFound(f"model {self.name!r} layer {layer} has no expert {expert}; "
                            f"experts: {sorted(self.experts[layer])}")
         return self.experts[layer][expert]
@@ -146,7 +150,7 @@ class ModelRecord:
         return Gate(weight, torch.tensor(ids, dtype=torch.long), groups, bias)
 
     def next_expert_id(self, layer: int) -> int:
-        return max(self.experts[layer], default=-1) + 1
+        return max(self.layer(layer), default=-1) + 1
 
     # ---- journal ------------------------------------------------------------------------
 

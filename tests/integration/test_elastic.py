@@ -203,6 +203,7 @@ def test_bad_changes_get_clear_statuses_and_the_service_still_answers(running):
             (lambda: c.scale_expert(spec.name, 1, replicas=0, expert=1), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: c.scale_expert(spec.name, 1, replicas=99, expert=1), grpc.StatusCode.RESOURCE_EXHAUSTED),
             (lambda: c.scale_expert("nope", 1, replicas=2), grpc.StatusCode.NOT_FOUND),
+            (lambda: c.scale_expert(spec.name, 2, replicas=2), grpc.StatusCode.NOT_FOUND),
         ]
         for call, code in cases:
             with pytest.raises(grpc.RpcError) as err:

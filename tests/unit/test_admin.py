@@ -68,6 +68,8 @@ def _status() -> dict[str, Any]:
             {"id": "tiny-host-1", "node_id": "cd" * 28, "node_ip": "10.0.0.2", "device": "cuda:0",
              "slots_total": 64, "slots_used": 2},
         ],
+        "routers": [{"name": "moefleet-router-0", "address": "10.0.0.1:50051"},
+                    {"name": "moefleet-router-1", "address": "10.0.0.2:50051"}],
     }
 
 
@@ -139,4 +141,5 @@ def test_host_keys_outside_host_status_are_dropped_and_the_rest_kept() -> None:
 
 
 def test_an_empty_status_converts_to_empty_lists() -> None:
-    assert status_from_proto(status_to_proto({"models": [], "hosts": []})) == {"models": [], "hosts": []}
+    empty = {"models": [], "hosts": [], "routers": []}
+    assert status_from_proto(status_to_proto(empty)) == empty
