@@ -69,7 +69,7 @@ class _Job:
     """One host call: rows x go to hosts[host] as `batch`; their results land at y[pos]."""
 
     host: int
-    pos: torch.Tensor  # [n] positions among the request's dispatched rows
+    pos: slice | torch.Tensor  # its rows among the request's: a range at first, [n] on retry
     x: torch.Tensor  # [n, H]
     batch: HostBatch
 
@@ -155,8 +155,7 @@ class Engine:
             self._count(model, layer, ids)
             rows = x.to(st.dtype)[p.tokens(st.cfg.num_experts_per_tok)]  # [N, H] on the CPU
             y = torch.empty(rows.shape, dtype=torch.float32, device=self.device)  # [N, H]
-            jobs = [_Job(b.host, torch.arange(b.start, b.end), rows[b.start:b.end], b)
-                    for b in p.batches]
+            jobs = [_Job(b.host, slice(b.start, b.end), rows[b.start:b.end], b) for b in p.batches]
             out, failed = await self._run(st, jobs, y, gone, lambda: self._shared(xd, ls.shared))
             while failed.numel():  # each round loses >= 1 host, so this ends
                 jobs = self._replan(st, layer, ids[p.order[failed]], failed, rows, gone)
@@ -180,7 +179,7 @@ class Engine:
             if isinstance(r, HostGone):
                 self._mark_dead(st.host_ids[j.host])
                 gone.add(j.host)
-                failed.append(j.pos)
+                failed.append(torch.arange(y.shape[0])[j.pos])
             elif isinstance(r, BaseException):
                 error = error or r
             else:
