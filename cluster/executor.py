@@ -62,7 +62,7 @@ class Executor:
         }
 
     async def apply(self, m: ModelRecord, counts: dict[Key, int],
-                     before_publish=None) -> tuple[int, int, int]:
+                    before_publish=None) -> tuple[int, int, int]:
         """Bring the experts in `counts` to those replica counts; start hosts when slots run
         out (up to hosts.max_count). Returns what `execute` returns."""
         load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
@@ -152,15 +152,20 @@ class Executor:
                     else host.handle.load_source.remote(slot, *mv.key, source_args(m.spec)))
             jobs.append((mv, slot, call))
         results = await asyncio.gather(*(c for _, _, c in jobs), return_exceptions=True)
-        loaded = []
+        loaded, error = [], None
         for (mv, slot, _), r in zip(jobs, results, strict=True):
             if isinstance(r, BaseException):
                 log.warning("loading %s into %s slot %d failed: %s", mv.key, mv.host, slot, r)
                 self.hosts[mv.host].slots.pop(slot, None)
-                if isinstance(r, RayActorError):
-                    continue  # the loop notices the lost host
-                raise r
+                if not isinstance(r, RayActorError):  # a lost host is the loop's business
+                    error = error or r
+                continue
             loaded.append((mv.key, mv.host, slot))
+        if error is not None:  # nothing of this batch is published: give its slots back
+            for _, host_id, slot in loaded:
+                self.hosts[host_id].slots.pop(slot, None)
+                self.hosts[host_id].handle.free.remote(slot)
+            raise error
         return loaded
 
     def _unpublish(self, m: ModelRecord, mv: placement.Move) -> tuple[str, int] | None:

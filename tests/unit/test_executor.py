@@ -26,6 +26,13 @@ class _Method:
         return _Done(self._result)
 
 
+class _Failing:
+    """A result that makes the call fail when awaited."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
 class _Done:
     """Awaitable like an ObjectRef, and harmless when never awaited (fire and forget)."""
 
@@ -33,6 +40,8 @@ class _Done:
         self._result = result
 
     def __await__(self):
+        if isinstance(self._result, _Failing):
+            raise self._result.error
         return self._result
         yield  # a generator: awaiting it returns at once
 
@@ -124,3 +133,14 @@ def test_a_swap_between_full_hosts_still_completes():
     added, removed, _ = asyncio.run(ex.execute(m, moves))
     assert (added, removed) == (2, 2)
     assert m.replicas == {(1, 0): [("B", 0)], (1, 2): [("A", 0)]}
+
+
+def test_a_failed_load_gives_back_every_slot_of_its_batch_and_publishes_nothing():
+    ex, m, hosts, log = _setup({"A": 4, "B": 4}, {(1, 0): [("A", 0)]})
+    hosts["B"].handle = _Actor(log, "B", load_source=_Failing(ValueError("bad weights")))
+    moves = [Move("add", (1, 1), "A"), Move("add", (1, 2), "B")]
+    with pytest.raises(ValueError, match="bad weights"):
+        asyncio.run(ex.execute(m, moves))
+    assert hosts["A"].slots == {0: (1, 0)} and hosts["B"].slots == {}
+    assert ("A.free", 1) in log and _versions(log) == []
+    assert m.replicas == {(1, 0): [("A", 0)]}
