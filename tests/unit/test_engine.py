@@ -469,13 +469,19 @@ class _HeldFleet:
         await asyncio.wait_for(wait(), 5.0)
 
 
+def _held(state: ModelState) -> tuple[Engine, _HeldFleet]:
+    """An engine whose host calls wait until the test releases them."""
+    fleet = _HeldFleet()
+    engine = Engine(fleet, device="cpu")
+    engine.install(state)
+    return engine, fleet
+
+
 def test_outstanding_rows_steer_a_concurrent_single_row_to_the_other_replica() -> None:
     cfg = MoEConfig(hidden_size=H, moe_intermediate_size=INTER, n_routed_experts=E,
                     num_experts_per_tok=1)
     state, reference, gate = _build(cfg, layout=_everywhere)
-    fleet = _HeldFleet()
-    engine = Engine(fleet, device="cpu")
-    engine.install(state)
+    engine, fleet = _held(state)
     x1, x2 = _x(1, seed=240), _x(1, seed=241)
 
     async def main():
@@ -501,9 +507,7 @@ def test_outstanding_rows_steer_a_concurrent_single_row_to_the_other_replica() -
 def test_outstanding_holds_every_dispatched_row_until_its_host_answers() -> None:
     cfg = _cfg("olmoe")  # K = 3
     state, _, _ = _build(cfg, layout=_two_replicas)
-    fleet = _HeldFleet()
-    engine = Engine(fleet, device="cpu")
-    engine.install(state)
+    engine, fleet = _held(state)
 
     async def main():
         running = asyncio.create_task(engine.forward("m", LAYER, _x(20, seed=250)))
@@ -543,9 +547,7 @@ def test_take_load_counts_the_rows_routed_to_each_expert_and_starts_afresh() -> 
 def test_wait_drained_is_false_while_an_older_version_runs_and_true_once_it_ends() -> None:
     cfg = _cfg("mixtral")
     old, _, _ = _build(cfg, version=1)
-    fleet = _HeldFleet()
-    engine = Engine(fleet, device="cpu")
-    engine.install(old)
+    engine, fleet = _held(old)
 
     async def main():
         running = asyncio.create_task(engine.forward("m", LAYER, _x(5, seed=270)))
@@ -574,9 +576,7 @@ def test_wait_drained_is_true_at_once_when_nothing_runs(served: tuple) -> None:
 def test_a_request_on_the_new_version_does_not_hold_up_draining_the_old_ones() -> None:
     cfg = _cfg("mixtral")
     state, _, _ = _build(cfg, version=2)
-    fleet = _HeldFleet()
-    engine = Engine(fleet, device="cpu")
-    engine.install(state)
+    engine, fleet = _held(state)
 
     async def main():
         running = asyncio.create_task(engine.forward("m", LAYER, _x(5, seed=280)))
