@@ -33,6 +33,7 @@ from moefleet.router.errors import (
 
 from . import autoscale, placement
 from .executor import Executor
+from .hosts import NAMESPACE
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .registry import (
@@ -376,14 +377,14 @@ class Controller:
             return
         for h in state["hosts"]:
             try:
-                handle = ray.get_actor(h["id"], namespace="moefleet")
+                handle = ray.get_actor(h["id"], namespace=NAMESPACE)
             except ValueError:
                 continue  # gone while the Controller was down: its replicas are dropped below
             self._hosts[h["id"]] = HostRecord(h["id"], h["model"], handle, h["info"],
                                               {s: (L, e) for s, L, e in h["slots"]})
         for name, address in state["routers"].items():
             try:
-                self._routers[name] = ray.get_actor(name, namespace="moefleet")
+                self._routers[name] = ray.get_actor(name, namespace=NAMESPACE)
                 self._router_addresses[name] = address
             except ValueError:
                 pass

@@ -39,8 +39,9 @@ def new_expert(spec: ModelSpec, seed: int, scale: float = 1.0) -> NewExpert:
 
 @dataclass
 class LoadResult:
+    # (layer, x, y, version) of every answer, and every failure
     answers: list[tuple[int, torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
-    errors: list[Exception] = field(default_factory=list)  # (layer, x, y, version) above
+    errors: list[Exception] = field(default_factory=list)
 
 
 def run_load(address: str, spec: ModelSpec, stop: threading.Event, threads: int = 4,
