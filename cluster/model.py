@@ -15,20 +15,23 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from moefleet.experts.checkpoint import CheckpointSource
 from moefleet.experts.reference import ExpertWeights, MoELayer
-from moefleet.experts.weights import RandomSource, SafetensorsSource
+from moefleet.experts.weights import DTYPES, RandomSource, SafetensorsSource, source_from
 from moefleet.router.gating import Gate, route
 
 from .spec import ModelSpec
 
-__all__ = ["source_of", "source_args", "gate_of", "Reference", "VersionedReference",
-           "expert_file", "random_expert"]
+__all__ = ["source_of", "source_args", "check_source", "expert_nbytes", "gate_of", "Reference",
+           "VersionedReference", "expert_file", "random_expert"]
 
 
 def source_args(spec: ModelSpec) -> dict[str, Any]:
     """The weight source as plain data, to send to hosts: each host reads its own experts."""
     if spec.weights.safetensors:
         return {"safetensors": {"path": spec.weights.safetensors, "dtype": spec.dtype}}
+    if spec.weights.checkpoint:
+        return {"checkpoint": {"path": spec.weights.checkpoint, "dtype": spec.dtype}}
     cfg = spec.moe
     return {"random": {
         "seed": int(spec.weights.random.get("seed", 0)),
@@ -42,9 +45,21 @@ def source_args(spec: ModelSpec) -> dict[str, Any]:
     }}
 
 
-def source_of(spec: ModelSpec) -> RandomSource | SafetensorsSource:
-    (kind, args), = source_args(spec).items()
-    return RandomSource(**args) if kind == "random" else SafetensorsSource(**args)
+def source_of(spec: ModelSpec) -> RandomSource | SafetensorsSource | CheckpointSource:
+    return source_from(source_args(spec))
+
+
+def check_source(spec: ModelSpec) -> None:
+    """Validate the spec's weights before anything loads: for a checkpoint, every key and
+    shape its layers need, from the files' headers (a CheckpointError names what is wrong)."""
+    src = source_of(spec)
+    if isinstance(src, CheckpointSource):
+        src.check(spec.layers)
+
+
+def expert_nbytes(spec: ModelSpec) -> int:
+    """One routed expert's weights in the served dtype: w1, w2, w3 of [I, H]."""
+    return 3 * spec.moe.hidden_size * spec.moe.moe_intermediate_size * DTYPES[spec.dtype].itemsize
 
 
 def gate_of(spec: ModelSpec, layer: int) -> Gate:

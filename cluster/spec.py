@@ -3,11 +3,15 @@
 `MoEConfig` uses the field names of HF `config.json`, so a block copied from a checkpoint's
 config works as is. Everything here is plain data: no Ray, no torch, no grpc.
 
+A spec whose weights are an HF checkpoint directory (`weights: {checkpoint: DIR}`) may leave
+out `name` (the directory's name), `layers` (every MoE layer), `moe` and `dtype` (the stored
+one): they come from its `config.json`. Whatever it does give must agree with that file.
+
     name: tiny
     layers: [0, 1]
     dtype: float32
     moe: {hidden_size: 64, moe_intermediate_size: 96, n_routed_experts: 8, ...}
-    weights: {random: {seed: 0}}          # or {safetensors: path/to/file.safetensors}
+    weights: {random: {seed: 0}}          # or {safetensors: FILE} or {checkpoint: HF_DIR}
     hosts: {count: 2, num_cpus: 1, num_gpus: 0, slots: 16, max_count: 4}
     router: {max_batch_tokens: 4096, max_wait_ms: 2.0, ...}
     autoscaling: {enabled: true, target_tokens_per_s: 2000, min_replicas: 1, ...}
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ __all__ = [
     "ModelSpec",
     "SpecError",
     "load_spec",
+    "spec_for_checkpoint",
     "DTYPES",
 ]
 
@@ -111,14 +117,17 @@ class MoEConfig:
 
 @dataclass
 class WeightsSource:
-    """Exactly one of: `random` ({seed: int}) or `safetensors` (a path, HF per-expert naming)."""
+    """Exactly one of: `random` ({seed: int}), `safetensors` (one file, HF per-expert naming
+    under `model.layers.{L}.mlp`) or `checkpoint` (an HF checkpoint directory)."""
 
     random: dict[str, int] | None = None
     safetensors: str | None = None
+    checkpoint: str | None = None
 
     def __post_init__(self):
-        _check((self.random is None) != (self.safetensors is None),
-               "weights: give exactly one of `random: {seed: N}` or `safetensors: PATH`")
+        given = [x for x in (self.random, self.safetensors, self.checkpoint) if x is not None]
+        _check(len(given) == 1, "weights: give exactly one of `random: {seed: N}`, `safetensors: FILE` "
+                                "or `checkpoint: DIR`")
 
 
 @dataclass
@@ -156,9 +165,11 @@ class RouterConfig:
     num_cpus: float = 1
     num_gpus: float = 0  # a router with a GPU computes the gating there
     nodes_resource: str = ""  # besides the head's, a router on every node offering this resource
+    start_timeout_s: float = 60.0  # how long a router may wait for a node before giving up
 
     def __post_init__(self):
         _check(self.max_batch_tokens >= 1, "router.max_batch_tokens must be >= 1")
+        _check(self.start_timeout_s > 0, "router.start_timeout_s must be > 0")
         _check(self.max_wait_ms >= 0, "router.max_wait_ms must be >= 0")
         _check(self.transport == "ray", "router.transport: only 'ray' is implemented")
 
@@ -183,9 +194,12 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         d = dict(d)
-        _check("moe" in d and "weights" in d, "spec needs `moe` and `weights` sections")
-        d["moe"] = MoEConfig.from_dict(d["moe"])
+        _check("weights" in d, "spec needs a `weights` section")
         d["weights"] = _build(WeightsSource, d["weights"], "weights")
+        if d["weights"].checkpoint:
+            _fill_from_checkpoint(d, d["weights"].checkpoint)
+        _check("moe" in d, "spec needs a `moe` section (or `weights: {checkpoint: DIR}`)")
+        d["moe"] = MoEConfig.from_dict(d["moe"])
         d["hosts"] = _build(HostsConfig, d.get("hosts", {}), "hosts")
         d["router"] = _build(RouterConfig, d.get("router", {}), "router")
         d["autoscaling"] = _build(AutoscalingConfig, d.get("autoscaling", {}), "autoscaling")
@@ -195,16 +209,60 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
 
-def load_spec(path: str | Path) -> ModelSpec:
-    """Read a YAML or JSON spec file. Relative weight paths resolve against the file."""
+def load_spec(path: str | Path, **overrides: Any) -> ModelSpec:
+    """Read a YAML or JSON spec file, with top-level `overrides` (name=..., dtype=...).
+    Relative weight paths resolve against the file."""
     path = Path(path)
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     _check(isinstance(data, dict), f"{path}: expected a mapping at the top level")
-    spec = ModelSpec.from_dict(data)
-    if spec.weights.safetensors and not Path(spec.weights.safetensors).is_absolute():
-        spec.weights.safetensors = str((path.parent / spec.weights.safetensors).resolve())
+    data.update(overrides)
+    weights = data.get("weights")
+    if isinstance(weights, dict):
+        data["weights"] = {k: str((path.parent / v).resolve())
+                           if k in ("safetensors", "checkpoint") and isinstance(v, str) else v
+                           for k, v in weights.items()}
+    return ModelSpec.from_dict(data)
+
+
+def spec_for_checkpoint(checkpoint: str | Path, name: str | None = None, dtype: str | None = None,
+                        num_hosts: int = 1) -> ModelSpec:
+    """A spec serving every MoE layer of an HF checkpoint directory on `num_hosts` hosts, with
+    slots for a quarter more replicas than it has experts."""
+    d: dict[str, Any] = {"weights": {"checkpoint": str(Path(checkpoint).resolve())}}
+    d.update({k: v for k, v in (("name", name), ("dtype", dtype)) if v is not None})
+    spec = ModelSpec.from_dict(d)
+    experts = len(spec.layers) * spec.moe.n_routed_experts
+    spec.hosts = _build(HostsConfig, {"count": num_hosts, "slots": math.ceil(1.25 * experts / num_hosts)},
+                        "hosts")
     return spec
+
+
+def _fill_from_checkpoint(d: dict[str, Any], checkpoint: str) -> None:
+    """Complete spec dict `d` from the checkpoint's config.json; what `d` gives must agree."""
+    from moefleet.experts.hf_config import CheckpointError, read_config
+
+    try:
+        hf = read_config(checkpoint)
+    except CheckpointError as e:
+        raise SpecError(str(e)) from None
+    d.setdefault("name", Path(checkpoint).resolve().name)
+    d.setdefault("layers", list(hf.moe_layers))
+    _check(isinstance(d["layers"], list), "layers: expected a list of layer indices")
+    dense = [L for L in d["layers"] if L not in hf.moe_layers]
+    _check(not dense, f"layers {dense} are not MoE layers of {checkpoint} (its MoE layers: {hf.moe_layers})")
+    derived = MoEConfig.from_dict(hf.moe)
+    if "moe" in d:
+        _check(isinstance(d["moe"], dict), "moe: expected a mapping")
+        given = {("n_routed_experts" if k in _N_EXPERTS_ALIASES else k): v for k, v in d["moe"].items()}
+        wrong = [f"{k} is {v!r} but {checkpoint}/config.json gives {getattr(derived, k, None)!r}"
+                 for k, v in given.items() if v != getattr(derived, k, None)]
+        _check(not wrong, "moe: " + "; ".join(wrong))
+    d["moe"] = hf.moe
+    if "dtype" not in d:
+        _check(hf.dtype in DTYPES, f"{checkpoint} stores {hf.dtype or 'an unstated dtype'}: give `dtype` "
+                                   f"(one of {DTYPES}) to say what to serve in")
+        d["dtype"] = hf.dtype
 
 
 def _build(cls, d: Any, where: str):

@@ -11,16 +11,19 @@ Knows nothing of gating, routing tables or gRPC.
 
 from __future__ import annotations
 
+import json
 import math
+import socket
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from .hf_config import CheckpointError
 from .kernels import grouped_swiglu
 from .reference import ExpertWeights
-from .weights import DTYPES, RandomSource, SafetensorsSource
+from .weights import DTYPES, source_from
 
 __all__ = ["ExpertHost", "to_wire", "from_wire"]
 
@@ -62,6 +65,7 @@ class ExpertHost:
         self.slots: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
         self.w13: torch.Tensor | None = None  # [S, 2I, H]
         self.w2: torch.Tensor | None = None  # [S, H, I]
+        self._sources: dict[str, Any] = {}  # weight sources by their description
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -84,11 +88,16 @@ class ExpertHost:
         self.slots[slot] = (layer, expert)
 
     def load_source(self, slot: int, layer: int, expert: int, source: dict[str, Any]) -> None:
-        """Load from a weight source described as data: {"random": {...}} or
-        {"safetensors": {"path": ..., "dtype": ...}}; the host reads only this expert."""
-        (kind, args), = source.items()
-        src = RandomSource(**args) if kind == "random" else SafetensorsSource(**args)
-        self.load(slot, layer, expert, src.expert(layer, expert))
+        """Load from a weight source described as data (`weights.source_from`); the host reads
+        only this expert. A checkpoint it cannot read is a CheckpointError naming this host."""
+        key = json.dumps(source, sort_keys=True)
+        if key not in self._sources:  # keeps a checkpoint's tensor index between loads
+            self._sources[key] = source_from(source)
+        try:
+            w = self._sources[key].expert(layer, expert)
+        except CheckpointError as e:
+            raise CheckpointError(f"host {self.host_id} on {socket.gethostname()}: {e}") from None
+        self.load(slot, layer, expert, w)
 
     def free(self, slot: int) -> None:
         self.slots.pop(slot, None)
@@ -116,8 +125,10 @@ class ExpertHost:
     def _allocate(self, w: ExpertWeights) -> None:
         inter, h = w.w1.shape
         kw = {"dtype": w.w1.dtype, "device": self.device}
-        self.w13 = torch.zeros(self.num_slots, 2 * inter, h, **kw)
-        self.w2 = torch.zeros(self.num_slots, h, inter, **kw)
+        # uninitialised: a slot is only ever read after `load` wrote it (`run` checks), and
+        # zeroing would touch every page once more before loading touches it again
+        self.w13 = torch.empty(self.num_slots, 2 * inter, h, **kw)
+        self.w2 = torch.empty(self.num_slots, h, inter, **kw)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

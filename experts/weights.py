@@ -1,5 +1,5 @@
 """Where an MoE layer's weights come from: a deterministic random source, or a safetensors
-file in HF's per-expert naming.
+file in HF's per-expert naming (an HF checkpoint directory is `checkpoint.py`'s).
 
     model.layers.{L}.mlp.gate.weight                        [E, H]
     model.layers.{L}.mlp.gate.e_score_correction_bias       [E]      (noaux_tc models)
@@ -17,13 +17,14 @@ its own experts. Knows nothing of gating or of where experts run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .reference import ExpertWeights, SharedExperts
 
-__all__ = ["GateWeights", "RandomSource", "SafetensorsSource", "DTYPES"]
+__all__ = ["GateWeights", "RandomSource", "SafetensorsSource", "DTYPES", "source_from"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,3 +126,14 @@ class SafetensorsSource:
         if key not in keys:
             raise KeyError(f"{self.path}: missing tensor {key!r}")
         return f.get_tensor(key).to(DTYPES[self.dtype])
+
+
+def source_from(args: dict[str, Any]):
+    """A weight source from its description as data: {"random": {...}}, {"safetensors": {...}}
+    or {"checkpoint": {"path": DIR, "dtype": ...}}."""
+    (kind, kw), = args.items()
+    if kind == "checkpoint":
+        from .checkpoint import CheckpointSource  # it builds on this module
+
+        return CheckpointSource(**kw)
+    return {"random": RandomSource, "safetensors": SafetensorsSource}[kind](**kw)

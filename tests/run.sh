@@ -8,7 +8,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch==2.13.0 is the CPU build on these machines; the constraints pin the one combination
 # of protobuf / grpc health+reflection that ray.serve and tritonclient share (see the file).
-.venv/bin/pip install -q -c tests/constraints.txt torch==2.13.0 -e '.[test]'
+.venv/bin/pip install -q -c tests/constraints.txt torch==2.13.0 -e '.[test,hf]'
 
 # A second, tiny environment proves the generated protos also load on protobuf 7.
 python3 -m venv .venv-proto7
