@@ -60,7 +60,15 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+              help="Serve this HF checkpoint directory (config.json + safetensors) instead of a SPEC.")
+@click.option("--name", default=None, help="Served model name (default: the spec's, or the "
+              "checkpoint directory's name).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Serve in this dtype (default: the spec's, or the checkpoint's stored one).")
+@click.option("--hosts", "num_hosts", type=click.IntRange(min=1), default=None,
+              help="Expert hosts to start (with --checkpoint; default 1).")
 @click.option("--port", default=50051, show_default=True, help="gRPC port (0 = any free port).")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
 @click.option("--address", default="local", show_default=True,
@@ -72,26 +80,28 @@ def main() -> None:
               help="Where the Controller journals its registry (default: a folder under ~/.moefleet).")
 @click.option("--detach", is_flag=True,
               help="Start the service on the cluster and return; it outlives this shell.")
-def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | None,
+def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype: str | None,
+          num_hosts: int | None, port: int, host: str, address: str, num_cpus: int | None,
           token: str | None, state_dir: str | None, detach: bool) -> None:
-    """Start the service for SPEC and serve until SIGINT/SIGTERM (or, with --detach, return)."""
+    """Start the service for SPEC (or an HF --checkpoint) and serve until SIGINT/SIGTERM (or,
+    with --detach, return)."""
     from moefleet.router.errors import MoefleetError
 
     from .service import connect_ray, start
-    from .spec import SpecError, load_spec
 
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        raise click.UsageError(f"{spec_path}: {e}") from None
+    spec = _serve_spec(spec_path, checkpoint, name, dtype, num_hosts)
     if detach and address == "local":
         raise click.UsageError("--detach needs a running cluster (--address auto or HOST:PORT): "
                                "an embedded local Ray ends with this process")
+    bar = _LoadBar(spec.name)
     try:
         connect_ray(address, num_cpus)
-        svc = start(spec, port=port, host=host, detached=detach, token=token, state_dir=state_dir)
-    except (ConnectionError, RuntimeError, MoefleetError) as e:
-        raise click.ClickException(str(e)) from None
+        svc = start(spec, port=port, host=host, detached=detach, token=token, state_dir=state_dir,
+                    on_progress=bar)
+    except (ConnectionError, RuntimeError, ValueError, MoefleetError) as e:
+        bar.close()
+        raise click.ClickException(str(getattr(e, "cause", None) or e)) from None
+    bar.close(done=True)
     click.echo(f"moefleet: serving model {spec.name!r} (layers {spec.layers}) on "
                f"{', '.join(svc.addresses)}", err=True)
     click.echo(svc.address)  # the address alone on stdout, for scripts
@@ -106,6 +116,55 @@ def serve(spec_path: str, port: int, host: str, address: str, num_cpus: int | No
     import ray
 
     ray.shutdown()
+
+
+def _serve_spec(spec_path: str | None, checkpoint: str | None, name: str | None, dtype: str | None,
+                num_hosts: int | None):
+    """The spec `serve` runs: a SPEC file, or one made from an HF checkpoint directory, with
+    the command line's overrides."""
+    from .spec import SpecError, load_spec, spec_for_checkpoint
+
+    if (spec_path is None) == (checkpoint is None):
+        raise click.UsageError("give a SPEC file or --checkpoint DIR (exactly one)")
+    if num_hosts is not None and checkpoint is None:
+        raise click.UsageError("--hosts goes with --checkpoint; a SPEC sets hosts.count itself")
+    try:
+        if checkpoint is not None:
+            return spec_for_checkpoint(checkpoint, name=name, dtype=dtype, num_hosts=num_hosts or 1)
+        return load_spec(spec_path, **{k: v for k, v in (("name", name), ("dtype", dtype)) if v is not None})
+    except SpecError as e:
+        raise click.UsageError(f"{spec_path or checkpoint}: {e}") from None
+
+
+class _LoadBar:
+    """The serve command's progress line while experts load: a bar, replicas, bytes, time.
+    Redrawn in place on a terminal; elsewhere only the final line is printed."""
+
+    def __init__(self, name: str, width: int = 30):
+        self._name, self._width = name, width
+        self._tty = sys.stderr.isatty()
+        self._last: dict[str, Any] | None = None
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        self._last = p
+        if self._tty:
+            sys.stderr.write("\r" + self._line(p))
+            sys.stderr.flush()
+
+    def close(self, done: bool = False) -> None:
+        if self._tty and self._last is not None:
+            sys.stderr.write("\n")
+        if done and self._last is not None:
+            p = self._last
+            rate = p["bytes"] / max(p["elapsed_s"], 1e-9) / 1e9
+            click.echo(f"moefleet: loaded {p['loaded']} expert replicas of {self._name!r}, "
+                       f"{p['bytes'] / 1e9:.3f} GB in {p['elapsed_s']:.1f} s ({rate:.2f} GB/s)", err=True)
+
+    def _line(self, p: dict[str, Any]) -> str:
+        filled = self._width * p["loaded"] // max(p["total"], 1)
+        bar = "#" * filled + "-" * (self._width - filled)
+        return (f"loading [{bar}] {p['loaded']}/{p['total']} experts  "
+                f"{p['bytes'] / 1e9:.2f}/{p['total_bytes'] / 1e9:.2f} GB  {p['elapsed_s']:.1f} s")
 
 
 @main.command()

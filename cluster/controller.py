@@ -36,6 +36,7 @@ from .executor import Executor
 from .hosts import NAMESPACE
 from .journal import Journal
 from .metrics import ControllerMetrics
+from .model import check_source, expert_nbytes
 from .registry import (
     HostRecord,
     Key,
@@ -63,10 +64,12 @@ class Controller:
         self._router_addresses: dict[str, str] = {}  # actor name -> HOST:PORT
         self._weights: dict[tuple[str, int, int], Any] = {}  # added experts' FFN weights (refs)
         self._policy: dict[str, autoscale.PolicyState] = {}
+        self._deploys: dict[str, tuple[float, int, int]] = {}  # model -> (start, replicas, bytes each)
         self._journal = Journal(state_dir) if state_dir else None
         self._tick_s = tick_s
         self._lock: asyncio.Lock | None = None
         self._loop_task: asyncio.Task | None = None
+        self._setup: asyncio.Task | None = None
         self._last_poll = time.monotonic()
         self._metrics = ControllerMetrics()
         self._exec = Executor(self._hosts, self._routers, self._weights, self._save, self._metrics)
@@ -82,13 +85,29 @@ class Controller:
         async with self._lock:
             if spec.name in self._models:
                 raise AlreadyExists(f"model {spec.name!r} is already served")
+            await asyncio.to_thread(check_source, spec)  # a bad checkpoint fails before any load
             m = ModelRecord.from_spec(spec)
-            self._models[spec.name] = m
-            await asyncio.gather(*(self._exec.start_host(m) for _ in range(spec.hosts.count)))
             counts = {k: max(1, m.autoscaling.min_replicas) for k in m.keys()}
+            self._deploys[spec.name] = (time.monotonic(), sum(counts.values()), expert_nbytes(spec))
+            self._models[spec.name] = m
+            # every start runs to its end (a host that cannot be placed ends itself) before
+            # the first failure is raised, so none is left pending when the caller gives up
+            started = await asyncio.gather(*(self._exec.start_host(m) for _ in range(spec.hosts.count)),
+                                           return_exceptions=True)
+            for r in started:
+                if isinstance(r, BaseException):
+                    raise r
             m.target.update(counts)
             await self._exec.apply(m, counts)
             return m.version
+
+    async def load_progress(self, name: str) -> dict[str, Any]:
+        """How far the deploy of model `name` is: replicas loaded of total, their bytes (in
+        the served dtype) and the seconds since it began. Answers while `deploy` runs."""
+        t0, total, nbytes = self._deploys.get(name, (time.monotonic(), 0, 0))
+        loaded = min(self._exec.loaded.get(name, 0), total)
+        return {"loaded": loaded, "total": total, "bytes": loaded * nbytes, "total_bytes": total * nbytes,
+                "elapsed_s": time.monotonic() - t0}
 
     async def add_router(self, name: str, handle: Any, address: str = "") -> None:
         await self._ready()
@@ -278,13 +297,18 @@ class Controller:
     # ---- the background loop ---------------------------------------------------------------
 
     async def _ready(self) -> None:
-        """Set up what needs the actor's event loop; restore the journal after a restart."""
+        """Set up what needs the actor's event loop; restore the journal after a restart.
+        Every call waits until that is done, so no answer describes a half-restored state."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-            if self._restore:
-                async with self._lock:
-                    await self._restore_journal()
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+            self._setup = asyncio.get_running_loop().create_task(self._set_up())
+        await asyncio.shield(self._setup)
+
+    async def _set_up(self) -> None:
+        if self._restore:
+            async with self._lock:
+                await self._restore_journal()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
         while True:

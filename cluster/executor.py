@@ -44,6 +44,7 @@ class Executor:
         self.hosts, self.routers, self.weights = hosts, routers, weights
         self._save = save
         self._metrics = metrics
+        self.loaded: dict[str, int] = {}  # model -> replicas loaded so far (for progress)
 
     def model_state(self, m: ModelRecord) -> dict[str, Any]:
         """What a router needs for one version: spec, gates, shared experts, replicas by host
@@ -141,6 +142,11 @@ class Executor:
                         m.name, sorted({mv.key for mv in later}))
         return now, later
 
+    async def _counted(self, model: str, call: Any) -> Any:
+        result = await call
+        self.loaded[model] = self.loaded.get(model, 0) + 1
+        return result
+
     async def _load(self, m: ModelRecord, adds: list[placement.Move]) -> list[tuple[Key, str, int]]:
         """Load each add into a reserved slot, all at once; return the loaded ones."""
         jobs = []
@@ -151,7 +157,8 @@ class Executor:
             call = (host.handle.load.remote(slot, *mv.key, ref) if ref is not None
                     else host.handle.load_source.remote(slot, *mv.key, source_args(m.spec)))
             jobs.append((mv, slot, call))
-        results = await asyncio.gather(*(c for _, _, c in jobs), return_exceptions=True)
+        results = await asyncio.gather(*(self._counted(m.name, c) for _, _, c in jobs),
+                                       return_exceptions=True)
         loaded, error = [], None
         for (mv, slot, _), r in zip(jobs, results, strict=True):
             if isinstance(r, BaseException):

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ CONTROLLER_NAME = "moefleet-controller"
 # expert hosts go wherever their resources are.
 _ON_HEAD = {"node:__internal_head__": 0.001}
 ROUTER_NAME = "moefleet-router-{}"
+_PROGRESS_PERIOD_S = 0.25
 
 
 @dataclass
@@ -90,21 +92,35 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 
 
 def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached: bool = False,
-          token: str | None = None, state_dir: str | None = None) -> Service:
+          token: str | None = None, state_dir: str | None = None,
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> Service:
     """Start everything for one model spec on the connected Ray cluster: the Controller, its
     hosts and experts, then a router on the head and on every node that offers the spec's
-    `router.nodes_resource`, each listening on `port` there."""
+    `router.nodes_resource`, each listening on `port` there. `on_progress` is called with
+    `Controller.load_progress` while the experts load, and once when they have."""
     controller = _start_controller(state_dir)
     routers: list[Any] = []
     try:
-        ray.get(controller.deploy.remote(spec))
+        deployed = controller.deploy.remote(spec)
+        while on_progress is not None and not ray.wait([deployed], timeout=_PROGRESS_PERIOD_S)[0]:
+            on_progress(ray.get(controller.load_progress.remote(spec.name)))
+        ray.get(deployed)  # a failed deploy raises here
+        if on_progress is not None:
+            on_progress(ray.get(controller.load_progress.remote(spec.name)))
         for i, where in enumerate(_router_placements(spec.router.nodes_resource)):
             routers.append(ray.remote(Router).options(
                 name=ROUTER_NAME.format(i), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
                 num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
                 max_concurrency=1000, **where,
             ).remote(controller, spec.router, token))
-        ports = ray.get([r.start.remote(host, port) for r in routers])
+        try:
+            ports = ray.get([r.start.remote(host, port) for r in routers],
+                            timeout=spec.router.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            want = {"CPU": spec.router.num_cpus, "GPU": spec.router.num_gpus}
+            raise RuntimeError(f"a router did not start within {spec.router.start_timeout_s:.0f}s: the "
+                               f"cluster has no node free with {want} (available now: "
+                               f"{ray.available_resources()})") from None
         wildcard = host in ("0.0.0.0", "::", "")  # then say where clients can reach each one
         ips = ray.get([r.node_ip.remote() for r in routers]) if wildcard else [host] * len(routers)
         addresses = [f"{ip}:{p}" for ip, p in zip(ips, ports, strict=True)]

@@ -40,18 +40,25 @@ def served(tmp_path_factory):
         stdout=subprocess.PIPE, stderr=log, text=True,
         env={**os.environ, "RAY_ADDRESS": "", "MOEFLEET_TOKEN": TOKEN},
     )
-    address = _read_address(proc, path.with_suffix(".log"))
+    address = read_address(proc, path.with_suffix(".log"))
     yield Served(spec, address, proc)
-    proc.send_signal(signal.SIGTERM)  # the process this fixture started, by its PID
     try:
-        proc.wait(timeout=60)
+        stop(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
         log.close()
 
 
-def _read_address(proc: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> str:
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM a `serve` process the test started (by its PID); kill it if it lingers."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def read_address(proc: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> str:
     """The address `serve` prints alone on stdout, waiting at most timeout_s for it."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
     line = proc.stdout.readline().strip() if ready else ""

@@ -18,3 +18,11 @@ def test_second_service_on_the_same_cluster_is_refused(ray_session):
             service.start(spec, port=0)
     finally:
         svc.shutdown()
+
+
+def test_a_router_the_cluster_cannot_place_fails_clearly_and_leaves_nothing(ray_session):
+    spec = family_spec("olmoe", router={"num_cpus": 64, "start_timeout_s": 2})
+    with pytest.raises(RuntimeError, match=r"a router did not start within 2s: .*'CPU': 64"):
+        service.start(spec, port=0)
+    svc = service.start(family_spec("olmoe"), port=0)  # nothing was left behind
+    svc.shutdown()
