@@ -13,7 +13,7 @@ noisy neighbour hits all of them alike, and the table reports the median per var
 It prints markdown meant for bench/RESULTS.md. It imports torch and moefleet.experts
 only, never Ray: the GPU machine that runs it has none.
 
-Usage: python bench/kernels.py [--device auto|cpu|cuda] [--rounds R] [--threads N]
+Usage: python bench/swiglu_kernels.py [--device auto|cpu|cuda] [--rounds R] [--threads N]
 
 # T = tokens, K = experts per token, N = T*K rows, H = hidden, I = intermediate, E = experts
 """
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from moefleet.experts.kernels import grouped_swiglu
 from moefleet.experts.reference import ExpertWeights, MoELayer
 
-assert "ray" not in sys.modules, "bench/kernels.py must run where Ray is not installed"
+assert "ray" not in sys.modules, "bench/swiglu_kernels.py must run where Ray is not installed"
 
 
 @dataclass(frozen=True)
