@@ -41,7 +41,6 @@ _SINGLE = "model.safetensors"
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-
 class _Want(NamedTuple):
     """One tensor to read: `key` of `shape`; for a fused tensor [E, ...], the slice of
     `expert` (and of a gate_up_proj, `half` 0 = gate_proj or 1 = up_proj of its rows)."""
@@ -54,6 +53,9 @@ class _Want(NamedTuple):
 
 @dataclass(frozen=True)
 class CheckpointSource:
+    """The MoE weights of the HF checkpoint directory `path`, served in `dtype`. Plain data:
+    hosts get it as {"checkpoint": {"path": ..., "dtype": ...}} and read their own experts."""
+
     path: str
     dtype: str = "float32"
 
