@@ -62,9 +62,10 @@ def expert_nbytes(spec: ModelSpec) -> int:
     return 3 * spec.moe.hidden_size * spec.moe.moe_intermediate_size * DTYPES[spec.dtype].itemsize
 
 
-def gate_of(spec: ModelSpec, layer: int) -> Gate:
-    """The layer's router, rows = experts 0..E-1 in n_group equal groups."""
-    g = source_of(spec).gate(layer)
+def gate_of(spec: ModelSpec, layer: int, source: Any = None) -> Gate:
+    """The layer's router, rows = experts 0..E-1 in n_group equal groups. Pass the spec's
+    `source` when reading several layers, so a checkpoint's index is read once."""
+    g = (source or source_of(spec)).gate(layer)
     if g.weight.shape != (spec.moe.n_routed_experts, spec.moe.hidden_size):
         raise ValueError(f"layer {layer}: gate weight has shape {tuple(g.weight.shape)}, "
                          f"expected [{spec.moe.n_routed_experts}, {spec.moe.hidden_size}]")
@@ -102,7 +103,7 @@ class Reference:
     def __init__(self, spec: ModelSpec):
         src = source_of(spec)
         self.spec = spec
-        self.gates = {L: gate_of(spec, L) for L in spec.layers}
+        self.gates = {L: gate_of(spec, L, src) for L in spec.layers}
         self.layers = {
             L: MoELayer({e: src.expert(L, e) for e in range(spec.moe.n_routed_experts)},
                         src.shared(L))

@@ -85,13 +85,12 @@ class ModelRecord:
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ModelRecord:
         """The model as its spec serves it at first: every expert's row from the gate."""
-        experts = {}
+        experts, src = {}, source_of(spec)
         for L in spec.layers:
-            g = gate_of(spec, L)
+            g = gate_of(spec, L, src)
             bias = [None] * len(g.expert_ids) if g.bias is None else g.bias.tolist()
             experts[L] = {int(e): ExpertRecord(g.weight[i], bias[i], int(g.group_ids[i]))
                           for i, e in enumerate(g.expert_ids.tolist())}
-        src = source_of(spec)
         return cls(spec, experts, {L: src.shared(L) for L in spec.layers}, spec.autoscaling)
 
     @classmethod
