@@ -29,6 +29,7 @@ from moefleet.router.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    quote,
 )
 
 from . import autoscale, placement
@@ -430,7 +431,7 @@ class Controller:
 
     def _model(self, name: str) -> ModelRecord:
         if name not in self._models:
-            raise NotFound(f"unknown model {name!r}; serving {sorted(self._models)}")
+            raise NotFound(f"unknown model {quote(name)}; serving {sorted(self._models)}")
         return self._models[name]
 
 

@@ -159,8 +159,10 @@ class RouterConfig:
     max_batch_tokens: int = 8192  # micro-batcher: merge at most this many tokens per dispatch
     max_wait_ms: float = 1.0  # ... and wait at most this long for more requests
     max_queue_tokens: int = 262144  # tokens queued or in flight; beyond it, RESOURCE_EXHAUSTED
+    max_queue_delay_s: float = 0.05  # refuse a request whose queue ahead would take longer
     max_request_tokens: int = 65536
-    max_message_mb: int = 256  # gRPC send/receive limit
+    max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
+    max_concurrent_rpcs: int = 256  # more calls at once get RESOURCE_EXHAUSTED from gRPC itself
     transport: str = "ray"
     num_cpus: float = 1
     num_gpus: float = 0  # a router with a GPU computes the gating there
@@ -171,6 +173,9 @@ class RouterConfig:
         _check(self.max_batch_tokens >= 1, "router.max_batch_tokens must be >= 1")
         _check(self.start_timeout_s > 0, "router.start_timeout_s must be > 0")
         _check(self.max_wait_ms >= 0, "router.max_wait_ms must be >= 0")
+        _check(self.max_queue_delay_s > 0, "router.max_queue_delay_s must be > 0")
+        for name in ("max_queue_tokens", "max_request_tokens", "max_message_mb", "max_concurrent_rpcs"):
+            _check(getattr(self, name) >= 1, f"router.{name} must be >= 1")
         _check(self.transport == "ray", "router.transport: only 'ray' is implemented")
 
 

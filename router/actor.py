@@ -10,6 +10,9 @@ per-expert load and request latencies, and tells it when a host is gone.
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import math
 import time
 from collections import defaultdict
@@ -22,7 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from moefleet.cluster.admin import AdminServicer
 from moefleet.cluster.metrics import RouterMetrics
-from moefleet.cluster.spec import RouterConfig
+from moefleet.cluster.spec import MoEConfig, RouterConfig
 from moefleet.experts.host import from_wire, to_wire
 from moefleet.experts.weights import DTYPES
 from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -31,11 +34,24 @@ from .batcher import MicroBatcher
 from .dispatch import HostBatch, LayerTable
 from .engine import Engine, LayerState, ModelState
 from .errors import HostGone, MoefleetError, Unavailable
-from .servicer import InferenceServicer, serve_grpc
+from .servicer import InferenceServicer, ServerLimits, TlsConfig, serve_grpc
 
-__all__ = ["Router", "state_from_controller"]
+__all__ = ["Router", "state_from_controller", "receive_limit"]
 
 _LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
+_TRIM_PERIOD_S = 1.0  # how often an idle router gives freed memory back to the OS
+_MESSAGE_OVERHEAD = 64 << 10  # a message's fields and framing besides its tensor bytes
+_WIRE_ITEMSIZE = 4  # FP32, the widest datatype a client may send
+
+
+def receive_limit(cfg: RouterConfig, models: list[MoEConfig]) -> int:
+    """The largest gRPC message the router's port accepts, in bytes: the biggest request it
+    would serve (`max_request_tokens` × H in FP32) or AddExpert file (one expert's gate row
+    and FFN in FP32) of any served model, plus framing; never over `max_message_mb`. Larger
+    messages are refused by gRPC before they are read into memory."""
+    need = max((max(cfg.max_request_tokens * m.hidden_size,
+                    (3 * m.moe_intermediate_size + 1) * m.hidden_size + 1) for m in models), default=0)
+    return min(need * _WIRE_ITEMSIZE + _MESSAGE_OVERHEAD, cfg.max_message_mb << 20)
 
 
 def state_from_controller(d: dict[str, Any]) -> ModelState:
@@ -70,19 +86,22 @@ async def _receive(ref: ray.ObjectRef) -> torch.Tensor:
 
 class Router:
     def __init__(self, controller: Any, cfg: RouterConfig, token: str | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", tls: TlsConfig | None = None):
         torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))  # not Ray's OMP default
         self._controller = controller
         self._cfg = cfg
         self._token = token
+        self._tls = tls
         self._engine = Engine(_call_host, device, on_host_gone=self._host_gone)
         self._latency: dict[str, list[float]] = defaultdict(list)
         self._metrics = RouterMetrics()
         self._batcher = MicroBatcher(
-            self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens
-        )
+            self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens,
+            cfg.max_queue_delay_s)
         self._server = None
         self._ready = False
+        self._served_since_trim = False
+        self._trimmer: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Take every model's state from the Controller, then listen. Returns the port."""
@@ -95,15 +114,30 @@ class Router:
             (admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self._controller, self._token),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name),
         ]
-        self._server, bound, _ = await serve_grpc(
-            servicers, host, port, self._cfg.max_message_mb << 20
-        )
+        models = [self._engine.state(n).cfg for n in self._engine.model_names()]
+        limits = ServerLimits(max_receive_bytes=receive_limit(self._cfg, models),
+                              max_send_bytes=self._cfg.max_message_mb << 20,
+                              max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
+        self._server, bound, _ = await serve_grpc(servicers, host, port, limits, self._tls)
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
         return bound
+
+    async def _trim_when_idle(self) -> None:
+        """Give memory freed after a burst back to the OS. glibc keeps freed heap memory in
+        its arenas, so without this the RSS stays at its peak after the load is gone."""
+        trim = _malloc_trim()
+        while trim is not None:
+            await asyncio.sleep(_TRIM_PERIOD_S)
+            if self._served_since_trim and self._batcher.idle:
+                self._served_since_trim = False
+                trim(0)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking requests, let in-flight ones finish within grace_s."""
         self._ready = False
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self._server is not None:
             await self._server.stop(grace_s)
 
@@ -130,6 +164,7 @@ class Router:
     async def submit(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         self._engine.check(model, layer, x)  # fail fast, before queueing
         t0 = time.perf_counter()
+        self._served_since_trim = True
         out = await self._batcher.submit((model, layer, x.dtype), x)
         seconds = time.perf_counter() - t0
         self._metrics.observe(model, seconds)
@@ -154,3 +189,12 @@ class Router:
     def metadata(self, model: str) -> tuple[int, torch.dtype]:
         st = self._engine.state(model)
         return st.cfg.hidden_size, st.dtype
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None

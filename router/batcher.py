@@ -2,9 +2,15 @@
 
 A request is sent at once when nothing is in flight for its key (no added latency when
 idle). While a batch is in flight, new requests gather until the batch returns, the oldest has
-waited `max_wait_s`, or `max_batch_tokens` are queued, whichever comes first. Past
-`max_queue_tokens` outstanding (queued or in flight, not yet answered), requests are refused
-with RESOURCE_EXHAUSTED: the router's admission limit.
+waited `max_wait_s`, or `max_batch_tokens` are queued, whichever comes first.
+
+Admission: a request is refused at once with RESOURCE_EXHAUSTED when
+  * the tokens outstanding (queued or in flight, not yet answered) would pass
+    `max_queue_tokens`, or
+  * its key is busy and the work ahead of it (its key's queued and in-flight tokens, at the
+    rate that key's recent batches ran) would take longer than `max_queue_delay_s`.
+So under overload the excess is refused within the time it takes to look, and admitted
+requests wait about `max_queue_delay_s` at most, rather than piling up in a queue.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -14,6 +20,8 @@ Plain asyncio: knows nothing of gating, Ray or gRPC.
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,24 +35,48 @@ __all__ = ["MicroBatcher"]
 RunBatch = Callable[[Hashable, torch.Tensor], Awaitable[tuple[torch.Tensor, Any]]]
 
 
+_RATE_SMOOTHING = 0.3  # weight of the newest batch in a key's tokens/s estimate
+
+
 @dataclass
 class _Queue:
     items: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)
-    tokens: int = 0
-    in_flight: int = 0
+    tokens: int = 0  # queued, not yet sent
+    in_flight: int = 0  # batches
+    in_flight_tokens: int = 0
+    tokens_per_s: float = 0.0  # how fast this key's batches ran lately (0 = not known yet)
     timer: asyncio.TimerHandle | None = None
+
+    def wait_s(self) -> float:
+        """How long the work ahead of a new request should take (0 when not known)."""
+        if self.tokens_per_s <= 0:
+            return 0.0
+        return (self.tokens + self.in_flight_tokens) / self.tokens_per_s
+
+    def ran(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            rate = tokens / seconds
+            old = self.tokens_per_s
+            self.tokens_per_s = rate if old == 0 else _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * old
 
 
 class MicroBatcher:
-    def __init__(self, run: RunBatch, max_batch_tokens: int, max_wait_s: float, max_queue_tokens: int):
+    def __init__(self, run: RunBatch, max_batch_tokens: int, max_wait_s: float, max_queue_tokens: int,
+                 max_queue_delay_s: float = math.inf):
         """run(key, x [B, H]) -> (y [B, H], meta); meta (e.g. the routing version) is handed
         to every request of the batch."""
         self._run = run
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_tokens = max_queue_tokens
+        self.max_queue_delay_s = max_queue_delay_s
         self._queues: dict[Hashable, _Queue] = {}
         self._outstanding_tokens = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or in flight."""
+        return self._outstanding_tokens == 0
 
     async def submit(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """x: [T, H] -> (y [T, H], meta)."""
@@ -54,6 +86,10 @@ class MicroBatcher:
                 f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
                 f"limit {self.max_queue_tokens})")
         q = self._queues.setdefault(key, _Queue())
+        if q.in_flight and q.wait_s() > self.max_queue_delay_s:
+            raise ResourceExhausted(
+                f"router is overloaded: the work queued ahead would take {q.wait_s() * 1e3:.0f} ms, "
+                f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later")
         fut = asyncio.get_running_loop().create_future()
         q.items.append((x, fut))
         q.tokens += n
@@ -80,17 +116,21 @@ class MicroBatcher:
             tokens += x.shape[0]
         q.tokens -= tokens
         q.in_flight += 1
+        q.in_flight_tokens += tokens
         asyncio.get_running_loop().create_task(self._run_batch(key, q, batch, tokens))
         if q.items:
             self._schedule(key, q)
 
     async def _run_batch(self, key: Hashable, q: _Queue, batch: list, tokens: int) -> None:
         live = [(x, f) for x, f in batch if not f.done()]  # drop requests already cancelled
+        t0 = time.perf_counter()
         try:
             if live:
                 await self._run_live(key, live)
+                q.ran(sum(x.shape[0] for x, _ in live), time.perf_counter() - t0)
         finally:
             q.in_flight -= 1
+            q.in_flight_tokens -= tokens
             self._outstanding_tokens -= tokens
             self._schedule(key, q)
 

@@ -29,7 +29,7 @@ from moefleet.cluster.spec import MoEConfig
 from moefleet.experts.reference import SharedExperts
 
 from .dispatch import HostBatch, LayerTable, combine, plan
-from .errors import HostGone, InvalidArgument, NotFound, Unavailable
+from .errors import HostGone, InvalidArgument, NotFound, Unavailable, quote
 from .gating import Gate, route
 
 __all__ = ["LayerState", "ModelState", "Engine", "CallHost"]
@@ -116,7 +116,7 @@ class Engine:
         try:
             return self._models[model]
         except KeyError:
-            raise NotFound(f"unknown model {model!r}; serving {sorted(self._models)}") from None
+            raise NotFound(f"unknown model {quote(model)}; serving {sorted(self._models)}") from None
 
     def check(self, model: str, layer: int, x: torch.Tensor) -> None:
         """Raise the right domain error for a request this engine cannot serve."""

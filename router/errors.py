@@ -22,7 +22,11 @@ __all__ = [
     "AlreadyExists",
     "FailedPrecondition",
     "HostGone",
+    "quote",
+    "message_of",
 ]
+
+_QUOTE_CHARS = 200  # the most of any client-given string an error message repeats
 
 
 class MoefleetError(Exception):
@@ -74,3 +78,25 @@ class FailedPrecondition(MoefleetError):
 class HostGone(ConnectionError):
     """An expert host is gone for good (its actor died). Not a MoefleetError: the engine
     marks the host dead and retries its rows on other replicas, or raises Unavailable."""
+
+
+def quote(value: object, limit: int = _QUOTE_CHARS) -> str:
+    """repr() of a client-given value for an error message, cut to about `limit` characters,
+    so that no message grows with what a client sent (gRPC caps a status's size)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def message_of(e: BaseException) -> str:
+    """The domain message of an error, without what Ray wraps around it.
+
+    An error raised inside a Ray actor reaches the caller as a class derived from both Ray's
+    task error and the original one; its str() holds the remote traceback. Ray keeps the
+    original in `.cause`. Only the original's own message belongs in a status or a CLI line."""
+    seen = set()
+    while getattr(e, "cause", None) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.cause
+    return str(e)

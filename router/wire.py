@@ -10,10 +10,14 @@ moefleet's conventions on top of the protocol:
   * datatype FP32, FP16 or BF16, the output's matching the input's;
   * data as little-endian row-major bytes in raw_input_contents / raw_output_contents
     (FP32 input may instead come as contents.fp32_contents);
-  * the request parameter "layer" (int64_param) names the MoE layer.
+  * the request parameter "layer" (int64_param) names the MoE layer;
+  * each model has one version, "1" (an empty version means it too);
+  * requested outputs, when listed, can only be "hidden_states".
 
-Violations raise `InvalidArgument` naming the offending field. This module knows nothing
-about models, layers or hidden sizes: whether `layer` exists and `H` matches the model is
+Violations raise `InvalidArgument` naming the offending field (a request over the caller's
+token limit: `ResourceExhausted`, found from its declared shape before any data is copied).
+Client-given strings are quoted cut short. This module knows nothing about models, layers or
+hidden sizes: whether `layer` exists and `H` matches the model is
 the router's check. It does no maths and imports no grpc.
 """
 # T = tokens, H = hidden size
@@ -23,14 +27,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from moefleet.protos import inference_pb2 as pb
-from moefleet.router.errors import InvalidArgument
+from moefleet.router.errors import InvalidArgument, NotFound, ResourceExhausted, quote
 
 __all__ = [
     "TENSOR_NAME",
     "LAYER_PARAM",
+    "MODEL_VERSION",
+    "check_version",
     "WireDtype",
     "DTYPES",
     "InferCall",
@@ -42,6 +49,7 @@ __all__ = [
 
 TENSOR_NAME = "hidden_states"
 LAYER_PARAM = "layer"
+MODEL_VERSION = "1"
 
 ParamValue = int | str | bool | float
 
@@ -80,9 +88,15 @@ class InferCall:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
 
 
-def decode_infer(request: pb.ModelInferRequest) -> InferCall:
-    """Validate and unpack a request; `x` is a fresh CPU tensor [T, H] of the sent dtype."""
-    x = _decode_tensor(request.inputs, request.raw_input_contents, "input")
+def decode_infer(request: pb.ModelInferRequest, max_tokens: int | None = None) -> InferCall:
+    """Validate and unpack a request; `x` is a fresh CPU tensor [T, H] of the sent dtype.
+    A declared T over `max_tokens` is refused before the data is read."""
+    check_version(request.model_name, request.model_version)
+    for i, out in enumerate(request.outputs):
+        if out.name != TENSOR_NAME:
+            raise InvalidArgument(f"outputs[{i}].name: the only output is '{TENSOR_NAME}', "
+                                  f"got {quote(out.name)}")
+    x = _decode_tensor(request.inputs, request.raw_input_contents, "input", max_tokens)
     params = _values_of(request.parameters)
     params.pop(LAYER_PARAM, None)
     return InferCall(
@@ -92,6 +106,13 @@ def decode_infer(request: pb.ModelInferRequest) -> InferCall:
         request_id=request.id,
         parameters=params,
     )
+
+
+def check_version(model: str, version: str) -> None:
+    """NotFound unless `version` names the one version moefleet serves (or is empty)."""
+    if version not in ("", MODEL_VERSION):
+        raise NotFound(f"model {quote(model)} has no version {quote(version)}; "
+                       f"its only version is '{MODEL_VERSION}'")
 
 
 def encode_infer(
@@ -142,7 +163,8 @@ def _bytes_of(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _decode_tensor(metas: Sequence, raws: Sequence[bytes], kind: str) -> torch.Tensor:
+def _decode_tensor(metas: Sequence, raws: Sequence[bytes], kind: str,
+                   max_tokens: int | None = None) -> torch.Tensor:
     """The single `hidden_states` tensor of `inputs` or `outputs` (kind = input / output)."""
     if len(metas) != 1:
         raise InvalidArgument(
@@ -150,9 +172,11 @@ def _decode_tensor(metas: Sequence, raws: Sequence[bytes], kind: str) -> torch.T
         )
     meta, where = metas[0], f"{kind}s[0]"
     if meta.name != TENSOR_NAME:
-        raise InvalidArgument(f"{where}.name: expected '{TENSOR_NAME}', got '{meta.name}'")
+        raise InvalidArgument(f"{where}.name: expected '{TENSOR_NAME}', got {quote(meta.name)}")
     dtype = _dtype_of(meta.datatype, f"{where}.datatype")
     t, h = _shape_of(meta.shape, f"{where}.shape")
+    if max_tokens is not None and t > max_tokens:
+        raise ResourceExhausted(f"{t} tokens in one request; the limit is {max_tokens}")
     raw_field = f"raw_{kind}_contents"
     if len(raws) == 0:
         return _from_contents(meta.contents, dtype, t, h, where, raw_field)
@@ -163,13 +187,14 @@ def _decode_tensor(metas: Sequence, raws: Sequence[bytes], kind: str) -> torch.T
 
 def _dtype_of(datatype: str, where: str) -> WireDtype:
     if datatype not in _BY_DATATYPE:
-        raise InvalidArgument(f"{where}: expected one of {_ACCEPTED}, got '{datatype}'")
+        raise InvalidArgument(f"{where}: expected one of {_ACCEPTED}, got {quote(datatype)}")
     return _BY_DATATYPE[datatype]
 
 
 def _shape_of(shape: Sequence[int], where: str) -> tuple[int, int]:
     if len(shape) != 2:
-        raise InvalidArgument(f"{where}: expected rank 2 [T, H], got {list(shape)}")
+        dims = list(shape) if len(shape) <= 8 else f"{list(shape[:8])}… (rank {len(shape)})"
+        raise InvalidArgument(f"{where}: expected rank 2 [T, H], got {dims}")
     if min(shape) < 0:
         raise InvalidArgument(f"{where}: dimensions must be >= 0, got {list(shape)}")
     return shape[0], shape[1]
@@ -197,13 +222,18 @@ def _from_contents(
         raise InvalidArgument(
             f"{raw_field}: empty, but {dtype.datatype} data must be sent there as raw bytes"
         )
+    stray = [f.name for f, _ in contents.ListFields() if f.name != "fp32_contents"]
+    if stray:
+        raise InvalidArgument(f"{where}.contents: FP32 data goes in fp32_contents alone; "
+                              f"{', '.join(stray)} given too")
     values = contents.fp32_contents
     if len(values) != t * h:
         raise InvalidArgument(
             f"{where}.contents.fp32_contents: expected {t * h} values for shape [{t}, {h}], "
             f"got {len(values)}"
         )
-    return torch.tensor(list(values), dtype=torch.float32).view(t, h)  # [T, H]
+    x = np.fromiter(values, dtype=np.float32, count=t * h)  # no list of Python floats
+    return torch.from_numpy(x).view(t, h)  # [T, H]
 
 
 # ---- parameters --------------------------------------------------------------------------
