@@ -4,7 +4,9 @@
 
 Speaks the Open Inference Protocol (any OIP server with moefleet's conventions answers it),
 retries on UNAVAILABLE with backoff, and honours a per-call deadline. The admin calls send
-the admin token, when one is given, as `authorization: Bearer <token>` metadata.
+the admin token, when one is given, as `authorization: Bearer <token>` metadata. With
+`tls=True` or a `tls_ca` it speaks TLS (`tls_cert` + `tls_key`: a client certificate, for a
+service that requires one).
 """
 
 from __future__ import annotations
@@ -26,10 +28,16 @@ _MAX_MESSAGE = 1 << 30
 
 class Client:
     def __init__(self, address: str, retries: int = 3, backoff_s: float = 0.05,
-                 token: str | None = None):
+                 token: str | None = None, tls: bool = False, tls_ca: bytes | None = None,
+                 tls_cert: bytes | None = None, tls_key: bytes | None = None):
+        """tls_ca: PEM of the CA to trust (default: the system's); tls_cert, tls_key: PEM."""
         opts = [("grpc.max_receive_message_length", _MAX_MESSAGE),
                 ("grpc.max_send_message_length", _MAX_MESSAGE)]
-        self._channel = grpc.insecure_channel(address, options=opts)
+        if tls or tls_ca is not None or tls_cert is not None:
+            creds = grpc.ssl_channel_credentials(tls_ca, tls_key, tls_cert)
+            self._channel = grpc.secure_channel(address, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(address, options=opts)
         self._infer = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._retries = retries

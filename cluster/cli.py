@@ -17,6 +17,8 @@ one is set. Argument parsing only: the work is done by `service` (bring-up) and 
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 import shutil
 import signal
@@ -24,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +37,73 @@ import yaml
 __all__ = ["main"]
 
 
+def _token_options(f: Callable) -> Callable:
+    f = click.option("--token-file", envvar="MOEFLEET_TOKEN_FILE", default=None,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="Read the admin token from this file (or $MOEFLEET_TOKEN_FILE).")(f)
+    return click.option("--token", envvar="MOEFLEET_TOKEN", default=None,
+                        help="The admin token (or $MOEFLEET_TOKEN); on a command line it shows in "
+                             "the process list, so prefer the file or the variable.")(f)
+
+
 def _admin_options(f: Callable) -> Callable:
-    f = click.option("--token", envvar="MOEFLEET_TOKEN", default=None,
-                     help="Admin token of the service (or $MOEFLEET_TOKEN).")(f)
-    return click.option("--server", envvar="MOEFLEET_SERVER", default="localhost:50051",
-                        show_default=True,
-                        help="HOST:PORT of a running service (or $MOEFLEET_SERVER).")(f)
+    """--server, the token and TLS options of every command that calls a running service;
+    the command gets them as one `conn` argument."""
+    @functools.wraps(f)  # keeps f's name, help and the options declared below this one
+    def wrapped(server, token, token_file, tls_ca, tls_cert, tls_key, **kw):
+        tls = [_read(p) for p in (tls_ca, tls_cert, tls_key)]
+        conn = _Conn(server, _token(token, token_file), *tls)
+        return f(conn=conn, **kw)
+
+    for opt in (
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="This client's key, for a service that requires client certificates."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="This client's certificate (PEM), for mutual TLS."),
+        click.option("--tls-ca", envvar="MOEFLEET_TLS_CA", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="Speak TLS, trusting this CA's certificate (PEM) "
+                                        "(or $MOEFLEET_TLS_CA)."),
+        _token_options,
+        click.option("--server", envvar="MOEFLEET_SERVER", default="localhost:50051",
+                     show_default=True, help="HOST:PORT of a running service (or $MOEFLEET_SERVER)."),
+    ):
+        wrapped = opt(wrapped)
+    return wrapped
+
+
+@dataclass(frozen=True)
+class _Conn:
+    server: str
+    token: str | None
+    tls_ca: bytes | None
+    tls_cert: bytes | None
+    tls_key: bytes | None
+
+
+def _read(path: str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def _token(token: str | None, token_file: str | None) -> str | None:
+    if token_file is None:
+        return token or None
+    text = Path(token_file).read_text().strip()
+    if not text:
+        raise click.UsageError(f"--token-file {token_file} is empty")
+    return text
 
 
 @contextmanager
-def _admin(server: str, token: str | None):
+def _admin(conn: _Conn):
     """A client for one command; gRPC errors become one clear line and exit status 1."""
     from moefleet.client import Client
 
-    with Client(server, retries=0, token=token) as c:
+    with Client(conn.server, retries=0, token=conn.token, tls_ca=conn.tls_ca,
+                tls_cert=conn.tls_cert, tls_key=conn.tls_key) as c:
         try:
             yield c
         except grpc.RpcError as e:
-            raise click.ClickException(f"{server}: {e.code().name}: {e.details()}") from None
+            raise click.ClickException(f"{conn.server}: {e.code().name}: {e.details()}") from None
 
 
 @click.group()
@@ -70,19 +122,30 @@ def main() -> None:
 @click.option("--hosts", "num_hosts", type=click.IntRange(min=1), default=None,
               help="Expert hosts to start (with --checkpoint; default 1).")
 @click.option("--port", default=50051, show_default=True, help="gRPC port (0 = any free port).")
-@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
+@click.option("--host", default=None, help="Interface to listen on (default: 127.0.0.1 with "
+              "--address local, else 0.0.0.0).")
 @click.option("--address", default="local", show_default=True,
               help="`local` (embedded Ray), `auto` (running cluster) or ray://HOST:PORT.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray.")
-@click.option("--token", envvar="MOEFLEET_TOKEN", default=None,
-              help="Require this admin token on admin calls (or $MOEFLEET_TOKEN).")
+@_token_options
+@click.option("--insecure", is_flag=True,
+              help="Listen beyond loopback without an admin token (anyone who reaches the port "
+                   "may change or stop the service).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Serve TLS with this certificate chain (PEM); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The private key (PEM) of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Require client certificates signed by this CA (mutual TLS).")
 @click.option("--state-dir", envvar="MOEFLEET_STATE_DIR", default=None,
               help="Where the Controller journals its registry (default: a folder under ~/.moefleet).")
 @click.option("--detach", is_flag=True,
               help="Start the service on the cluster and return; it outlives this shell.")
 def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype: str | None,
-          num_hosts: int | None, port: int, host: str, address: str, num_cpus: int | None,
-          token: str | None, state_dir: str | None, detach: bool) -> None:
+          num_hosts: int | None, port: int, host: str | None, address: str, num_cpus: int | None,
+          token: str | None, token_file: str | None, insecure: bool, tls_cert: str | None,
+          tls_key: str | None, tls_client_ca: str | None, state_dir: str | None,
+          detach: bool) -> None:
     """Start the service for SPEC (or an HF --checkpoint) and serve until SIGINT/SIGTERM (or,
     with --detach, return)."""
     from moefleet.router.errors import MoefleetError
@@ -90,6 +153,12 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
     from .service import connect_ray, start
 
     spec = _serve_spec(spec_path, checkpoint, name, dtype, num_hosts)
+    host = host or ("127.0.0.1" if address == "local" else "0.0.0.0")
+    token = _token(token, token_file)
+    if not (token or insecure or _is_loopback(host)):
+        raise click.UsageError(f"--host {host} is reachable beyond this machine: give an admin token "
+                               "(--token-file, $MOEFLEET_TOKEN) or say --insecure")
+    tls = _server_tls(tls_cert, tls_key, tls_client_ca)
     if detach and address == "local":
         raise click.UsageError("--detach needs a running cluster (--address auto or HOST:PORT): "
                                "an embedded local Ray ends with this process")
@@ -97,7 +166,7 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
     try:
         connect_ray(address, num_cpus)
         svc = start(spec, port=port, host=host, detached=detach, token=token, state_dir=state_dir,
-                    on_progress=bar)
+                    on_progress=bar, tls=tls)
     except (ConnectionError, RuntimeError, ValueError, MoefleetError) as e:
         bar.close()
         raise click.ClickException(str(getattr(e, "cause", None) or e)) from None
@@ -116,6 +185,27 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
     import ray
 
     ray.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_tls(cert: str | None, key: str | None, client_ca: str | None):
+    from moefleet.router.servicer import TlsConfig
+
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if cert is None:
+        if client_ca is not None:
+            raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    return TlsConfig(_read(cert), _read(key), _read(client_ca))
 
 
 def _serve_spec(spec_path: str | None, checkpoint: str | None, name: str | None, dtype: str | None,
@@ -172,11 +262,11 @@ class _LoadBar:
 @click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table",
               show_default=True)
 @click.option("--model", default="", help="Only this model.")
-def status(server: str, token: str | None, output: str, model: str) -> None:
+def status(conn: _Conn, output: str, model: str) -> None:
     """Show models, experts, replicas, load, latency, hosts and the routing-table version."""
     from .admin import status_from_proto
 
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         resp = c.status(model)
     data = status_from_proto(resp)
     if output == "json":
@@ -192,9 +282,9 @@ def status(server: str, token: str | None, output: str, model: str) -> None:
 @click.option("--grace-s", default=5.0, show_default=True,
               help="Seconds in-flight requests get to finish.")
 @click.option("--wait-s", default=60.0, show_default=True, help="How long to wait for it to stop.")
-def shutdown(server: str, token: str | None, grace_s: float, wait_s: float) -> None:
+def shutdown(conn: _Conn, grace_s: float, wait_s: float) -> None:
     """Stop the service at --server: routers drain, hosts and the Controller end."""
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         models = c.shutdown(grace_s).models
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
@@ -204,8 +294,8 @@ def shutdown(server: str, token: str | None, grace_s: float, wait_s: float) -> N
                 break
             time.sleep(0.2)
         else:
-            raise click.ClickException(f"{server} still answers after {wait_s:.0f}s")
-    click.echo(f"moefleet: stopped {', '.join(models) or 'the service'} at {server}")
+            raise click.ClickException(f"{conn.server} still answers after {wait_s:.0f}s")
+    click.echo(f"moefleet: stopped {', '.join(models) or 'the service'} at {conn.server}")
 
 
 @main.command()
@@ -213,12 +303,12 @@ def shutdown(server: str, token: str | None, grace_s: float, wait_s: float) -> N
 @click.option("--model", default="", help="Only this model.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--iterations", type=int, default=0, help="Stop after N frames (0 = until Ctrl-C).")
-def top(server: str, token: str | None, model: str, interval: float, iterations: int) -> None:
+def top(conn: _Conn, model: str, interval: float, iterations: int) -> None:
     """A live view: per-layer × per-expert load heatmap with replica counts."""
     from .top import render
 
     frame = 0
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         while True:
             text = render(c.status(model), width=shutil.get_terminal_size().columns)
             click.echo(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + text)
@@ -234,10 +324,9 @@ def top(server: str, token: str | None, model: str, interval: float, iterations:
 @click.option("--layer", type=int, required=True)
 @click.option("--expert", type=int, default=None, help="The expert; omitted: every expert of the layer.")
 @click.option("--replicas", type=click.IntRange(min=1), required=True)
-def scale(server: str, token: str | None, model: str, layer: int, expert: int | None,
-          replicas: int) -> None:
+def scale(conn: _Conn, model: str, layer: int, expert: int | None, replicas: int) -> None:
     """Set the replica count of an expert (or of every expert of a layer)."""
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         r = c.scale_expert(model, layer, replicas, expert)
     what = f"expert {expert}" if expert is not None else "every expert"
     click.echo(f"{model} layer {layer} {what}: {replicas} replica(s) (+{r.replicas_added} "
@@ -253,10 +342,10 @@ def scale(server: str, token: str | None, model: str, layer: int, expert: int | 
               help="safetensors with gate.weight [1,H], gate_proj/up_proj [I,H], down_proj [H,I].")
 @click.option("--expert", type=int, default=None, help="The new id (default: the next free one).")
 @click.option("--group", type=int, default=None, help="Its group, for group-limited models.")
-def add_expert(server: str, token: str | None, model: str, layer: int, weights_path: str,
-               expert: int | None, group: int | None) -> None:
+def add_expert(conn: _Conn, model: str, layer: int, weights_path: str, expert: int | None,
+               group: int | None) -> None:
     """Add a routed expert to a layer; prints the new expert's id."""
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         r = c.add_expert(model, layer, Path(weights_path).read_bytes(), expert, group)
     click.echo(f"moefleet: added expert {r.expert} to {model} layer {layer}, routing_version "
                f"{r.routing_version}", err=True)
@@ -268,9 +357,9 @@ def add_expert(server: str, token: str | None, model: str, layer: int, weights_p
 @click.argument("model")
 @click.option("--layer", type=int, required=True)
 @click.option("--expert", type=int, required=True)
-def remove_expert(server: str, token: str | None, model: str, layer: int, expert: int) -> None:
+def remove_expert(conn: _Conn, model: str, layer: int, expert: int) -> None:
     """Remove a routed expert: unpublish, drain, free its slots."""
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         r = c.remove_expert(model, layer, expert)
     click.echo(f"{model} layer {layer}: removed expert {expert} ({r.replicas_removed} replica(s)), "
                f"routing_version {r.routing_version}")
@@ -281,9 +370,9 @@ def remove_expert(server: str, token: str | None, model: str, layer: int, expert
 @click.argument("model")
 @click.option("--replicas", type=click.IntRange(min=0), default=0,
               help="Total replicas to plan for (0 = keep the current total).")
-def rebalance(server: str, token: str | None, model: str, replicas: int) -> None:
+def rebalance(conn: _Conn, model: str, replicas: int) -> None:
     """Re-plan replicas from the measured per-expert load, with few moves."""
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         r = c.rebalance(model, replicas)
     click.echo(f"{model}: moved {r.moves} replica(s) (a plan from scratch: {r.moves_from_scratch}); "
                f"per-replica load max/mean {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}; "
@@ -299,9 +388,9 @@ def rebalance(server: str, token: str | None, model: str, replicas: int) -> None
 @click.option("--max-replicas", type=int, default=None)
 @click.option("--upscale-delay-s", type=float, default=None)
 @click.option("--downscale-delay-s", type=float, default=None)
-def autoscale(server: str, token: str | None, model: str, enabled: bool, **policy: Any) -> None:
+def autoscale(conn: _Conn, model: str, enabled: bool, **policy: Any) -> None:
     """Switch the per-expert autoscaler and change its policy."""
-    with _admin(server, token) as c:
+    with _admin(conn) as c:
         r = c.set_autoscaling(model, enabled, **policy)
     click.echo(f"{model}: autoscaling {'on' if r.enabled else 'off'}, target "
                f"{r.target_tokens_per_s:g} tokens/s per replica, replicas "

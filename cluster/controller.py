@@ -42,7 +42,10 @@ from .registry import (
     HostRecord,
     Key,
     ModelRecord,
+    check_new_expert_id,
+    check_rebalance_total,
     check_removable,
+    check_replica_counts,
     parse_new_expert,
     policy_from_plain,
     policy_to_plain,
@@ -152,12 +155,11 @@ class Controller:
         await self._ready()
         async with self._lock:
             m = self._model(model)
-            if replicas < 1:
-                raise InvalidArgument(f"replicas must be >= 1, got {replicas}")
             if expert is not None:
                 m.expert(layer, expert)  # NotFound for an unknown layer or expert
             keys = [(layer, e) for e in sorted(m.layer(layer)) if expert in (None, e)]
             counts = {k: replicas for k in keys}
+            check_replica_counts(m, counts)
             m.target.update(counts)
             added, removed, _ = await self._exec.apply(m, counts)
             return {"routing_version": m.version, "expert": -1 if expert is None else expert,
@@ -170,16 +172,14 @@ class Controller:
         async with self._lock:
             m = self._model(model)
             e = m.next_expert_id(layer) if expert is None else expert
-            if e in m.layer(layer):  # also NotFound for an unknown layer
-                raise AlreadyExists(f"model {model!r} layer {layer} already has expert {e}")
-            if e < 0:
-                raise InvalidArgument(f"expert ids are >= 0, got {e}")
+            check_new_expert_id(m, layer, e)
             rec, weights = parse_new_expert(m.spec, safetensors, group)
+            key = (layer, e)
+            counts = {key: max(1, m.autoscaling.min_replicas)}
+            check_replica_counts(m, counts)
             if self._journal:
                 rec.file = self._journal.write_blob(f"{model}-L{layer}-E{e}.safetensors", safetensors)
             self._weights[(model, layer, e)] = ray.put(weights)
-            key = (layer, e)
-            counts = {key: max(1, m.autoscaling.min_replicas)}
             m.target.update(counts)
 
             def admit():
@@ -187,11 +187,22 @@ class Controller:
             try:
                 added, _, version = await self._exec.apply(m, counts, before_publish=admit)
             except BaseException:
-                m.target.pop(key, None)
-                self._weights.pop((model, layer, e), None)
+                await self._forget_added(m, key)
                 raise
             return {"routing_version": version, "expert": e, "replicas_added": added,
                     "replicas_removed": 0}
+
+    async def _forget_added(self, m: ModelRecord, key: Key) -> None:
+        """Undo a failed add: unpublish and free whatever of the expert got loaded."""
+        admitted = m.experts[key[0]].pop(key[1], None) is not None
+        m.target.pop(key, None)
+        self._weights.pop((m.name, *key), None)
+        if admitted or key in m.replicas:
+            try:
+                await self._exec.apply(m, {key: 0})
+            except Exception:
+                log.exception("%s: could not free the replicas of failed add %s", m.name, key)
+        self._save()
 
     async def remove_expert(self, model: str, layer: int, expert: int) -> dict[str, int]:
         """Publish a version without the expert's gate row, drain, then free its slots."""
@@ -215,6 +226,7 @@ class Controller:
         await self._ready()
         async with self._lock:
             m = self._model(model)
+            check_rebalance_total(m, self._exec.capacity(m), replicas)
             load = {k: m.load.get(k, 0.0) for k in m.keys()}
             if not any(load.values()):
                 raise FailedPrecondition(f"model {model!r} has no measured load yet to plan for")
@@ -239,9 +251,15 @@ class Controller:
             m = self._model(model)
             changes = {k: v for k, v in fields.items() if v is not None}
             try:
-                m.autoscaling = dataclasses.replace(m.autoscaling, enabled=enabled, **changes)
+                policy = dataclasses.replace(m.autoscaling, enabled=enabled, **changes)
             except (TypeError, ValueError) as e:
                 raise InvalidArgument(str(e)) from None
+            if not math.isfinite(policy.target_tokens_per_s):
+                raise InvalidArgument("target_tokens_per_s must be finite")
+            if policy.max_replicas > m.spec.hosts.max_count:
+                raise InvalidArgument(f"max_replicas must be <= hosts.max_count ({m.spec.hosts.max_count}): "
+                                      f"replicas of one expert sit on distinct hosts")
+            m.autoscaling = policy
             self._policy.pop(model, None)
             self._save()
             return vars(m.autoscaling).copy()

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
-from moefleet.router.errors import ResourceExhausted
+from moefleet.router.errors import FailedPrecondition, ResourceExhausted, message_of
 
 from . import placement
 from .hosts import start_host
@@ -105,7 +105,7 @@ class Executor:
             if before_publish is not None:
                 before_publish()
                 before_publish = None
-            version = await self.publish(m)
+            version = await self.publish(m, strict=True)
             log.info("%s: published routing version %d (+%d -%d replicas)", m.name, version,
                      len(loaded), len(freed))
             first = first or version
@@ -185,22 +185,29 @@ class Executor:
                 return h, slot
         return None
 
-    async def publish(self, m: ModelRecord) -> int:
-        """Bump the version and wait until every live router has installed it."""
+    async def publish(self, m: ModelRecord, strict: bool = False) -> int:
+        """Bump the version and wait until every live router has installed it. A router that
+        is gone is dropped; one that refused the version is logged, or, if `strict`, fails
+        the change (FailedPrecondition) so that it is never reported as done."""
         m.version += 1
         state = self.model_state(m)
         names = list(self.routers)
         results = await asyncio.gather(
             *(asyncio.wait_for(self.routers[n].install.remote(state), _CALL_TIMEOUT_S)
               for n in names), return_exceptions=True)
+        refused = []
         for n, r in zip(names, results, strict=True):
             if isinstance(r, RayActorError):
                 log.warning("router %s is gone; it no longer gets new versions", n)
                 self.routers.pop(n, None)
             elif isinstance(r, BaseException):
-                log.warning("router %s did not install version %d: %s", n, m.version, r)
+                log.warning("router %s did not install version %d: %s", n, m.version, message_of(r))
+                refused.append(f"{n}: {message_of(r)}")
         self._metrics.record_model(m)
         self._save()
+        if strict and refused:
+            raise FailedPrecondition(f"routing version {m.version} of {m.name!r} was not installed "
+                                     f"by every router ({'; '.join(refused)})")
         return m.version
 
     async def _drain_and_free(self, model: str, version: int, slots: list[tuple[str, int]]) -> None:

@@ -19,7 +19,13 @@ from safetensors.torch import load as load_safetensors
 
 from moefleet.experts.reference import ExpertWeights, SharedExperts
 from moefleet.experts.weights import DTYPES
-from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from moefleet.router.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from moefleet.router.gating import Gate
 
 from . import autoscale
@@ -28,9 +34,11 @@ from .model import gate_of, source_of
 from .spec import ModelSpec
 
 __all__ = ["Key", "ExpertRecord", "HostRecord", "ModelRecord", "check_removable",
-           "parse_new_expert", "policy_to_plain", "policy_from_plain"]
+           "check_new_expert_id", "check_replica_counts", "check_rebalance_total", "parse_new_expert",
+           "policy_to_plain", "policy_from_plain", "MAX_EXPERT_ID"]
 
 Key = tuple[int, int]  # (layer, expert id)
+MAX_EXPERT_ID = 4095  # expert ids are 0 … MAX_EXPERT_ID: routing tables are indexed by id
 
 
 @dataclass
@@ -168,6 +176,45 @@ class ModelRecord:
         }
 
 
+def check_new_expert_id(model: ModelRecord, layer: int, expert: int) -> None:
+    """Refuse an id an added expert cannot take: taken, or outside 0 … MAX_EXPERT_ID."""
+    if expert in model.layer(layer):  # also NotFound for an unknown layer
+        raise AlreadyExists(f"model {model.name!r} layer {layer} already has expert {expert}")
+    if not 0 <= expert <= MAX_EXPERT_ID:
+        raise InvalidArgument(f"expert ids are 0 … {MAX_EXPERT_ID}, got {expert}")
+
+
+def check_replica_counts(model: ModelRecord, counts: dict[Key, int]) -> None:
+    """Refuse replica counts the model's hosts could never hold, before anything changes.
+
+    Replicas of one expert sit on distinct hosts, so one expert has at most hosts.max_count;
+    and every expert's replicas together need at most hosts.max_count × hosts.slots slots."""
+    hosts = model.spec.hosts
+    for (L, e), n in counts.items():
+        if not 1 <= n <= hosts.max_count:
+            raise InvalidArgument(
+                f"replicas of layer {L} expert {e} must be 1 … {hosts.max_count} (hosts.max_count: "
+                f"replicas of one expert sit on distinct hosts), got {n}")
+    total = sum({**{k: len(model.replicas.get(k, [])) for k in model.keys()}, **model.target,
+                 **counts}.values())
+    if total > hosts.max_count * hosts.slots:
+        raise FailedPrecondition(
+            f"{total} replicas in all would need more slots than hosts.max_count × hosts.slots "
+            f"({hosts.max_count} × {hosts.slots} = {hosts.max_count * hosts.slots})")
+
+
+def check_rebalance_total(model: ModelRecord, capacity: dict[str, int], replicas: int) -> None:
+    """Refuse a rebalance total outside 0 (keep the current one) or one per expert … what
+    the model's hosts hold (capacity: host id -> slots)."""
+    if replicas == 0:
+        return
+    n = len(model.keys())
+    most = min(sum(capacity.values()), len(capacity) * n)  # an expert's replicas: distinct hosts
+    if not n <= replicas <= most:
+        raise InvalidArgument(f"rebalance replicas must be 0 (keep the current total) or {n} (one per "
+                              f"expert) … {most} (what the {len(capacity)} hosts hold), got {replicas}")
+
+
 def check_removable(model: ModelRecord, layer: int, expert: int) -> None:
     """Refuse a removal that would leave the layer unable to route: top-k needs k experts,
     and with group-limited routing, every choice of kept groups must still hold k."""
@@ -212,6 +259,8 @@ def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[E
                               f"(topk_method {cfg.topk_method}) has no selection bias")
     if bias_key in t and tuple(t[bias_key].shape) != (1,):
         raise InvalidArgument(f"{bias_key} has shape {list(t[bias_key].shape)}; it needs [1]")
+    if bias_key in t and not torch.isfinite(t[bias_key].float()).all():
+        raise InvalidArgument(f"{bias_key} holds a non-finite value")
     bias = float(t[bias_key][0]) if bias_key in t else (0.0 if biased else None)
     grouped = cfg.topk_method != "greedy" and cfg.n_group > 1
     if grouped and group is None:

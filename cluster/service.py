@@ -22,6 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moefleet.router.actor import Router
+from moefleet.router.servicer import TlsConfig
 
 from .controller import Controller
 from .hosts import NAMESPACE
@@ -93,11 +94,13 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 
 def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached: bool = False,
           token: str | None = None, state_dir: str | None = None,
-          on_progress: Callable[[dict[str, Any]], None] | None = None) -> Service:
+          on_progress: Callable[[dict[str, Any]], None] | None = None,
+          tls: TlsConfig | None = None) -> Service:
     """Start everything for one model spec on the connected Ray cluster: the Controller, its
     hosts and experts, then a router on the head and on every node that offers the spec's
     `router.nodes_resource`, each listening on `port` there. `on_progress` is called with
-    `Controller.load_progress` while the experts load, and once when they have."""
+    `Controller.load_progress` while the experts load, and once when they have. With `tls`,
+    the routers serve TLS."""
     controller = _start_controller(state_dir)
     routers: list[Any] = []
     try:
@@ -112,7 +115,7 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached:
                 name=ROUTER_NAME.format(i), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
                 num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
                 max_concurrency=1000, **where,
-            ).remote(controller, spec.router, token))
+            ).remote(controller, spec.router, token, tls=tls))
         try:
             ports = ray.get([r.start.remote(host, port) for r in routers],
                             timeout=spec.router.start_timeout_s)

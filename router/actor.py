@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable
@@ -182,6 +183,11 @@ class Router:
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
+
+    def rss_bytes(self) -> int:
+        """This process's resident memory (Linux), for the overload checks."""
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def model_names(self) -> list[str]:
         return self._engine.model_names()

@@ -6,10 +6,12 @@ register `inference.*` in protobuf's default pool), so this script never imports
     python _triton_client.py ADDRESS MODEL LAYER DTYPE IN.npy OUT.npy
 
 IN.npy and OUT.npy hold float32; for BF16 the values travel as `ml_dtypes.bfloat16`, which is
-how tritonclient takes and gives bf16.
+how tritonclient takes and gives bf16. With $TLS_CA set it speaks TLS (ssl=True), trusting
+that CA, and presents $TLS_CERT / $TLS_KEY when they are set.
 """
 
 import json
+import os
 import sys
 
 import ml_dtypes
@@ -18,7 +20,11 @@ import tritonclient.grpc as tc
 
 
 def main(address, model, layer, dtype, src, dst):
-    client = tc.InferenceServerClient(address)
+    tls = {}
+    if os.environ.get("TLS_CA"):
+        tls = {"ssl": True, "root_certificates": os.environ["TLS_CA"],
+               "private_key": os.environ.get("TLS_KEY"), "certificate_chain": os.environ.get("TLS_CERT")}
+    client = tc.InferenceServerClient(address, **tls)
     x = np.load(src)
     if dtype == "BF16":
         x = x.astype(ml_dtypes.bfloat16)

@@ -201,14 +201,29 @@ def test_bad_changes_get_clear_statuses_and_the_service_still_answers(running):
             (lambda: c.add_expert(spec.name, 2, new.data, group=0), grpc.StatusCode.NOT_FOUND),
             (lambda: c.remove_expert(spec.name, 1, 99), grpc.StatusCode.NOT_FOUND),
             (lambda: c.scale_expert(spec.name, 1, replicas=0, expert=1), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.scale_expert(spec.name, 1, replicas=99, expert=1), grpc.StatusCode.RESOURCE_EXHAUSTED),
+            (lambda: c.scale_expert(spec.name, 1, replicas=99, expert=1), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.scale_expert(spec.name, 1, replicas=100_000), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: c.scale_expert("nope", 1, replicas=2), grpc.StatusCode.NOT_FOUND),
             (lambda: c.scale_expert(spec.name, 2, replicas=2), grpc.StatusCode.NOT_FOUND),
+            (lambda: c.add_expert(spec.name, 1, new.data, expert=2**40, group=0),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.rebalance(spec.name, replicas=1), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.rebalance(spec.name, replicas=-1), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.set_autoscaling(spec.name, True, target_tokens_per_s=float("inf")),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.set_autoscaling(spec.name, True, max_replicas=1000), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.status("m" * (1 << 20)), grpc.StatusCode.NOT_FOUND),
         ]
+        version = c.status(spec.name).models[0].routing_version
         for call, code in cases:
             with pytest.raises(grpc.RpcError) as err:
                 call()
-            assert err.value.code() == code, err.value.details()
+            details = err.value.details()
+            assert err.value.code() == code, details
+            # the domain message alone: no Ray traceback, colours or echo of a long name
+            assert len(details) < 500 and not any(s in details for s in ("ray::", "Traceback", "\x1b")), details
+        (m,) = c.status(spec.name).models
+        assert m.routing_version == version and not m.autoscaling.enabled  # nothing changed
         # group-limited (4 groups of 4, keep 2, top-3): groups shrink unequally until the two
         # smallest would hold fewer than 3 experts
         removed = []

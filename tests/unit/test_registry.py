@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from moefleet.cluster.model import expert_file, random_expert
-from moefleet.cluster.registry import ExpertRecord, HostRecord, ModelRecord, check_removable, parse_new_expert
+from moefleet.cluster.registry import (
+    MAX_EXPERT_ID,
+    ExpertRecord,
+    HostRecord,
+    ModelRecord,
+    check_new_expert_id,
+    check_removable,
+    check_replica_counts,
+    parse_new_expert,
+)
 from moefleet.cluster.spec import ModelSpec, MoEConfig
 from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound
 from moefleet.router.gating import Gate, route
@@ -329,3 +338,38 @@ def test_an_expert_file_with_a_wrong_shape_names_the_tensor() -> None:
     bad = type(w)(w.w1[:, :-1], w.w2, w.w3)
     with pytest.raises(InvalidArgument, match=r"gate_proj.weight has shape \[48, 63\]"):
         parse_new_expert(spec, expert_file(row, bad), None)
+
+
+# ---- admin validation: refused before anything changes ------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [float("nan"), float("inf"), float("-inf")])
+def test_an_expert_file_with_a_non_finite_selection_bias_is_refused(bias: float) -> None:
+    spec = family_spec("deepseek_v3")
+    row, _, w = random_expert(spec, seed=1)
+    with pytest.raises(InvalidArgument, match="e_score_correction_bias holds a non-finite value"):
+        parse_new_expert(spec, expert_file(row, w, bias), group=0)
+
+
+@pytest.mark.parametrize("expert", [-1, MAX_EXPERT_ID + 1, 2**40])
+def test_an_added_expert_id_outside_the_documented_range_is_refused(expert: int) -> None:
+    m, _ = _model(family_spec("mixtral"))
+    with pytest.raises(InvalidArgument, match=f"expert ids are 0 … {MAX_EXPERT_ID}"):
+        check_new_expert_id(m, 1, expert)
+    check_new_expert_id(m, 1, MAX_EXPERT_ID)  # the top of the range is fine
+
+
+def test_replicas_of_one_expert_past_hosts_max_count_are_refused_and_up_to_it_accepted() -> None:
+    m, _ = _model(family_spec("mixtral"))  # 2 hosts, so max_count 4
+    check_replica_counts(m, {(1, 0): 4})
+    for n in (0, 5, 100_000):
+        with pytest.raises(InvalidArgument, match=r"must be 1 … 4 \(hosts.max_count"):
+            check_replica_counts(m, {(1, 0): n})
+
+
+def test_replicas_in_all_past_every_possible_slot_are_refused() -> None:
+    m, _ = _model(family_spec("mixtral", hosts={"slots": 6}))  # 4 hosts at most × 6 slots = 24
+    m.target = {k: 1 for k in m.keys()}  # 2 layers × 8 experts
+    check_replica_counts(m, {k: 2 for k in m.keys() if k[0] == 1})  # 8 × 2 + 8 = 24: fits
+    with pytest.raises(FailedPrecondition, match=r"32 replicas in all .* \(4 × 6 = 24\)"):
+        check_replica_counts(m, {k: 3 for k in m.keys() if k[0] == 1})
