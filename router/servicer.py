@@ -40,19 +40,29 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps `MoefleetError` (and timeouts) to gRPC statuses for every unary method, and an
     undecodable request message to INVALID_ARGUMENT."""
 
+    def __init__(self):
+        self._wrapped: dict[str, Any] = {}  # method -> its guarded handler, made once
+
     async def intercept_service(self, continuation, details):
+        method = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler = await continuation(details)
-        if handler is None:
-            return handler
-        if handler.unary_unary is not None:
-            make, inner = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-        elif handler.unary_stream is not None:
-            make, inner = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-        else:
-            return handler
-        return make(_guarded(inner, details.method),
-                    request_deserializer=_tolerant(handler.request_deserializer),
-                    response_serializer=handler.response_serializer)
+        if handler is None:  # an unknown method: not kept, so no client can grow the dict
+            return None
+        self._wrapped[method] = _guard(handler, method)
+        return self._wrapped[method]
+
+
+def _guard(handler: Any, method: str) -> Any:
+    if handler.unary_unary is not None:
+        make, inner = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream is not None:
+        make, inner = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    else:
+        return handler
+    return make(_guarded(inner, method), request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
 
 
 @dataclass(frozen=True)

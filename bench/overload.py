@@ -1,0 +1,202 @@
+"""Benchmark: the service under 10× overload, against its own unloaded figures, in one run.
+
+Serves `deploy/examples/tiny.yaml` on an embedded local Ray and measures, with T=512 requests:
+
+    unloaded   one caller after another: p50 / p99 latency
+    sustained  the rate a closed loop of callers gets (requests/s)
+    overload   an open loop offering `--factor` × the sustained rate for `--seconds`: how many
+               were admitted and refused (RESOURCE_EXHAUSTED), any other status, admitted
+               p50 / p99, how fast a refusal came back, health checks during it
+    memory     the Router's RSS idle, at its peak during the overload, and after it
+
+and prints admitted p99 / unloaded p99 (the target is <= 3) and the refusal p99 (<= 50 ms).
+Requests are serialised once and sent as bytes, so the load generator stays cheap; every
+admitted answer is checked against the in-process reference.
+
+    .venv/bin/python bench/overload.py [--factor 10] [--seconds 10]
+
+# T = tokens per request, H = hidden
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import ray
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moefleet.cluster import service
+from moefleet.cluster.model import Reference
+from moefleet.cluster.spec import load_spec
+from moefleet.protos import inference_pb2 as pb
+from moefleet.router.wire import request_for, tensor_from_response
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+SPEC = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "tiny.yaml"
+T = 512
+DEADLINE_S = 10.0
+
+
+@dataclass
+class Tally:
+    ok_s: list[float] = field(default_factory=list)  # latency of each admitted request
+    refused_s: list[float] = field(default_factory=list)  # time to each RESOURCE_EXHAUSTED
+    other: dict[str, int] = field(default_factory=dict)
+    wrong: int = 0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Load:
+    """Pre-serialised requests and the answers they must get."""
+
+    def __init__(self, spec, n: int = 8):
+        ref = Reference(spec)
+        g = torch.Generator().manual_seed(0)
+        self.xs = [torch.randn(T, spec.moe.hidden_size, generator=g) for _ in range(n)]
+        self.data = [request_for(spec.name, 0, x).SerializeToString() for x in self.xs]
+        self.want = [ref(0, x) for x in self.xs]
+
+    async def one(self, call, i: int, tally: Tally, check: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            raw = await call(self.data[i % len(self.data)], timeout=DEADLINE_S)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                tally.refused_s.append(time.perf_counter() - t0)
+            else:
+                tally.other[e.code().name] = tally.other.get(e.code().name, 0) + 1
+            return
+        tally.ok_s.append(time.perf_counter() - t0)
+        if check:
+            y = tensor_from_response(pb.ModelInferResponse.FromString(raw))
+            if not torch.allclose(y, self.want[i % len(self.want)], rtol=1e-4, atol=1e-4):
+                tally.wrong += 1
+
+
+async def unloaded(call, load: Load, seconds: float) -> Tally:
+    tally, end, i = Tally(), time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        await load.one(call, i, tally, check=True)
+        i += 1
+    return tally
+
+
+async def closed_loop(call, load: Load, callers: int, seconds: float) -> float:
+    """Requests/s that `callers` back-to-back callers get."""
+    tally, end = Tally(), time.monotonic() + seconds
+
+    async def caller(c: int) -> None:
+        i = c
+        while time.monotonic() < end:
+            await load.one(call, i, tally, check=False)
+            i += callers
+    t0 = time.monotonic()
+    await asyncio.gather(*(caller(c) for c in range(callers)))
+    return len(tally.ok_s) / (time.monotonic() - t0)
+
+
+async def open_loop(call, load: Load, rate: float, seconds: float) -> Tally:
+    """Offer `rate` requests/s whatever comes back, for `seconds`."""
+    tally, tasks, n = Tally(), [], int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(n):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(load.one(call, i, tally, check=i % 5 == 0)))
+    await asyncio.gather(*tasks)
+    return tally
+
+
+async def watch(channel, router, stop: asyncio.Event, period_s: float = 0.25) -> tuple[int, int, int]:
+    """(health checks SERVING, health checks in all, peak Router RSS) until `stop`."""
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = checks = peak = 0
+    while not stop.is_set():
+        checks += 1
+        try:
+            r = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            serving += r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            pass
+        peak = max(peak, await router.rss_bytes.remote())
+        await asyncio.sleep(period_s)
+    return serving, checks, peak
+
+
+async def run(address: str, router, spec, factor: float, seconds: float) -> None:
+    load = Load(spec)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(INFER)
+        await unloaded(call, load, 1.0)  # warm up
+        idle_rss = await router.rss_bytes.remote()
+        base = await unloaded(call, load, 4.0)
+        rate = await closed_loop(call, load, callers=8, seconds=5.0)
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(channel, router, stop))
+        over = await open_loop(call, load, factor * rate, seconds)
+        stop.set()
+        serving, checks, peak_rss = await watcher
+        await asyncio.sleep(5.0)
+        after_rss = await router.rss_bytes.remote()
+    _report(base, rate, factor, over, serving, checks, idle_rss, peak_rss, after_rss)
+
+
+def _report(base: Tally, rate: float, factor: float, over: Tally, serving: int, checks: int,
+            idle_rss: int, peak_rss: int, after_rss: int) -> None:
+    mib = 1 << 20
+    offered = len(over.ok_s) + len(over.refused_s) + sum(over.other.values())
+    print(f"# bench/overload.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+          f"{platform.node()}  T={T}, deploy/examples/tiny.yaml")
+    print(f"unloaded      p50 {_pct(base.ok_s, 0.5) * 1e3:7.1f} ms   "
+          f"p99 {_pct(base.ok_s, 0.99) * 1e3:7.1f} ms   ({len(base.ok_s)} requests, wrong {base.wrong})")
+    print(f"sustained     {rate:7.1f} requests/s (8 callers, closed loop)")
+    print(f"offered       {factor * rate:7.1f} requests/s ({factor:g}x) for {offered} requests")
+    print(f"admitted      {len(over.ok_s):7d}   p50 {_pct(over.ok_s, 0.5) * 1e3:7.1f} ms   "
+          f"p99 {_pct(over.ok_s, 0.99) * 1e3:7.1f} ms   wrong {over.wrong}")
+    print(f"refused       {len(over.refused_s):7d}   RESOURCE_EXHAUSTED after p50 "
+          f"{_pct(over.refused_s, 0.5) * 1e3:.1f} ms, p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms")
+    print(f"other         {over.other or 'none'}")
+    print(f"health        {serving}/{checks} checks SERVING during the overload")
+    print(f"router RSS    idle {idle_rss / mib:.0f} MiB, peak {peak_rss / mib:.0f} MiB, "
+          f"5 s after {after_rss / mib:.0f} MiB (+{(after_rss - idle_rss) / mib:.0f} MiB)")
+    ratio = _pct(over.ok_s, 0.99) / _pct(base.ok_s, 0.99)
+    print(f"ratio         admitted p99 / unloaded p99 = {ratio:.2f} (target <= 3); "
+          f"refusal p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms (target <= 50)")
+    print(f"              median admitted / unloaded p50 = "
+          f"{statistics.median(over.ok_s or [0]) / _pct(base.ok_s, 0.5):.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--factor", type=float, default=10.0, help="offered load / sustained rate")
+    ap.add_argument("--seconds", type=float, default=10.0, help="how long the overload lasts")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    spec = load_spec(str(SPEC))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             namespace=service.NAMESPACE)
+    svc = service.start(spec, port=0, host="127.0.0.1")
+    try:
+        asyncio.run(run(svc.address, svc.routers[0], spec, args.factor, args.seconds))
+    finally:
+        svc.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
