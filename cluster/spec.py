@@ -162,7 +162,7 @@ class RouterConfig:
     max_queue_delay_s: float = 0.05  # refuse a request whose queue ahead would take longer
     max_request_tokens: int = 65536
     max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
-    max_concurrent_rpcs: int = 32  # more calls at once get RESOURCE_EXHAUSTED from gRPC itself
+    max_concurrent_rpcs: int = 128  # more calls at once get RESOURCE_EXHAUSTED from gRPC itself
     transport: str = "ray"
     num_cpus: float = 1
     num_gpus: float = 0  # a router with a GPU computes the gating there

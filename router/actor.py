@@ -37,7 +37,7 @@ from .engine import Engine, LayerState, ModelState
 from .errors import HostGone, MoefleetError, Unavailable
 from .servicer import InferenceServicer, ServerLimits, TlsConfig, serve_grpc
 
-__all__ = ["Router", "state_from_controller", "receive_limit"]
+__all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
 
 _LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
 _TRIM_PERIOD_S = 1.0  # how often an idle router gives freed memory back to the OS
@@ -83,6 +83,16 @@ async def _receive(ref: ray.ObjectRef) -> torch.Tensor:
         cause = e.as_instanceof_cause()
         raise (cause if isinstance(cause, MoefleetError) else Unavailable(str(cause))) from e
     return from_wire(y, y_dtype)
+
+
+def memory_bound(cfg: RouterConfig, models: list[MoEConfig]) -> int:
+    """Bytes the router's request path may hold at once, beyond its idle RSS: every admitted
+    call's message, its decoded copy and its reply (`max_concurrent_rpcs` × 3 × the receive
+    limit), plus the work on `max_queue_tokens` tokens (their input, K dispatched rows, K
+    expert answers in fp32 and the output: (2 + 2K) × H × 4 bytes a token)."""
+    messages = 3 * cfg.max_concurrent_rpcs * receive_limit(cfg, models)
+    per_token = max(((2 + 2 * m.num_experts_per_tok) * m.hidden_size * 4 for m in models), default=0)
+    return messages + cfg.max_queue_tokens * per_token
 
 
 class Router:
