@@ -18,7 +18,6 @@ one is set. Argument parsing only: the work is done by `service` (bring-up) and 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import shutil
 import signal
@@ -150,14 +149,15 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
     with --detach, return)."""
     from moefleet.router.errors import MoefleetError
 
-    from .service import connect_ray, start
+    from .service import check_exposure, connect_ray, start
 
     spec = _serve_spec(spec_path, checkpoint, name, dtype, num_hosts)
     host = host or ("127.0.0.1" if address == "local" else "0.0.0.0")
     token = _token(token, token_file)
-    if not (token or insecure or _is_loopback(host)):
-        raise click.UsageError(f"--host {host} is reachable beyond this machine: give an admin token "
-                               "(--token-file, $MOEFLEET_TOKEN) or say --insecure")
+    try:  # before Ray starts, so the refusal is immediate
+        check_exposure(host, token, insecure)
+    except ValueError as e:
+        raise click.UsageError(f"--host {e}") from None
     tls = _server_tls(tls_cert, tls_key, tls_client_ca)
     if detach and address == "local":
         raise click.UsageError("--detach needs a running cluster (--address auto or HOST:PORT): "
@@ -166,7 +166,7 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
     try:
         connect_ray(address, num_cpus)
         svc = start(spec, port=port, host=host, detached=detach, token=token, state_dir=state_dir,
-                    on_progress=bar, tls=tls)
+                    on_progress=bar, tls=tls, insecure=insecure)
     except (ConnectionError, RuntimeError, ValueError, MoefleetError) as e:
         bar.close()
         raise click.ClickException(str(getattr(e, "cause", None) or e)) from None
@@ -185,15 +185,6 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
     import ray
 
     ray.shutdown()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _server_tls(cert: str | None, key: str | None, client_ca: str | None):

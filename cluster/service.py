@@ -9,6 +9,7 @@ Only this module and the actors have effects; what goes where is `placement`'s d
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -28,7 +29,8 @@ from .controller import Controller
 from .hosts import NAMESPACE
 from .spec import ModelSpec
 
-__all__ = ["Service", "start", "connect_ray", "NAMESPACE", "CONTROLLER_NAME", "ROUTER_NAME"]
+__all__ = ["Service", "start", "connect_ray", "check_exposure", "is_loopback", "NAMESPACE",
+           "CONTROLLER_NAME", "ROUTER_NAME"]
 
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "moefleet-controller"
@@ -92,15 +94,32 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         raise ConnectionError(f"no Ray cluster answers at {address!r}: {e}") from None
 
 
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond loopback with the admin API open to anyone who reaches it."""
+    if not (token or insecure or is_loopback(host)):
+        raise ValueError(f"{host} is reachable beyond this machine: give an admin token "
+                         "(--token-file, $MOEFLEET_TOKEN) or say --insecure")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached: bool = False,
           token: str | None = None, state_dir: str | None = None,
           on_progress: Callable[[dict[str, Any]], None] | None = None,
-          tls: TlsConfig | None = None) -> Service:
+          tls: TlsConfig | None = None, insecure: bool = False) -> Service:
     """Start everything for one model spec on the connected Ray cluster: the Controller, its
     hosts and experts, then a router on the head and on every node that offers the spec's
     `router.nodes_resource`, each listening on `port` there. `on_progress` is called with
     `Controller.load_progress` while the experts load, and once when they have. With `tls`,
-    the routers serve TLS."""
+    the routers serve TLS. Beyond loopback, an admin token is required unless `insecure`."""
+    check_exposure(host, token, insecure)
     controller = _start_controller(state_dir)
     routers: list[Any] = []
     try:

@@ -25,7 +25,8 @@ Lifetimes. moefleet's actors are detached: they outlive the replica that started
 Args (`args:` in the Serve config): `spec` (an inline model spec) or `spec_path` (a spec file,
 read where Serve builds the application), `port` (50051; 0 picks a free one), `host`
 ("0.0.0.0"), `token` (the admin token; without it, $MOEFLEET_TOKEN in the replica's
-environment). The HTTP route asks for the same token, as `Authorization: Bearer <token>`.
+environment), `insecure` (false: beyond loopback, moefleet does not start without a token).
+The HTTP route asks for the same token, as `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ __all__ = ["MoefleetService", "ServeArgs", "build", "fingerprint"]
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lands in the replica's log file
 _RECORD_KEY = "moefleet-serve"  # Ray KV (namespace NAMESPACE): {"fingerprint", "address"}
-_ARG_NAMES = ("spec", "spec_path", "port", "host", "token")
+_ARG_NAMES = ("spec", "spec_path", "port", "host", "token", "insecure")
 _PROBE_TIMEOUT_S = 5.0
 _GRACE_S = 5.0  # how long the Router drains in-flight requests on shutdown
 
@@ -72,6 +73,7 @@ class ServeArgs:
     port: int = 50051
     host: str = "0.0.0.0"
     token: str | None = None
+    insecure: bool = False
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> ServeArgs:
@@ -82,7 +84,7 @@ class ServeArgs:
             raise ValueError("moefleet args: give exactly one of `spec` (inline) or `spec_path`")
         spec = ModelSpec.from_dict(args["spec"]) if "spec" in args else load_spec(args["spec_path"])
         return cls(spec, int(args.get("port", 50051)), str(args.get("host", "0.0.0.0")),
-                   args.get("token") or None)
+                   args.get("token") or None, bool(args.get("insecure", False)))
 
 
 def fingerprint(args: ServeArgs, token: str | None) -> str:
@@ -172,7 +174,8 @@ def _adopt_or_start(args: ServeArgs, token: str | None) -> Service:
         _shut_down(controller)
     # Recorded before starting, so a replica lost mid-start leaves remains a successor replaces.
     _write_record({"fingerprint": want, "address": None})
-    svc = service.start(args.spec, port=args.port, host=args.host, detached=True, token=token)
+    svc = service.start(args.spec, port=args.port, host=args.host, detached=True, token=token,
+                        insecure=args.insecure)
     _write_record({"fingerprint": want, "address": svc.address})
     log.info("moefleet serving %s on %s", args.spec.name, svc.address)
     return svc

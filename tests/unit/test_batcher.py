@@ -290,3 +290,50 @@ def test_run_returning_the_wrong_number_of_rows_fails_every_request_instead_of_h
         assert all(isinstance(r, Exception) for r in results)
 
     _run(main())
+
+
+class SlowRun:
+    """run(key, x) -> (2x + 1, None), taking `s_per_token` seconds a token (awaited sleep)."""
+
+    def __init__(self, s_per_token: float):
+        self.s_per_token = s_per_token
+
+    async def __call__(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        await asyncio.sleep(x.shape[0] * self.s_per_token)
+        return _f(x), None
+
+
+def test_work_ahead_longer_than_max_queue_delay_is_refused_at_once_and_admitted_work_is_served() -> None:
+    # 1 ms a token: a request of 10 tokens takes 10 ms; at most 30 ms may wait ahead of one
+    async def main():
+        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        (x,) = _xs([10], seed=0)
+        await b.submit("k", x)  # measures the key's rate: about 10k tokens/s
+        tasks = [asyncio.create_task(b.submit("k", x)) for _ in range(20)]
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT_S)
+        refused = [r for r in done if isinstance(r, ResourceExhausted)]
+        served = [r for r in done if not isinstance(r, BaseException)]
+        for y, _ in served:
+            torch.testing.assert_close(y, _f(x))
+        assert "max_queue_delay_s" in str(refused[0])
+        assert len(served) + len(refused) == 20
+        # the first one goes at once; each later one is admitted while <= 30 ms are ahead
+        assert 2 <= len(served) <= 6, len(served)
+        y, _ = await b.submit("k", x)  # once drained, requests are admitted again
+        torch.testing.assert_close(y, _f(x))
+        assert b.idle
+
+    asyncio.run(main())
+
+
+def test_a_key_whose_rate_is_not_known_yet_is_never_refused_for_delay() -> None:
+    async def main():
+        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=1e-6)
+        xs = _xs([5] * 4, seed=1)
+        got = await asyncio.wait_for(asyncio.gather(*(b.submit("k", x) for x in xs)), TIMEOUT_S)
+        for (y, _), x in zip(got, xs, strict=True):
+            torch.testing.assert_close(y, _f(x))
+
+    asyncio.run(main())
