@@ -9,8 +9,11 @@ Admission: a request is refused at once with RESOURCE_EXHAUSTED when
     `max_queue_tokens`, or
   * its key is busy and the work ahead of it (its key's queued and in-flight tokens, at the
     rate that key's recent batches ran) would take longer than `max_queue_delay_s`.
-So under overload the excess is refused within the time it takes to look, and admitted
-requests wait about `max_queue_delay_s` at most, rather than piling up in a queue.
+The rate is measured only on batches at least half of `max_batch_tokens`: a key whose batches
+never fill that far is not overloaded (its callers wait for at most about one batch), and
+small batches, whose time is mostly fixed per-call cost, would make its queue look slow. So
+under overload the excess is refused within the time it takes to look, and admitted requests
+wait about `max_queue_delay_s` at most, rather than piling up in a queue.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -44,7 +47,7 @@ class _Queue:
     tokens: int = 0  # queued, not yet sent
     in_flight: int = 0  # batches
     in_flight_tokens: int = 0
-    tokens_per_s: float = 0.0  # how fast this key's batches ran lately (0 = not known yet)
+    tokens_per_s: float = 0.0  # how fast this key's large batches ran lately (0 = not known yet)
     timer: asyncio.TimerHandle | None = None
 
     def wait_s(self) -> float:
@@ -127,7 +130,8 @@ class MicroBatcher:
         try:
             if live:
                 await self._run_live(key, live)
-                q.ran(sum(x.shape[0] for x, _ in live), time.perf_counter() - t0)
+                if 2 * tokens >= self.max_batch_tokens:
+                    q.ran(sum(x.shape[0] for x, _ in live), time.perf_counter() - t0)
         finally:
             q.in_flight -= 1
             q.in_flight_tokens -= tokens

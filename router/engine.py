@@ -34,6 +34,11 @@ from .gating import Gate, route
 
 __all__ = ["LayerState", "ModelState", "Engine", "CallHost"]
 
+# From this many tokens on, the pure tensor steps (gating, gathering rows, shared experts,
+# combine) run on a worker thread, so the event loop keeps taking (and refusing) requests while
+# they run; torch releases the GIL inside them. Below it, the thread hop costs more than it frees.
+_OFFLOAD_TOKENS = 256
+
 # call_host(host, x [n, H], batch) -> awaitable y [n, H]; it should start the host's work
 # before returning, so all hosts and the router's shared experts run at the same time. It
 # raises HostGone when the host is gone for good (its rows are then retried elsewhere).
@@ -145,7 +150,8 @@ class Engine:
             if x.shape[0] == 0:
                 return x.clone(), st.version
             xd = x.to(self.device)
-            topk_w, topk_ids = route(xd, ls.gate, st.cfg)  # [T, K], [T, K]
+            big = x.shape[0] >= _OFFLOAD_TOKENS
+            topk_w, topk_ids = await _pure(big, route, xd, ls.gate, st.cfg)  # [T, K], [T, K]
             ids = topk_ids.reshape(-1).cpu()  # [N]
             gone: set[int] = set()  # host indices that failed during this request
             try:
@@ -153,27 +159,31 @@ class Engine:
             except LookupError as e:  # an expert with no ready replica in this version
                 raise Unavailable(str(e)) from e
             self._count(model, layer, ids)
-            rows = x.to(st.dtype)[p.tokens(st.cfg.num_experts_per_tok)]  # [N, H] on the CPU
+            rows = await _pure(big, _gather, x.to(st.dtype), p.tokens(st.cfg.num_experts_per_tok))
             y = torch.empty(rows.shape, dtype=torch.float32, device=self.device)  # [N, H]
             jobs = [_Job(b.host, slice(b.start, b.end), rows[b.start:b.end], b) for b in p.batches]
-            out, failed = await self._run(st, jobs, y, gone, lambda: self._shared(xd, ls.shared))
+            shared = lambda: _pure(big, self._shared, xd, ls.shared)  # noqa: E731
+            out, failed = await self._run(st, jobs, y, gone, shared)
             while failed.numel():  # each round loses >= 1 host, so this ends
                 jobs = self._replan(st, layer, ids[p.order[failed]], failed, rows, gone)
                 _, failed = await self._run(st, jobs, y, gone)
-            out = combine(y, p, topk_w, x.shape[0], out)
+            out = await _pure(big, combine, y, p, topk_w, x.shape[0], out)
             return out.to(x.dtype).cpu(), st.version
 
     async def _run(self, st: ModelState, jobs: list[_Job], y: torch.Tensor, gone: set[int],
                    during: Callable[[], Any] | None = None) -> tuple[Any, torch.Tensor]:
         """Issue every job's host call, run `during` meanwhile, write each answer into y
         [N, H] at its rows. Returns (during's result, [M] positions whose host is gone)."""
-        calls = []
+        calls, meanwhile = [], None
         try:
             for j in jobs:
                 calls.append(self._issue(st, j))
-            meanwhile = during() if during is not None else None  # overlaps with the hosts
+            if during is not None:  # overlaps with the hosts
+                meanwhile = asyncio.ensure_future(during())
         finally:
             results = await asyncio.gather(*calls, return_exceptions=True)
+        if meanwhile is not None:
+            meanwhile = await meanwhile
         failed, error = [], None
         for j, r in zip(jobs, results, strict=True):
             if isinstance(r, HostGone):
@@ -243,7 +253,8 @@ class Engine:
             self._live[key] = table.without_hosts(set(dead))
         return self._live[key]
 
-    def _shared(self, x: torch.Tensor, shared: SharedExperts | None) -> torch.Tensor | None:
+    @staticmethod
+    def _shared(x: torch.Tensor, shared: SharedExperts | None) -> torch.Tensor | None:
         if shared is None:
             return None
         return shared(x.to(shared.ffn.w1.dtype)).float()  # [T, H]
@@ -312,3 +323,13 @@ def _to_device(shared: SharedExperts | None, device: torch.device) -> SharedExpe
     ffn = type(f)(f.w1.to(device), f.w2.to(device), f.w3.to(device))
     gate = None if shared.gate is None else shared.gate.to(device)
     return SharedExperts(ffn, gate)
+
+
+async def _pure(offload: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), on a worker thread when `offload`; fn must not touch the engine's state."""
+    return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+
+
+def _gather(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """x: [T, H], tokens: [N] -> the dispatched rows [N, H]."""
+    return x[tokens]

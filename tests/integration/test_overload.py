@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 LIMITS = {"max_request_tokens": 1024, "max_queue_tokens": 8192, "max_concurrent_rpcs": 32,
-          "max_queue_delay_s": 0.02}
+          "max_batch_tokens": 512, "max_queue_delay_s": 0.02}
+MOE = {"hidden_size": 256, "moe_intermediate_size": 1024}  # the experts, not the calls, take the time
 CALLERS, SECONDS, T = 48, 6.0, 256
 AFTER_SLACK = 256 << 20  # after the load, RSS is back within this of its idle level
 
@@ -66,7 +67,7 @@ async def _load(address: str, data: list[bytes], want: list[torch.Tensor]) -> di
 
 
 def test_overload_is_refused_cleanly_with_bounded_memory_that_is_given_back(ray_session):
-    spec = family_spec("deepseek_v3", router=LIMITS)
+    spec = family_spec("deepseek_v3", router=LIMITS, moe=MOE)
     svc = service.start(spec, port=0, host="127.0.0.1")
     try:
         router = svc.routers[0]
