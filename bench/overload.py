@@ -13,7 +13,10 @@ and prints admitted p99 / unloaded p99 (the target is <= 3) and the refusal p99 
 Requests are serialised once and sent as bytes, so the load generator stays cheap; every
 admitted answer is checked against the in-process reference.
 
-    .venv/bin/python bench/overload.py [--factor 10] [--seconds 10]
+    .venv/bin/python bench/overload.py [--factor 10] [--seconds 10] [--intermediate-size I]
+
+`--intermediate-size` overrides the experts' size: with large experts the expert hosts are
+what saturates; with the demo's own (128) it is the router's intake of calls.
 
 # T = tokens per request, H = hidden
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import platform
 import statistics
 import time
@@ -153,15 +157,15 @@ async def run(address: str, router, spec, factor: float, seconds: float) -> None
         serving, checks, peak_rss = await watcher
         await asyncio.sleep(5.0)
         after_rss = await router.rss_bytes.remote()
-    _report(base, rate, factor, over, serving, checks, idle_rss, peak_rss, after_rss)
+    _report(spec, base, rate, factor, over, serving, checks, idle_rss, peak_rss, after_rss)
 
 
-def _report(base: Tally, rate: float, factor: float, over: Tally, serving: int, checks: int,
+def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving: int, checks: int,
             idle_rss: int, peak_rss: int, after_rss: int) -> None:
     mib = 1 << 20
     offered = len(over.ok_s) + len(over.refused_s) + sum(over.other.values())
     print(f"# bench/overload.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
-          f"{platform.node()}  T={T}, deploy/examples/tiny.yaml")
+          f"{platform.node()}  T={T}, deploy/examples/tiny.yaml, I={spec.moe.moe_intermediate_size}")
     print(f"unloaded      p50 {_pct(base.ok_s, 0.5) * 1e3:7.1f} ms   "
           f"p99 {_pct(base.ok_s, 0.99) * 1e3:7.1f} ms   ({len(base.ok_s)} requests, wrong {base.wrong})")
     print(f"sustained     {rate:7.1f} requests/s (8 callers, closed loop)")
@@ -185,9 +189,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--factor", type=float, default=10.0, help="offered load / sustained rate")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long the overload lasts")
+    ap.add_argument("--intermediate-size", type=int, default=None, help="the experts' size")
     args = ap.parse_args()
     torch.set_num_threads(1)
     spec = load_spec(str(SPEC))
+    if args.intermediate_size:
+        spec.moe = dataclasses.replace(spec.moe, moe_intermediate_size=args.intermediate_size)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              namespace=service.NAMESPACE)
     svc = service.start(spec, port=0, host="127.0.0.1")
