@@ -272,8 +272,8 @@ def rebalance(
     Candidates, each followed step by step: the new counts from `replicate` applied with
     `apply_counts` then relieved by a bounded local search (one R moved off the hottest H, or
     swapped for a lighter R, per step); the same search from `current` when its counts already
-    fit num_replicas; and a from-scratch pack plus search, its hosts relabelled to keep as many
-    R in place as possible. Fewest unplaced R first; then, by default, the fewest moves whose
+    fit num_replicas; and a from-scratch pack, before and after the search, its hosts relabelled
+    to keep as many R in place as possible. Fewest unplaced R first; then, by default, the fewest moves whose
     `imbalance` is within _TOLERANCE of the best. max_moves keeps only plans with that many
     moves or fewer (ValueError when none has); min_gain > 0 instead takes the plan minimising
     imbalance + min_gain * moves (a move must buy at least min_gain of max/mean). When a knob
@@ -291,8 +291,8 @@ def rebalance(
         starts.append(PlacementPlan(current, [], []))
     paths = [_Path(full, capacity, current, s) for s in starts]
     scratch = _Path(full, capacity, {}, apply_counts(full, capacity, {}, counts))
-    relabelled = _relabel(scratch.plan(len(scratch.steps), {}), capacity, current)
-    paths.append(_Path(full, capacity, current, relabelled))
+    for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
+        paths.append(_Path(full, capacity, current, _relabel(scratch.plan(i, {}), capacity, current)))
     plans = [(p, i) for p in paths for i in range(len(p.scores))]
     scores = [p.scores[i] for p, i in plans]
     best, pick = _choose(scores, None, 0.0), _choose(scores, max_moves, min_gain)
