@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError
 from moefleet.router.errors import ResourceExhausted
 
 from . import placement
-from .hosts import start_host
+from .hosts import no_room, start_host
 from .metrics import ControllerMetrics
 from .model import source_args
 from .registry import HostRecord, Key, ModelRecord
@@ -65,18 +65,23 @@ class Executor:
     async def apply(self, m: ModelRecord, counts: dict[Key, int],
                     before_publish=None) -> tuple[int, int, int]:
         """Bring the experts in `counts` to those replica counts; start hosts when slots run
-        out (up to hosts.max_count). Returns what `execute` returns."""
+        out (up to hosts.max_count, and only where the cluster has or can add a node for one).
+        Raises ResourceExhausted, with nothing changed, when replicas stay unplaced; counts them
+        in the moefleet_unplaced_replicas metric. Returns what `execute` returns."""
         load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
         while True:
             plan = placement.apply_counts(load, self.capacity(m), m.placement(), counts)
+            self._metrics.record_unplaced(m.name, len(plan.unplaced))
             if not plan.unplaced:
                 break
             hosts_now = sum(1 for h in self.hosts.values() if h.model == m.name)
+            short = (f"no free slot for {len(plan.unplaced)} replica(s) of "
+                     f"{sorted(set(plan.unplaced))}: {hosts_now} hosts of {m.spec.hosts.slots} slots")
             if hosts_now >= m.spec.hosts.max_count:
-                raise ResourceExhausted(
-                    f"no free slot for {len(plan.unplaced)} replica(s) of {sorted(set(plan.unplaced))}: "
-                    f"{hosts_now} hosts of {m.spec.hosts.slots} slots, hosts.max_count is "
-                    f"{m.spec.hosts.max_count}")
+                raise ResourceExhausted(f"{short}, hosts.max_count is {m.spec.hosts.max_count}")
+            why = await asyncio.to_thread(no_room, m.spec.hosts)
+            if why is not None:
+                raise ResourceExhausted(f"{short}; {why}")
             await self.start_host(m)
         return await self.execute(m, plan.moves, before_publish)
 

@@ -206,16 +206,32 @@ def apply_counts(
     `counts` keeps its replicas, a K absent from `current` starts from 0).
     Kept R stay where they are. A shrinking K first loses its R on the most loaded H. New R go,
     heaviest per-replica load first (LPT), to the least-loaded H with a free slot without K.
+    When that would leave some K with no replica at all, the first R of every K goes first.
     """
     if any(c < 0 for c in counts.values()):
         raise ValueError(f"replica counts must be >= 0: {counts}")
+    plan = _apply_counts(load, capacity, current, counts, firsts_first=False)
+    if any(k not in plan.placement for k in plan.unplaced):
+        plan = _apply_counts(load, capacity, current, counts, firsts_first=True)
+    return plan
+
+
+def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Placement,
+                  counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
     for k in sorted(counts):
         for _ in range(len(current.get(k, ())) - counts[k]):
             fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
     pending = [k for k in sorted(counts) for _ in range(counts[k] - len(current.get(k, ())))]
+    pending.sort(key=lambda k: -fleet.share[k])  # stable: ties keep key order
+    if firsts_first:
+        seen, firsts, rest = set(fleet.placement), [], []
+        for k in pending:
+            (rest if k in seen else firsts).append(k)
+            seen.add(k)
+        pending = firsts + rest
     unplaced = []
-    for k in sorted(pending, key=lambda k: -fleet.share[k]):  # stable: ties keep key order
+    for k in pending:
         h = fleet.coolest(k) or _make_room(fleet, k)
         if h is None:
             unplaced.append(k)

@@ -422,3 +422,13 @@ def test_min_gain_takes_a_move_only_when_it_buys_that_much_balance() -> None:
     some = rebalance(load, capacity, current, max_replicas=hi, min_gain=0.01)
     gain = imbalance(load, capacity, current) - imbalance(load, capacity, some.placement)
     assert 0 < len(some.moves) < len(free.moves) and gain >= 0.01 * len(some.moves)
+
+
+def test_a_shortfall_drops_extra_replicas_never_an_experts_only_one() -> None:
+    load = {(0, 0): 100.0, (0, 1): 90.0, (0, 2): 0.0, (0, 3): 0.0}
+    capacity = dict.fromkeys(_hosts(2), 2)  # 4 slots for the 6 replicas asked for
+    counts = {(0, 0): 2, (0, 1): 2, (0, 2): 1, (0, 3): 1}
+    plan = apply_counts(load, capacity, {}, counts)
+    _check_plan(plan, capacity, {}, counts)
+    assert set(plan.placement) == set(load) and sorted(plan.unplaced) == [(0, 0), (0, 1)]
+    assert set(rebalance(load, capacity, plan.placement, 6, max_replicas=2).placement) == set(load)
