@@ -24,7 +24,17 @@ NAMESPACE = "moefleet"
 
 
 class RayExpertHost(ExpertHost):
-    """ExpertHost as it runs in Ray: it also says which node it is on."""
+    """ExpertHost as it runs in Ray: it also says which node it is on, and loads weights on a
+    thread of their own (concurrency group "load"), so requests do not queue behind a load.
+    A load writes only a slot no published version routes to yet."""
+
+    @ray.method(concurrency_group="load")
+    def load(self, slot: int, layer: int, expert: int, weights: Any) -> None:
+        super().load(slot, layer, expert, weights)
+
+    @ray.method(concurrency_group="load")
+    def load_source(self, slot: int, layer: int, expert: int, source: dict[str, Any]) -> None:
+        super().load_source(slot, layer, expert, source)
 
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -62,7 +72,7 @@ async def start_host(host_id: str, hc: HostsConfig, timeout_s: float) -> tuple[A
     Hosts are detached: the Controller starts them, and they must outlive a restart of the
     Controller (an owned actor dies with its owner). The Controller ends them on shutdown.
     """
-    handle = ray.remote(RayExpertHost).options(
+    handle = ray.remote(concurrency_groups={"load": 1})(RayExpertHost).options(
         name=host_id, namespace=NAMESPACE, num_cpus=hc.num_cpus, num_gpus=hc.num_gpus,
         resources=dict(hc.resources), lifetime="detached",
     ).remote(host_id, hc.slots, hc.num_cpus, "auto", hc.kernel_backend)
