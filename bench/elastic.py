@@ -19,7 +19,8 @@ a fourth on a service of its own:
                 new expert); then `RemoveExpert`. Under the Zipf load.
     spike       experts of H=spike_hidden, I=spike_inter (24 MB each in fp32) on the same 4
                 hosts, under the Zipf load: request latency p50 / p99 in the measure_s / 2
-                before `Rebalance(replicas = spike_spare × E)` against while it runs.
+                before `Rebalance(replicas = spike_spare × E)` against while it runs; once
+                with hosts.loads_per_host = slots (every load at once), once with 1.
 
 It times the control plane, not the maths (the experts are tiny), in wall seconds on a shared,
 noisy machine.
@@ -297,11 +298,12 @@ def p50_p99(latencies: list[float]) -> tuple[float, float]:
     return s[(len(s) - 1) // 2], s[min(len(s) - 1, round(0.99 * len(s)) - 1)]
 
 
-def measure_spike(s: Settings) -> dict:
+def measure_spike(s: Settings, loads_per_host: int) -> dict:
     """Its own service, with experts of spike_hidden × spike_inter, under the Zipf load:
-    latencies of the requests sent in the measure_s / 2 before `Rebalance(spike_spare × E)`
-    (steady state) against those sent while it runs."""
+    latencies of the requests sent in the measure_s before `Rebalance(spike_spare × E)` (steady
+    state, less the first second) against those sent while it runs."""
     spec = make_spec(s, s.spike_hidden, s.spike_inter)
+    spec.hosts.loads_per_host = loads_per_host
     svc = service.start(spec, port=0)
     try:
         w = gate_of(spec, LAYER, source_of(spec)).weight
@@ -317,23 +319,24 @@ def measure_spike(s: Settings) -> dict:
         load.stop()
     finally:
         svc.shutdown()
-    before = [d for t, d in load.latencies if t0 - s.measure_s / 2 <= t < t0]
+    before = [d for t, d in load.latencies if t0 - s.measure_s + 1 <= t < t0]
     during = [d for t, d in load.latencies if t0 <= t < t1]
     return {"before": p50_p99(before), "during": p50_p99(during), "n": (len(before), len(during)),
             "rebalance_s": t1 - t0, "resp": resp, "errors": load.errors,
-            "mb_per_expert": 3 * s.spike_hidden * s.spike_inter * 4 / 2**20}
+            "mb_per_expert": 3 * s.spike_hidden * s.spike_inter * 4 / 2**20,
+            "loads_per_host": loads_per_host}
 
 
-def report_spike(sp: dict) -> None:
-    (b50, b99), (d50, d99), r = sp["before"], sp["during"], sp["resp"]
-    print(f"\nrebalance under load: {r.moves} moves ({r.replicas_placed} replicas placed) of "
-          f"{sp['mb_per_expert']:.0f} MB experts in {sp['rebalance_s']:.2f} s; "
-          f"requests before / during: {sp['n'][0]} / {sp['n'][1]}; errors: {len(sp['errors'])}"
-          + (f", first: {sp['errors'][0]}" if sp["errors"] else ""))
-    print("| latency | steady (before) ms | during the rebalance ms | during / before |")
-    print("|---|---:|---:|---:|")
-    for name, b, d in (("p50", b50, d50), ("p99", b99, d99)):
-        print(f"| {name} | {1e3 * b:.1f} | {1e3 * d:.1f} | {d / b:.2f} |")
+def report_spike(spikes: list[dict]) -> None:
+    print(f"\nrebalance under load ({spikes[0]['mb_per_expert']:.0f} MB experts), by "
+          f"hosts.loads_per_host; latencies in ms, before → during")
+    print("| loads_per_host | moves | rebalance s | requests before / during | p50 | p50 ratio | "
+          "p99 | p99 ratio | errors |\n|---:|---:|---:|---|---|---:|---|---:|---:|")
+    for sp in spikes:
+        (b50, b99), (d50, d99), r = sp["before"], sp["during"], sp["resp"]
+        print(f"| {sp['loads_per_host']} | {r.moves} | {sp['rebalance_s']:.2f} | {sp['n'][0]} / "
+              f"{sp['n'][1]} | {1e3 * b50:.0f} → {1e3 * d50:.0f} | {d50 / b50:.2f} | "
+              f"{1e3 * b99:.0f} → {1e3 * d99:.0f} | {d99 / b99:.2f} | {len(sp['errors'])} |")
 
 
 # ---- the report ---------------------------------------------------------------------------
@@ -401,7 +404,7 @@ def run(s: Settings) -> None:
     try:
         if s.parts != "spike":
             run_elastic(spec, s)
-        report_spike(measure_spike(s))
+        report_spike([measure_spike(s, n) for n in (s.slots, 1)])  # all at once, then rounds
     finally:
         ray.shutdown()
 
