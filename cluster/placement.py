@@ -288,12 +288,13 @@ def rebalance(
     Candidates, each followed step by step: the new counts from `replicate` applied with
     `apply_counts` then relieved by a bounded local search (one R moved off the hottest H, or
     swapped for a lighter R, per step); the same search from `current` when its counts already
-    fit num_replicas; and a from-scratch pack, before and after the search, its hosts relabelled
-    to keep as many R in place as possible. Fewest unplaced R first; then, by default, the fewest moves whose
-    `imbalance` is within _TOLERANCE of the best. max_moves keeps only plans with that many
-    moves or fewer (ValueError when none has); min_gain > 0 instead takes the plan minimising
-    imbalance + min_gain * moves (a move must buy at least min_gain of max/mean). When a knob
-    changed the choice, `uncut` is the plan it would have been. moves are the net change.
+    fit num_replicas; and a from-scratch pack, before and after the search, its hosts
+    relabelled to keep as many R in place as possible.
+    Choice: fewest unplaced R first; then, by default, the fewest moves whose `imbalance` is
+    within _TOLERANCE of the best. max_moves keeps only plans with that many moves or fewer
+    (ValueError when none has); min_gain > 0 instead takes the plan minimising imbalance +
+    min_gain * moves (a move must buy at least min_gain of max/mean). When a knob changed the
+    choice, `uncut` is the plan it would have been. moves are the net change from `current`.
     """
     full = {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
     if num_replicas is None:
