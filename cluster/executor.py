@@ -66,8 +66,8 @@ class Executor:
                     before_publish=None) -> tuple[int, int, int]:
         """Bring the experts in `counts` to those replica counts; start hosts when slots run
         out (up to hosts.max_count, and only where the cluster has or can add a node for one).
-        Raises ResourceExhausted, with nothing changed, when replicas stay unplaced; counts them
-        in the moefleet_unplaced_replicas metric. Returns what `execute` returns."""
+        Raises ResourceExhausted, with no replica changed, when replicas stay unplaced; counts
+        them in the moefleet_unplaced_replicas metric. Returns what `execute` returns."""
         load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
         while True:
             plan = placement.apply_counts(load, self.capacity(m), m.placement(), counts)
