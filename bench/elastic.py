@@ -3,7 +3,8 @@
 One embedded Ray and one service (`service.start`) serve a small random-weight layer (H=64,
 I=48, E=16, K=2, softmax top-k renormalised) from 4 ExpertHost actors. Client threads here send
 [T, H] requests whose tokens sit near chosen experts' gate rows (x = 4 · row/|row| + 0.3 · noise),
-so the bench decides which experts get the rows. Three measurements, printed as one table:
+so the bench decides which experts get the rows. Three measurements, printed as one table, and
+a fourth on a service of its own:
 
     reaction    autoscaling on (upscale delay 0, smoothing 1, downscale delay 1 s), with a
                 target_tokens_per_s the uniform load stays under; the load steps so one expert
@@ -16,12 +17,17 @@ so the bench decides which experts get the rows. Three measurements, printed as 
     add/remove  `AddExpert` of an expert with a large gate row, then requests aligned to it until
                 one reports a version >= the response's (checked against the reference with the
                 new expert); then `RemoveExpert`. Under the Zipf load.
+    spike       experts of H=spike_hidden, I=spike_inter (24 MB each in fp32) on the same 4
+                hosts, under the Zipf load: request latency p50 / p99 in the measure_s / 2
+                before `Rebalance(replicas = spike_spare × E)` against while it runs; once
+                with hosts.loads_per_host = slots (every load at once), once with 1.
 
 It times the control plane, not the maths (the experts are tiny), in wall seconds on a shared,
 noisy machine.
 
     .venv/bin/python bench/elastic.py            # the full run (about 1 minute)
     .venv/bin/python bench/elastic.py --quick    # fewer repeats, shorter load windows
+    .venv/bin/python bench/elastic.py --parts spike   # the spike measurement alone
 
 # T = tokens per request, H = hidden, E = experts, R = replicas
 """
@@ -45,7 +51,14 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import placement, service
-from moefleet.cluster.model import Reference, VersionedReference, expert_file, random_expert
+from moefleet.cluster.model import (
+    Reference,
+    VersionedReference,
+    expert_file,
+    gate_of,
+    random_expert,
+    source_of,
+)
 from moefleet.cluster.spec import ModelSpec
 from moefleet.experts.reference import ExpertWeights
 
@@ -71,12 +84,16 @@ class Settings:
     zipf: float = 1.1
     spare: float = 1.5  # rebalance to R = spare × experts
     ray_cpus: int = 4  # logical
+    spike_hidden: int = 1024  # the spike measurement's layer: experts large enough that
+    spike_inter: int = 2048  # loading them takes a while (24 MB each in fp32)
+    spike_spare: float = 3.0  # rebalance to R = spike_spare × experts
+    parts: str = "all"  # "all", or "spike" for the spike measurement alone
 
 
-def make_spec(s: Settings) -> ModelSpec:
+def make_spec(s: Settings, hidden: int = 64, inter: int = 48) -> ModelSpec:
     return ModelSpec.from_dict({
         "name": "bench-elastic", "layers": [LAYER], "dtype": "float32",
-        "moe": {"hidden_size": 64, "moe_intermediate_size": 48, "n_routed_experts": s.experts,
+        "moe": {"hidden_size": hidden, "moe_intermediate_size": inter, "n_routed_experts": s.experts,
                 "num_experts_per_tok": 2, "norm_topk_prob": True},
         "weights": {"random": {"seed": 0}},
         "hosts": {"count": s.hosts, "max_count": s.hosts, "num_cpus": 0.25, "slots": s.slots},
@@ -98,11 +115,13 @@ def near(rows: torch.Tensor, probs: torch.Tensor, t: int, g: torch.Generator) ->
 
 class Load:
     """`threads` clients sending `make_x(g)` until stopped; `make_x` may be swapped meanwhile.
-    Every answer is kept as (monotonic time it came back, routing version that served it)."""
+    Every answer is kept as (monotonic time it came back, routing version that served it), and
+    its latency as (monotonic time it was sent, seconds)."""
 
     def __init__(self, address: str, model: str, s: Settings, make_x: Callable):
         self.make_x = make_x
         self.answers: list[tuple[float, int]] = []
+        self.latencies: list[tuple[float, float]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._workers = [threading.Thread(target=self._run, args=(address, model, s, i), daemon=True)
@@ -114,12 +133,15 @@ class Load:
         g = torch.Generator().manual_seed(seed)
         with Client(address, retries=0) as c:
             while not self._stop.wait(s.pause_s):
+                x, t0 = self.make_x(g), time.monotonic()
                 try:
-                    _, version = c.infer_with_version(model, LAYER, self.make_x(g), timeout_s=30)
+                    _, version = c.infer_with_version(model, LAYER, x, timeout_s=30)
                 except grpc.RpcError as e:
                     self.errors.append(f"{e.code().name}: {e.details()}")
                     continue
-                self.answers.append((time.monotonic(), version))
+                t1 = time.monotonic()
+                self.answers.append((t1, version))
+                self.latencies.append((t0, t1 - t0))
 
     def first_after(self, t0: float, version: int) -> float | None:
         """Seconds from t0 to the first answer after t0 served on `version` or later."""
@@ -268,6 +290,55 @@ def measure_add_remove(c: Client, spec: ModelSpec, s: Settings) -> dict:
     return dict(zip(("add_s", "first_s", "remove_s", "share"), map(list, cols), strict=True))
 
 
+# ---- 4. latency during a rebalance ------------------------------------------------------------
+
+
+def p50_p99(latencies: list[float]) -> tuple[float, float]:
+    s = sorted(latencies)
+    return s[(len(s) - 1) // 2], s[min(len(s) - 1, round(0.99 * len(s)) - 1)]
+
+
+def measure_spike(s: Settings, loads_per_host: int) -> dict:
+    """Its own service, with experts of spike_hidden × spike_inter, under the Zipf load:
+    latencies of the requests sent in the measure_s before `Rebalance(spike_spare × E)` (steady
+    state, less the first second) against those sent while it runs."""
+    spec = make_spec(s, s.spike_hidden, s.spike_inter)
+    spec.hosts.loads_per_host = loads_per_host
+    svc = service.start(spec, port=0)
+    try:
+        w = gate_of(spec, LAYER, source_of(spec)).weight
+        probs = zipf_probs(s.experts, s.zipf)
+        load = Load(svc.address, spec.name, s, partial(near, w / w.norm(dim=1, keepdim=True),
+                                                       probs, s.tokens))
+        with Client(svc.address) as c:
+            time.sleep(s.measure_s)  # steady state, and load for the Controller to measure
+            t0 = time.monotonic()
+            resp = c.rebalance(spec.name, replicas=round(s.spike_spare * s.experts))
+            t1 = time.monotonic()
+            time.sleep(1.0)
+        load.stop()
+    finally:
+        svc.shutdown()
+    before = [d for t, d in load.latencies if t0 - s.measure_s + 1 <= t < t0]
+    during = [d for t, d in load.latencies if t0 <= t < t1]
+    return {"before": p50_p99(before), "during": p50_p99(during), "n": (len(before), len(during)),
+            "rebalance_s": t1 - t0, "resp": resp, "errors": load.errors,
+            "mb_per_expert": 3 * s.spike_hidden * s.spike_inter * 4 / 2**20,
+            "loads_per_host": loads_per_host}
+
+
+def report_spike(spikes: list[dict]) -> None:
+    print(f"\nrebalance under load ({spikes[0]['mb_per_expert']:.0f} MB experts), by "
+          f"hosts.loads_per_host; latencies in ms, before → during")
+    print("| loads_per_host | moves | rebalance s | requests before / during | p50 | p50 ratio | "
+          "p99 | p99 ratio | errors |\n|---:|---:|---:|---|---|---:|---|---:|---:|")
+    for sp in spikes:
+        (b50, b99), (d50, d99), r = sp["before"], sp["during"], sp["resp"]
+        print(f"| {sp['loads_per_host']} | {r.moves} | {sp['rebalance_s']:.2f} | {sp['n'][0]} / "
+              f"{sp['n'][1]} | {1e3 * b50:.0f} → {1e3 * d50:.0f} | {d50 / b50:.2f} | "
+              f"{1e3 * b99:.0f} → {1e3 * d99:.0f} | {d99 / b99:.2f} | {len(sp['errors'])} |")
+
+
 # ---- the report ---------------------------------------------------------------------------
 
 
@@ -330,6 +401,15 @@ def run(s: Settings) -> None:
     print(_machine())
     print(f"command: {' '.join(sys.argv)}\nsettings: {s}", flush=True)
     service.connect_ray("local", num_cpus=s.ray_cpus)
+    try:
+        if s.parts != "spike":
+            run_elastic(spec, s)
+        report_spike([measure_spike(s, n) for n in (s.slots, 1)])  # all at once, then rounds
+    finally:
+        ray.shutdown()
+
+
+def run_elastic(spec: ModelSpec, s: Settings) -> None:
     svc = None
     try:
         svc = service.start(spec, port=0)
@@ -349,7 +429,6 @@ def run(s: Settings) -> None:
     finally:
         if svc is not None:
             svc.shutdown()
-        ray.shutdown()
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

@@ -86,9 +86,13 @@ class Client:
         req = admin_pb2.RemoveExpertRequest(model=model, layer=layer, expert=expert)
         return self._call(self._admin.RemoveExpert, req, timeout_s)
 
-    def rebalance(self, model: str, replicas: int = 0,
+    def rebalance(self, model: str, replicas: int = 0, max_moves: int | None = None,
+                  min_gain: float | None = None, allow_partial: bool = False,
                   timeout_s: float = 600.0) -> admin_pb2.RebalanceResponse:
-        req = admin_pb2.RebalanceRequest(model=model, replicas=replicas)
+        """Re-plan for the measured load; max_moves / min_gain trade balance for moves (unset:
+        the spec's); allow_partial takes a plan that places fewer replicas than asked."""
+        req = admin_pb2.RebalanceRequest(model=model, replicas=replicas, max_moves=max_moves,
+                                         min_gain=min_gain, allow_partial=allow_partial)
         return self._call(self._admin.Rebalance, req, timeout_s)
 
     def set_autoscaling(self, model: str, enabled: bool, timeout_s: float = 30.0,

@@ -46,8 +46,9 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Rebalance(self, request, context):
         self._authorize(context)
+        knob = {f: getattr(request, f) for f in ("max_moves", "min_gain") if request.HasField(f)}
         return pb.RebalanceResponse(**await self._controller.rebalance.remote(
-            request.model, request.replicas))
+            request.model, request.replicas, allow_partial=request.allow_partial, **knob))
 
     async def SetAutoscaling(self, request, context):
         self._authorize(context)

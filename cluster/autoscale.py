@@ -42,6 +42,9 @@ class AutoscalingConfig:
     smoothing: float = 0.5  # weight of the newest sample in an exponential moving average (1 = none)
     period_s: float = 1.0  # how often the Controller runs decide()
     host_idle_s: float = 60.0  # retire a host that has held no replica for this long
+    # Rebalance's balance-vs-moves knob when a call does not set it (see admin.proto):
+    rebalance_max_moves: int = 0  # most replicas moved per rebalance; 0 = no limit
+    rebalance_min_gain: float = 0.0  # least drop in per-host max/mean worth one move
 
     def __post_init__(self):
         # every comparison with NaN is false, so a NaN fails its check too
@@ -52,6 +55,8 @@ class AutoscalingConfig:
             _check(getattr(self, name) >= 0, f"autoscaling.{name} must be >= 0")
         _check(0 < self.smoothing <= 1, "autoscaling.smoothing must be in (0, 1]")
         _check(self.period_s > 0, "autoscaling.period_s must be > 0")
+        _check(self.rebalance_max_moves >= 0, "autoscaling.rebalance_max_moves must be >= 0")
+        _check(self.rebalance_min_gain >= 0, "autoscaling.rebalance_min_gain must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
     moefleet scale MODEL --layer L [--expert E] --replicas N
     moefleet add-expert MODEL --layer L --weights FILE.safetensors [--expert E] [--group G]
     moefleet remove-expert MODEL --layer L --expert E
-    moefleet rebalance MODEL [--replicas N]
+    moefleet rebalance MODEL [--replicas N] [--max-moves N | --min-gain X] [--allow-partial]
     moefleet autoscale MODEL --on|--off [--target-tokens-per-s X] [--min-replicas N] ...
 
 Commands that talk to a running service use its admin gRPC API at `--server`
@@ -361,13 +361,32 @@ def remove_expert(conn: _Conn, model: str, layer: int, expert: int) -> None:
 @click.argument("model")
 @click.option("--replicas", type=click.IntRange(min=0), default=0,
               help="Total replicas to plan for (0 = keep the current total).")
-def rebalance(conn: _Conn, model: str, replicas: int) -> None:
+@click.option("--max-moves", type=click.IntRange(min=0), default=None,
+              help="Most replicas moved (0 = no limit; default: the spec's).")
+@click.option("--min-gain", type=click.FloatRange(min=0), default=None,
+              help="Least drop in per-host load max/mean worth one move (default: the spec's).")
+@click.option("--allow-partial", is_flag=True,
+              help="Place what fits when not every replica finds a slot (else change nothing).")
+def rebalance(conn: _Conn, model: str, replicas: int, max_moves: int | None, min_gain: float | None,
+              allow_partial: bool) -> None:
     """Re-plan replicas from the measured per-expert load, with few moves."""
     with _admin(conn) as c:
-        r = c.rebalance(model, replicas)
-    click.echo(f"{model}: moved {r.moves} replica(s) (a plan from scratch: {r.moves_from_scratch}); "
-               f"per-replica load max/mean {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}; "
-               f"routing_version {r.routing_version}")
+        r = c.rebalance(model, replicas, max_moves, min_gain, allow_partial)
+    click.echo(_rebalance_report(model, r))
+
+
+def _rebalance_report(model: str, r) -> str:
+    lines = [f"{model}: moved {r.moves} replica(s) (a plan from scratch: {r.moves_from_scratch}); "
+             f"per-host load max/mean {r.host_imbalance_before:.3f} -> {r.host_imbalance_after:.3f}, "
+             f"per-replica {r.imbalance_before:.2f} -> {r.imbalance_after:.2f}; "
+             f"routing_version {r.routing_version}"]
+    if r.moves_uncut != r.moves:
+        lines.append(f"  the knob cut {r.moves_uncut - r.moves} move(s): without it "
+                     f"{r.moves_uncut} moves to max/mean {r.host_imbalance_uncut:.3f}")
+    if r.replicas_placed < r.replicas_requested:
+        lines.append(f"  SHORT: placed {r.replicas_placed} of {r.replicas_requested} replicas asked "
+                     f"for ({r.replicas_requested - r.replicas_placed} unplaced)")
+    return "\n".join(lines)
 
 
 @main.command()

@@ -160,10 +160,24 @@ class Controller:
             keys = [(layer, e) for e in sorted(m.layer(layer)) if expert in (None, e)]
             counts = {k: replicas for k in keys}
             check_replica_counts(m, counts)
-            m.target.update(counts)
-            added, removed, _ = await self._exec.apply(m, counts)
+            added, removed, _ = await self._apply_target(m, counts)
             return {"routing_version": m.version, "expert": -1 if expert is None else expert,
                     "replicas_added": added, "replicas_removed": removed}
+
+    async def _apply_target(self, m: ModelRecord, counts: dict[Key, int]) -> tuple[int, int, int]:
+        """Set and carry out new target counts; a refused change restores the previous ones."""
+        before = {k: m.target.get(k) for k in counts}
+        m.target.update(counts)
+        try:
+            return await self._exec.apply(m, counts)
+        except ResourceExhausted as e:
+            for k, n in before.items():
+                if n is None:
+                    m.target.pop(k, None)
+                else:
+                    m.target[k] = n
+            self._save()
+            raise ResourceExhausted(f"{e}; the target replicas stay as they were") from None
 
     async def add_expert(self, model: str, layer: int, safetensors: bytes,
                          expert: int | None = None, group: int | None = None) -> dict[str, int]:
@@ -221,8 +235,11 @@ class Controller:
             return {"routing_version": version, "expert": expert, "replicas_added": 0,
                     "replicas_removed": removed}
 
-    async def rebalance(self, model: str, replicas: int = 0) -> dict[str, Any]:
-        """Re-plan the model's replicas for its measured load, with few moves."""
+    async def rebalance(self, model: str, replicas: int = 0, max_moves: int | None = None,
+                        min_gain: float | None = None, allow_partial: bool = False) -> dict[str, Any]:
+        """Re-plan the model's replicas for its measured load, with few moves. The knob
+        (max_moves, min_gain) defaults to the spec's autoscaling.rebalance_*; a plan that
+        cannot place every replica asked for changes nothing unless allow_partial."""
         await self._ready()
         async with self._lock:
             m = self._model(model)
@@ -233,17 +250,29 @@ class Controller:
             current = m.placement()
             capacity = self._exec.capacity(m)
             total = replicas or sum(len(v) for v in current.values())
-            cap = len(capacity)  # replicas of one expert sit on distinct hosts
-            plan = placement.rebalance(load, capacity, current, total, max_replicas=cap)
-            scratch = placement.plan_from_scratch(load, capacity, total, max_replicas=cap)
-            counts = {k: len(v) for k, v in plan.placement.items()}
-            m.target.update(counts)
+            plan = _plan_rebalance(m, load, capacity, current, total, max_moves, min_gain)
+            placed = sum(len(v) for v in plan.placement.values())
+            self._metrics.record_unplaced(m.name, total - placed)
+            if placed < total:
+                short = _shortfall(model, placed, total, capacity)
+                if not allow_partial:
+                    raise FailedPrecondition(f"{short}; nothing changed (allow_partial places "
+                                             f"what fits)")
+                log.warning("rebalance: %s", short)
+            scratch = placement.plan_from_scratch(load, capacity, total, max_replicas=len(capacity))
+            m.target.update({k: len(v) for k, v in plan.placement.items()})
             before = _imbalance(placement.replica_loads(load, current))
             await self._exec.execute(m, plan.moves)
+            uncut = plan.uncut or plan
             return {"routing_version": m.version, "moves": len(plan.moves),
                     "moves_from_scratch": _distance(current, scratch.placement),
                     "imbalance_before": before,
-                    "imbalance_after": _imbalance(placement.replica_loads(load, plan.placement))}
+                    "imbalance_after": _imbalance(placement.replica_loads(load, plan.placement)),
+                    "host_imbalance_before": placement.imbalance(load, capacity, current),
+                    "host_imbalance_after": placement.imbalance(load, capacity, plan.placement),
+                    "replicas_requested": total, "replicas_placed": placed,
+                    "moves_uncut": len(uncut.moves),
+                    "host_imbalance_uncut": placement.imbalance(load, capacity, uncut.placement)}
 
     async def set_autoscaling(self, model: str, enabled: bool, **fields: Any) -> dict[str, Any]:
         await self._ready()
@@ -354,8 +383,8 @@ class Controller:
                 if short:
                     try:
                         await self._exec.apply(m, short)
-                    except ResourceExhausted as e:
-                        log.warning("cannot restore %s's replicas yet: %s", m.name, e)
+                    except ResourceExhausted as e:  # counted in moefleet_unplaced_replicas
+                        log.warning("%s: replicas unplaced, targets not met yet: %s", m.name, e)
 
     async def _autoscale(self, m: ModelRecord, now: float) -> None:
         snap = autoscale.Snapshot(
@@ -455,6 +484,28 @@ class Controller:
 
 _AUTOSCALING_FIELDS = ("enabled", "target_tokens_per_s", "min_replicas", "max_replicas",
                        "upscale_delay_s", "downscale_delay_s")
+
+
+def _plan_rebalance(m: ModelRecord, load: dict[Key, float], capacity: dict[str, int],
+                    current: dict[Key, list[str]], total: int, max_moves: int | None,
+                    min_gain: float | None) -> placement.PlacementPlan:
+    """placement.rebalance with the knob (unset: the spec's; max_moves 0: no limit)."""
+    a = m.autoscaling
+    max_moves = a.rebalance_max_moves if max_moves is None else max_moves
+    min_gain = a.rebalance_min_gain if min_gain is None else min_gain
+    if max_moves < 0 or not min_gain >= 0:
+        raise InvalidArgument(f"need max_moves >= 0 and min_gain >= 0, got {max_moves}, {min_gain}")
+    try:
+        return placement.rebalance(load, capacity, current, total, max_replicas=len(capacity),
+                                   max_moves=max_moves or None, min_gain=min_gain)
+    except ValueError as e:
+        raise FailedPrecondition(f"model {m.name!r}: {e}; nothing changed") from None
+
+
+def _shortfall(model: str, placed: int, total: int, capacity: dict[str, int]) -> str:
+    return (f"model {model!r}: placed {placed} of {total} replicas asked for ({total - placed} "
+            f"unplaced): {len(capacity)} hosts with {sum(capacity.values())} slots in all, and "
+            f"at most one replica of an expert per host")
 
 
 def _imbalance(loads: list[float]) -> float:

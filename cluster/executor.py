@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError
 from moefleet.router.errors import FailedPrecondition, ResourceExhausted, message_of
 
 from . import placement
-from .hosts import start_host
+from .hosts import no_room, start_host
 from .metrics import ControllerMetrics
 from .model import source_args
 from .registry import HostRecord, Key, ModelRecord
@@ -65,18 +65,23 @@ class Executor:
     async def apply(self, m: ModelRecord, counts: dict[Key, int],
                     before_publish=None) -> tuple[int, int, int]:
         """Bring the experts in `counts` to those replica counts; start hosts when slots run
-        out (up to hosts.max_count). Returns what `execute` returns."""
+        out (up to hosts.max_count, and only where the cluster has or can add a node for one).
+        Raises ResourceExhausted, with no replica changed, when replicas stay unplaced; counts
+        them in the moefleet_unplaced_replicas metric. Returns what `execute` returns."""
         load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
         while True:
             plan = placement.apply_counts(load, self.capacity(m), m.placement(), counts)
+            self._metrics.record_unplaced(m.name, len(plan.unplaced))
             if not plan.unplaced:
                 break
             hosts_now = sum(1 for h in self.hosts.values() if h.model == m.name)
+            short = (f"no free slot for {len(plan.unplaced)} replica(s) of "
+                     f"{sorted(set(plan.unplaced))}: {hosts_now} hosts of {m.spec.hosts.slots} slots")
             if hosts_now >= m.spec.hosts.max_count:
-                raise ResourceExhausted(
-                    f"no free slot for {len(plan.unplaced)} replica(s) of {sorted(set(plan.unplaced))}: "
-                    f"{hosts_now} hosts of {m.spec.hosts.slots} slots, hosts.max_count is "
-                    f"{m.spec.hosts.max_count}")
+                raise ResourceExhausted(f"{short}, hosts.max_count is {m.spec.hosts.max_count}")
+            why = await asyncio.to_thread(no_room, m.spec.hosts)
+            if why is not None:
+                raise ResourceExhausted(f"{short}; {why}")
             await self.start_host(m)
         return await self.execute(m, plan.moves, before_publish)
 
@@ -85,7 +90,9 @@ class Executor:
         """Adds: load into reserved slots. Then publish (with the adds, without the removes),
         drain the routers, free the removed slots. Adds that find their host full wait for a
         later round, after that round's removes have freed slots; a remove that would leave a
-        migrating expert with no replica waits for its add. `before_publish` changes the
+        migrating expert with no replica waits for its add. Once the model serves, a round
+        loads at most hosts.loads_per_host replicas per host, so a host's requests never queue
+        behind more loads than that (bring-up loads all at once). `before_publish` changes the
         registry (a gate row) in the first version published. Returns (replicas added,
         removed, that first version)."""
         adds = [mv for mv in moves if mv.op == "add"]
@@ -93,8 +100,9 @@ class Executor:
         stays = {mv.key for mv in adds} | {k for k, reps in m.replicas.items()
                                            if len(reps) > sum(1 for r in removes if r.key == k)}
         n_added = n_removed = first = 0
+        per_host = m.spec.hosts.loads_per_host if m.version else None
         while adds or removes or before_publish is not None:
-            now, adds = self._fitting(adds)
+            now, adds = self._fitting(adds, per_host)
             loaded = await self._load(m, now)
             if now:
                 log.info("%s: loaded %d of %d replica(s)", m.name, len(loaded), len(now))
@@ -115,9 +123,11 @@ class Executor:
                 raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
         return n_added, n_removed, first
 
-    def _fitting(self, adds: list[placement.Move]) -> tuple[list[placement.Move], list[placement.Move]]:
-        """(adds their hosts have a free slot for now, the rest)."""
-        free = {h: rec.free_slots() for h, rec in self.hosts.items()}
+    def _fitting(self, adds: list[placement.Move],
+                 per_host: int | None) -> tuple[list[placement.Move], list[placement.Move]]:
+        """(adds their hosts have a free slot for now, at most per_host per host; the rest)."""
+        free = {h: min(rec.free_slots(), per_host or rec.free_slots())
+                for h, rec in self.hosts.items()}
         now, later = [], []
         for mv in adds:
             fits = free.get(mv.host, 0) > 0

@@ -2,7 +2,8 @@
 
 A host asks for what `hosts:` in the spec says (GPUs, CPUs, and the custom resources a
 cluster file offers), so a pending host is the resource demand that makes a `ray up`
-cluster's autoscaler add a node. Starting waits a bounded time and then says what is missing.
+cluster's autoscaler add a node. Starting waits a bounded time and then says what is missing;
+on a cluster that cannot add nodes (no autoscaler), `no_room` says so before anything starts.
 """
 
 from __future__ import annotations
@@ -17,18 +18,52 @@ from moefleet.router.errors import ResourceExhausted
 
 from .spec import HostsConfig
 
-__all__ = ["RayExpertHost", "start_host"]
+__all__ = ["RayExpertHost", "start_host", "no_room"]
 
 NAMESPACE = "moefleet"
 
 
 class RayExpertHost(ExpertHost):
-    """ExpertHost as it runs in Ray: it also says which node it is on."""
+    """ExpertHost as it runs in Ray: it also says which node it is on, and loads weights on a
+    thread of their own (concurrency group "load"), so requests do not queue behind a load.
+    A load writes only a slot no published version routes to yet."""
+
+    @ray.method(concurrency_group="load")
+    def load(self, slot: int, layer: int, expert: int, weights: Any) -> None:
+        super().load(slot, layer, expert, weights)
+
+    @ray.method(concurrency_group="load")
+    def load_source(self, slot: int, layer: int, expert: int, source: dict[str, Any]) -> None:
+        super().load_source(slot, layer, expert, source)
 
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {**super().info(), "node_id": ctx.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address()}
+
+
+def no_room(hc: HostsConfig) -> str | None:
+    """Why a host of `hc` cannot start now, or None when it may: no live node has its resources
+    free and Ray's autoscaler cannot add one. Without an autoscaler config (the embedded local
+    Ray, nodes started by hand) Ray's monitor runs read-only and names each node's type after
+    the node itself; then the cluster is as large as it gets. None too when the state is unknown.
+    """
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    want = {"CPU": hc.num_cpus, "GPU": hc.num_gpus, **hc.resources}
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        nodes = [*status.active_nodes, *status.idle_nodes]
+    except Exception:  # an older or unreachable autoscaler state: fall back to waiting
+        return None
+    if not nodes or any(n.ray_node_type_name != f"node_{n.node_id}" for n in nodes):
+        return None
+    free = [{u.resource_name: u.total - u.used for u in n.resource_usage.usage} for n in nodes]
+    if any(all(f.get(r, 0.0) >= v - 1e-9 for r, v in want.items() if v > 0) for f in free):
+        return None
+    most = {r: max(f.get(r, 0.0) for f in free) for r, v in want.items() if v > 0}
+    return (f"a new expert host needs {want}, no node has that free (the most free on one node: "
+            f"{most}), and this Ray cluster cannot add nodes (it has no autoscaler)")
 
 
 async def start_host(host_id: str, hc: HostsConfig, timeout_s: float) -> tuple[Any, dict[str, Any]]:
@@ -37,7 +72,7 @@ async def start_host(host_id: str, hc: HostsConfig, timeout_s: float) -> tuple[A
     Hosts are detached: the Controller starts them, and they must outlive a restart of the
     Controller (an owned actor dies with its owner). The Controller ends them on shutdown.
     """
-    handle = ray.remote(RayExpertHost).options(
+    handle = ray.remote(concurrency_groups={"load": 1})(RayExpertHost).options(
         name=host_id, namespace=NAMESPACE, num_cpus=hc.num_cpus, num_gpus=hc.num_gpus,
         resources=dict(hc.resources), lifetime="detached",
     ).remote(host_id, hc.slots, hc.num_cpus, "auto", hc.kernel_backend)

@@ -5,6 +5,7 @@
     moefleet_host_slots_used{host} / _total{host}        slot use of each expert host
     moefleet_request_latency_s{model}                    histogram, recorded by the routers
     moefleet_routing_version{model}
+    moefleet_unplaced_replicas{model}                    replicas the last plan found no slot for
 
 The Controller records the gauges once per loop period (never per request); the routers
 record one latency observation per request.
@@ -32,6 +33,9 @@ class ControllerMetrics:
         self._version = metrics.Gauge("moefleet_routing_version", "Routing-table version", ("model",))
         self._used = metrics.Gauge("moefleet_host_slots_used", "Slots holding an expert", ("host",))
         self._total = metrics.Gauge("moefleet_host_slots_total", "Slots of the host", ("host",))
+        self._unplaced = metrics.Gauge("moefleet_unplaced_replicas",
+                                       "Replicas the last plan asked for but found no slot for",
+                                       ("model",))
 
     def record_model(self, m: Any) -> None:
         self._version.set(m.version, {"model": m.name})
@@ -39,6 +43,9 @@ class ControllerMetrics:
             tags = {"model": m.name, "layer": str(L), "expert": str(e)}
             self._tokens.set(m.load.get((L, e), 0.0), tags)
             self._replicas.set(len(m.replicas.get((L, e), [])), tags)
+
+    def record_unplaced(self, model: str, n: int) -> None:
+        self._unplaced.set(n, {"model": model})
 
     def record_hosts(self, hosts: Iterable[Any]) -> None:
         for h in hosts:

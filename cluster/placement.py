@@ -4,6 +4,8 @@
 The planner below decides, from measured per-expert load, how many replicas each expert gets
 (EPLB-style `replicate`) and on which hosts they sit, and turns a current placement into a new
 one with few moves (`apply_counts`, `rebalance`), or packs one afresh (`plan_from_scratch`).
+`rebalance` is never less balanced than a plan from scratch (per-host max/mean, `imbalance`,
+within _TOLERANCE), and a knob trades balance against moves (`max_moves`, `min_gain`).
 Two replicas of one expert never share a host, and no host holds more than its capacity.
 
 It does not know about slots' indices, weights, GPUs, the routing table or the clock: a plan is
@@ -17,16 +19,18 @@ not start hosts either; a replica that fits nowhere is reported in `PlacementPla
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
 
 __all__ = [
     "Key", "Placement", "Move", "PlacementPlan", "initial_placement", "host_loads",
-    "replica_loads", "replicate", "apply_counts", "plan_from_scratch", "rebalance",
+    "replica_loads", "imbalance", "replicate", "apply_counts", "plan_from_scratch", "rebalance",
 ]
 
 _SLACK = 0.01  # rebalance stops migrating once the hottest host is within 1% of `_floor`
+_TOLERANCE = 0.005  # rebalance takes the fewest moves within 0.5% of the best max/mean
 
 Key = tuple[int, int]             # (layer, expert id); ids need not be contiguous
 Placement = dict[Key, list[str]]  # K -> ids of the hosts holding its replicas
@@ -44,6 +48,7 @@ class PlacementPlan:
     placement: Placement  # the new placement; a K with no replica is absent
     moves: list[Move]     # removes, then adds, that turn the current placement into it
     unplaced: list[Key]   # one entry per replica that found no host (slots or distinct hosts ran out)
+    uncut: PlacementPlan | None = None  # what `rebalance` would have chosen without its knob
 
 
 # ---------------------------------------------------------------------------- bring-up
@@ -132,8 +137,11 @@ def _per_replica(tokens_per_s: float, count: int) -> float:
 class _Fleet:
     """Mutable working copy of a placement: every R of K weighs share[K] on its host."""
 
-    def __init__(self, capacity: dict[str, int], placement: Placement, share: dict[Key, float]):
+    def __init__(self, capacity: dict[str, int], placement: Placement, share: dict[Key, float],
+                 origin: Placement | None = None):
         self.capacity, self.share = capacity, share
+        self.origin = {(k, h) for k, hs in (origin or {}).items() for h in hs}
+        self.moved = len(self.origin)  # replicas added plus removed since `origin`
         self.placement: Placement = {}
         self.hosts = sorted(set(capacity) | {h for hs in placement.values() for h in hs})
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
@@ -146,6 +154,7 @@ class _Fleet:
 
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
+        self.moved += -1 if (k, h) in self.origin else 1
         self.held[h].add(k)
         self.load[h] += self.share[k]
 
@@ -153,6 +162,7 @@ class _Fleet:
         self.placement[k].remove(h)
         if not self.placement[k]:
             del self.placement[k]
+        self.moved += 1 if (k, h) in self.origin else -1
         self.held[h].discard(k)
         self.load[h] -= self.share[k]
 
@@ -196,22 +206,61 @@ def apply_counts(
     `counts` keeps its replicas, a K absent from `current` starts from 0).
     Kept R stay where they are. A shrinking K first loses its R on the most loaded H. New R go,
     heaviest per-replica load first (LPT), to the least-loaded H with a free slot without K.
+    When that would leave some K with no replica at all, the first R of every K goes first.
     """
     if any(c < 0 for c in counts.values()):
         raise ValueError(f"replica counts must be >= 0: {counts}")
+    plan = _apply_counts(load, capacity, current, counts, firsts_first=False)
+    if any(k not in plan.placement for k in plan.unplaced):
+        plan = _apply_counts(load, capacity, current, counts, firsts_first=True)
+    return plan
+
+
+def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Placement,
+                  counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
     for k in sorted(counts):
         for _ in range(len(current.get(k, ())) - counts[k]):
             fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
     pending = [k for k in sorted(counts) for _ in range(counts[k] - len(current.get(k, ())))]
+    pending.sort(key=lambda k: -fleet.share[k])  # stable: ties keep key order
+    if firsts_first:
+        seen, firsts, rest = set(fleet.placement), [], []
+        for k in pending:
+            (rest if k in seen else firsts).append(k)
+            seen.add(k)
+        pending = firsts + rest
     unplaced = []
-    for k in sorted(pending, key=lambda k: -fleet.share[k]):  # stable: ties keep key order
-        h = fleet.coolest(k)
+    for k in pending:
+        h = fleet.coolest(k) or _make_room(fleet, k)
         if h is None:
             unplaced.append(k)
         else:
             fleet.add(k, h)
     return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+
+
+def _make_room(fleet: _Fleet, k: Key) -> str | None:
+    """When every free slot is on an H holding K: move some R `b` from an H without K into
+    such a free slot, and return the H it left (now free for K); None when no such pair exists.
+    Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts."""
+    free = [h for h in fleet.hosts if fleet.free(h) > 0]
+    best = None
+    for src in fleet.hosts:
+        if k in fleet.held[src] or fleet.capacity.get(src, 0) <= 0:
+            continue
+        for b in sorted(fleet.held[src]):
+            for dst in free:
+                if b not in fleet.held[dst]:
+                    s_b = fleet.share[b]
+                    peak = max(fleet.load[dst] + s_b, fleet.load[src] - s_b + fleet.share[k])
+                    best = min(best or (peak, b, src, dst), (peak, b, src, dst))
+    if best is None:
+        return None
+    _, b, src, dst = best
+    fleet.remove(b, src)
+    fleet.add(b, dst)
+    return src
 
 
 def plan_from_scratch(
@@ -230,28 +279,137 @@ def plan_from_scratch(
 def rebalance(
     load: dict[Key, float], capacity: dict[str, int], current: Placement,
     num_replicas: int | None = None, min_replicas: int = 1, max_replicas: int | None = None,
+    *, max_moves: int | None = None, min_gain: float = 0.0,
 ) -> PlacementPlan:
-    """Migration-aware replan: new counts with few moves, then relieve the hottest host.
+    """Migration-aware replan: the plan with the fewest moves among the best balanced ones.
 
     load[K] tokens/s (a K in `current` but not in `load` counts as 0); capacity[H] slots;
     current K -> [H]; num_replicas defaults to the replicas in `current`.
-    Counts come from `replicate` and are applied with `apply_counts`. Then a bounded local
-    search (at most one step per R) relieves the hottest H, one R moved off it (or swapped for a
-    lighter R when no move helps) per step, while the step leaves both hosts below the hottest
-    H's load and that load is more than _SLACK above `_floor`. moves are the net change from
-    `current` (an add and a remove of the same (K, H) cancel out).
+    Candidates, each followed step by step: the new counts from `replicate` applied with
+    `apply_counts` then relieved by a bounded local search (one R moved off the hottest H, or
+    swapped for a lighter R, per step); the same search from `current` when its counts already
+    fit num_replicas; and a from-scratch pack, before and after the search, its hosts
+    relabelled to keep as many R in place as possible.
+    Choice: fewest unplaced R first; then, by default, the fewest moves whose `imbalance` is
+    within _TOLERANCE of the best. max_moves keeps only plans with that many moves or fewer
+    (ValueError when none has); min_gain > 0 instead takes the plan minimising imbalance +
+    min_gain * moves (a move must buy at least min_gain of max/mean). When a knob changed the
+    choice, `uncut` is the plan it would have been. moves are the net change from `current`.
     """
     full = {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
     if num_replicas is None:
         num_replicas = sum(len(hs) for hs in current.values())
     counts = replicate(full, num_replicas, min_replicas, max_replicas)
-    plan = apply_counts(full, capacity, current, counts)
-    fleet = _Fleet(capacity, plan.placement, _shares(full, plan.placement, {}))
-    good_enough = (1 + _SLACK) * _floor(fleet)
-    for _ in range(sum(len(hs) for hs in plan.placement.values())):
-        if fleet.load[fleet.hottest()] <= good_enough or not _relieve_hottest(fleet):
-            break
-    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), plan.unplaced)
+    starts = [apply_counts(full, capacity, current, counts)]
+    kept = {k: len(current.get(k, ())) for k in full}
+    cap = math.inf if max_replicas is None else max_replicas
+    if kept != counts and sum(kept.values()) == num_replicas and all(
+            min_replicas <= c <= cap for c in kept.values()):
+        starts.append(PlacementPlan(current, [], []))
+    paths = [_Path(full, capacity, current, s) for s in starts]
+    scratch = _Path(full, capacity, {}, apply_counts(full, capacity, {}, counts))
+    for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
+        paths.append(_Path(full, capacity, current, _relabel(scratch.plan(i, {}), capacity, current)))
+    plans = [(p, i) for p in paths for i in range(len(p.scores))]
+    scores = [p.scores[i] for p, i in plans]
+    best, pick = _choose(scores, None, 0.0), _choose(scores, max_moves, min_gain)
+    if pick is None:
+        least = min(s[2] for s in scores)
+        raise ValueError(f"max_moves={max_moves} is below the {least} moves the fewest-move "
+                         f"plan for {num_replicas} replicas needs")
+    plan = plans[pick][0].plan(plans[pick][1], current)
+    if pick == best:
+        return plan
+    return dataclasses.replace(plan, uncut=plans[best][0].plan(plans[best][1], current))
+
+
+def imbalance(load: dict[Key, float], capacity: dict[str, int], placement: Placement) -> float:
+    """Per-host load, max / mean over the hosts with slots (1.0 is perfect; 1.0 when idle)."""
+    host2load = host_loads(load, placement)
+    hosts = {h for h, c in capacity.items() if c > 0} | set(host2load)
+    mean = sum(host2load.values()) / max(len(hosts), 1)
+    return max(host2load.values(), default=0.0) / mean if mean > 0 else 1.0
+
+
+def _choose(scores: list[tuple[int, float, int]], max_moves: int | None,
+            min_gain: float) -> int | None:
+    """scores[i] = (unplaced, imbalance, moves) -> the index chosen (see `rebalance`)."""
+    fewest = min(s[0] for s in scores)
+    pool = [i for i, s in enumerate(scores)
+            if s[0] == fewest and (max_moves is None or s[2] <= max_moves)]
+    if not pool:
+        return None
+    if min_gain > 0:
+        return min(pool, key=lambda i: (scores[i][1] + min_gain * scores[i][2], scores[i][2]))
+    good = (1 + _TOLERANCE) * min(scores[i][1] for i in pool)
+    return min((i for i in pool if scores[i][1] <= good), key=lambda i: (scores[i][2], scores[i][1]))
+
+
+class _Path:
+    """The local search from `start`, step by step: scores[i] = (unplaced, imbalance, moves
+    from the origin) after i steps, and `plan(i, current)` the plan then.
+
+    At most one step per R, while the step leaves both hosts below the hottest H's load and
+    that load is more than _SLACK above `_floor`.
+    """
+
+    def __init__(self, load: dict[Key, float], capacity: dict[str, int], origin: Placement,
+                 start: PlacementPlan):
+        self.start, self.capacity, self.share = start, capacity, _shares(load, start.placement, {})
+        fleet = _Fleet(capacity, start.placement, self.share, origin)
+        usable = sum(1 for h in fleet.hosts if capacity.get(h, 0) > 0) or len(fleet.hosts)
+        mean = sum(fleet.load.values()) / max(usable, 1)
+        good_enough = (1 + _SLACK) * _floor(fleet)
+        self.steps: list[list[tuple[Key, str, str]]] = []
+        self.scores = [self._score(fleet, mean)]
+        for _ in range(sum(len(hs) for hs in start.placement.values())):
+            if fleet.load[fleet.hottest()] <= good_enough:
+                break
+            trades = _relieve_hottest(fleet)
+            if not trades:
+                break
+            self.steps.append(trades)
+            self.scores.append(self._score(fleet, mean))
+
+    def _score(self, fleet: _Fleet, mean: float) -> tuple[int, float, int]:
+        peak = fleet.load[fleet.hottest()] if fleet.hosts else 0.0
+        return len(self.start.unplaced), peak / mean if mean > 0 else 1.0, fleet.moved
+
+    def plan(self, i: int, current: Placement) -> PlacementPlan:
+        fleet = _Fleet(self.capacity, self.start.placement, self.share)
+        for trades in self.steps[:i]:
+            _trade(fleet, trades)
+        return PlacementPlan(fleet.placement, _diff(current, fleet.placement), self.start.unplaced)
+
+
+def _relabel(plan: PlacementPlan, capacity: dict[str, int], current: Placement) -> PlacementPlan:
+    """The same plan with its hosts' contents permuted onto the hosts that hold most of them now.
+
+    Greedy matching on (R already in place) per (planned H, current H), largest first, a host's
+    contents only going to a host with the slots for them. Moves are from `current`.
+    """
+    held: dict[str, set[Key]] = {h: set() for h in capacity}
+    for k, hs in plan.placement.items():
+        for h in hs:
+            held.setdefault(h, set()).add(k)
+    overlap: dict[tuple[str, str], int] = {}
+    for src, keys in held.items():
+        for k in keys:
+            for dst in current.get(k, ()):
+                if dst in capacity:
+                    overlap[(src, dst)] = overlap.get((src, dst), 0) + 1
+    to: dict[str, str] = {}
+    taken: set[str] = set()
+    pairs = sorted(overlap, key=lambda p: (-overlap[p], p))
+    pairs += [(s, d) for s in sorted(held, key=lambda s: -len(held[s])) for d in sorted(capacity)]
+    for src, dst in pairs:
+        if src not in to and dst not in taken and len(held[src]) <= capacity[dst]:
+            to[src] = dst
+            taken.add(dst)
+    if len(to) < len(held):  # the contents do not fit a permutation: keep the plan's hosts
+        to = {h: h for h in held}
+    placement = {k: [to[h] for h in hs] for k, hs in plan.placement.items()}
+    return PlacementPlan(placement, _diff(current, placement), plan.unplaced)
 
 
 def _floor(fleet: _Fleet) -> float:
@@ -261,8 +419,8 @@ def _floor(fleet: _Fleet) -> float:
     return max([even] + [fleet.share[k] for k in fleet.placement])
 
 
-def _relieve_hottest(fleet: _Fleet) -> bool:
-    """Take the step off the hottest H that lowers its pair's peak most; False if none lowers it.
+def _relieve_hottest(fleet: _Fleet) -> list[tuple[Key, str, str]]:
+    """Take the step off the hottest H that lowers its pair's peak most; its trades, [] if none.
 
     A step moves one R to another H, or, when no single move helps, swaps one R of the hottest
     H for a lighter R of another H (hosts full, or every move would overshoot).
@@ -270,13 +428,18 @@ def _relieve_hottest(fleet: _Fleet) -> bool:
     hot = fleet.hottest()
     steps = _single_moves(fleet, hot) or _swaps(fleet, hot)
     if not steps:
-        return False
+        return []
     _, trades = min(steps)
+    _trade(fleet, trades)
+    return trades
+
+
+def _trade(fleet: _Fleet, trades: list[tuple[Key, str, str]]) -> None:
+    """Move each (K, from H, to H): all removes first, so a swap between full hosts fits."""
     for k, src, _ in trades:
         fleet.remove(k, src)
     for k, _, dst in trades:
         fleet.add(k, dst)
-    return True
 
 
 _Step = tuple[float, list[tuple[Key, str, str]]]  # (the pair's new peak, [(K, from H, to H)])

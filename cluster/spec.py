@@ -140,9 +140,11 @@ class HostsConfig:
     max_count: int = 0  # the most hosts scaling may start; 0 means 2 × count
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per host
     start_timeout_s: float = 60.0  # how long a new host may wait for a node before giving up
+    loads_per_host: int = 1  # weight loads a serving host runs at once (changes load in rounds)
 
     def __post_init__(self):
         _check(self.count >= 1 and self.slots >= 1, "hosts.count and hosts.slots must be >= 1")
+        _check(self.loads_per_host >= 1, "hosts.loads_per_host must be >= 1")
         self.max_count = self.max_count or 2 * self.count
         _check(self.max_count >= self.count, "hosts.max_count must be >= hosts.count")
         _check(self.start_timeout_s > 0, "hosts.start_timeout_s must be > 0")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoefleet/protos/admin.proto\x12\x0bmoefleet.v1\"\"\n\x0fShutdownRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\"\"\n\x10ShutdownResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"d\n\x12ScaleExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08replicas\x18\x04 \x01(\x03\x42\t\n\x07_expert\"\x83\x01\n\x10\x41\x64\x64\x45xpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05group\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x42\t\n\x07_expertB\x08\n\x06_group\"C\n\x13RemoveExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x03\"k\n\x0e\x43hangeResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x16\n\x0ereplicas_added\x18\x03 \x01(\x03\x12\x18\n\x10replicas_removed\x18\x04 \x01(\x03\"3\n\x10RebalanceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x03\"\x8a\x01\n\x11RebalanceResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\r\n\x05moves\x18\x02 \x01(\x03\x12\x1a\n\x12moves_from_scratch\x18\x03 \x01(\x03\x12\x18\n\x10imbalance_before\x18\x04 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x05 \x01(\x01\"\xb1\x02\n\x15SetAutoscalingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12 \n\x13target_tokens_per_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmin_replicas\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1c\n\x0fupscale_delay_s\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x64ownscale_delay_s\x18\x07 \x01(\x01H\x04\x88\x01\x01\x42\x16\n\x14_target_tokens_per_sB\x0f\n\r_min_replicasB\x0f\n\r_max_replicasB\x12\n\x10_upscale_delay_sB\x14\n\x12_downscale_delay_s\"\xa1\x01\n\x11\x41utoscalingStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x1b\n\x13target_tokens_per_s\x18\x02 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\x03\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\x03\x12\x17\n\x0fupscale_delay_s\x18\x05 \x01(\x01\x12\x19\n\x11\x64ownscale_delay_s\x18\x06 \x01(\x01\"\x1e\n\rStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8e\x01\n\x0eStatusResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.moefleet.v1.ModelStatus\x12&\n\x05hosts\x18\x02 \x03(\x0b\x32\x17.moefleet.v1.HostStatus\x12*\n\x07routers\x18\x03 \x03(\x0b\x32\x19.moefleet.v1.RouterStatus\"\xfd\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0frouting_version\x18\x02 \x01(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x03\x12(\n\x06layers\x18\x05 \x03(\x0b\x32\x18.moefleet.v1.LayerStatus\x12\x33\n\x0b\x61utoscaling\x18\x06 \x01(\x0b\x32\x1e.moefleet.v1.AutoscalingStatus\x12\x15\n\rlatency_p50_s\x18\x07 \x01(\x01\x12\x15\n\rlatency_p99_s\x18\x08 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\"H\n\x0bLayerStatus\x12\r\n\x05layer\x18\x01 \x01(\x03\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.moefleet.v1.ExpertStatus\"\x8a\x01\n\x0c\x45xpertStatus\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x03\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.moefleet.v1.ReplicaStatus\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\x17\n\x0ftarget_replicas\x18\x04 \x01(\x03\x12\r\n\x05group\x18\x05 \x01(\x03\"+\n\rReplicaStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x03\"-\n\x0cRouterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"s\n\nHostStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0bslots_total\x18\x05 \x01(\x03\x12\x12\n\nslots_used\x18\x06 \x01(\x03\x32\xa8\x04\n\x05\x41\x64min\x12\x43\n\x06Status\x12\x1a.moefleet.v1.StatusRequest\x1a\x1b.moefleet.v1.StatusResponse\"\x00\x12M\n\x0bScaleExpert\x12\x1f.moefleet.v1.ScaleExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12I\n\tAddExpert\x12\x1d.moefleet.v1.AddExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12O\n\x0cRemoveExpert\x12 .moefleet.v1.RemoveExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12L\n\tRebalance\x12\x1d.moefleet.v1.RebalanceRequest\x1a\x1e.moefleet.v1.RebalanceResponse\"\x00\x12V\n\x0eSetAutoscaling\x12\".moefleet.v1.SetAutoscalingRequest\x1a\x1e.moefleet.v1.AutoscalingStatus\"\x00\x12I\n\x08Shutdown\x12\x1c.moefleet.v1.ShutdownRequest\x1a\x1d.moefleet.v1.ShutdownResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoefleet/protos/admin.proto\x12\x0bmoefleet.v1\"\"\n\x0fShutdownRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\"\"\n\x10ShutdownResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"d\n\x12ScaleExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08replicas\x18\x04 \x01(\x03\x42\t\n\x07_expert\"\x83\x01\n\x10\x41\x64\x64\x45xpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x13\n\x06\x65xpert\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05group\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x0bsafetensors\x18\x05 \x01(\x0c\x42\t\n\x07_expertB\x08\n\x06_group\"C\n\x13RemoveExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x03\"k\n\x0e\x43hangeResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x16\n\x0ereplicas_added\x18\x03 \x01(\x03\x12\x18\n\x10replicas_removed\x18\x04 \x01(\x03\"\x94\x01\n\x10RebalanceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x03\x12\x16\n\tmax_moves\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08min_gain\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rallow_partial\x18\x05 \x01(\x08\x42\x0c\n\n_max_movesB\x0b\n\t_min_gain\"\xaf\x02\n\x11RebalanceResponse\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12\r\n\x05moves\x18\x02 \x01(\x03\x12\x1a\n\x12moves_from_scratch\x18\x03 \x01(\x03\x12\x18\n\x10imbalance_before\x18\x04 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x05 \x01(\x01\x12\x1d\n\x15host_imbalance_before\x18\x06 \x01(\x01\x12\x1c\n\x14host_imbalance_after\x18\x07 \x01(\x01\x12\x1a\n\x12replicas_requested\x18\x08 \x01(\x03\x12\x17\n\x0freplicas_placed\x18\t \x01(\x03\x12\x13\n\x0bmoves_uncut\x18\n \x01(\x03\x12\x1c\n\x14host_imbalance_uncut\x18\x0b \x01(\x01\"\xb1\x02\n\x15SetAutoscalingRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12 \n\x13target_tokens_per_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmin_replicas\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1c\n\x0fupscale_delay_s\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x64ownscale_delay_s\x18\x07 \x01(\x01H\x04\x88\x01\x01\x42\x16\n\x14_target_tokens_per_sB\x0f\n\r_min_replicasB\x0f\n\r_max_replicasB\x12\n\x10_upscale_delay_sB\x14\n\x12_downscale_delay_s\"\xa1\x01\n\x11\x41utoscalingStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x1b\n\x13target_tokens_per_s\x18\x02 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x03 \x01(\x03\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\x03\x12\x17\n\x0fupscale_delay_s\x18\x05 \x01(\x01\x12\x19\n\x11\x64ownscale_delay_s\x18\x06 \x01(\x01\"\x1e\n\rStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8e\x01\n\x0eStatusResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.moefleet.v1.ModelStatus\x12&\n\x05hosts\x18\x02 \x03(\x0b\x32\x17.moefleet.v1.HostStatus\x12*\n\x07routers\x18\x03 \x03(\x0b\x32\x19.moefleet.v1.RouterStatus\"\xfd\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0frouting_version\x18\x02 \x01(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x03\x12(\n\x06layers\x18\x05 \x03(\x0b\x32\x18.moefleet.v1.LayerStatus\x12\x33\n\x0b\x61utoscaling\x18\x06 \x01(\x0b\x32\x1e.moefleet.v1.AutoscalingStatus\x12\x15\n\rlatency_p50_s\x18\x07 \x01(\x01\x12\x15\n\rlatency_p99_s\x18\x08 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\"H\n\x0bLayerStatus\x12\r\n\x05layer\x18\x01 \x01(\x03\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.moefleet.v1.ExpertStatus\"\x8a\x01\n\x0c\x45xpertStatus\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x03\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.moefleet.v1.ReplicaStatus\x12\x14\n\x0ctokens_per_s\x18\x03 \x01(\x01\x12\x17\n\x0ftarget_replicas\x18\x04 \x01(\x03\x12\r\n\x05group\x18\x05 \x01(\x03\"+\n\rReplicaStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x03\"-\n\x0cRouterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"s\n\nHostStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0bslots_total\x18\x05 \x01(\x03\x12\x12\n\nslots_used\x18\x06 \x01(\x03\x32\xa8\x04\n\x05\x41\x64min\x12\x43\n\x06Status\x12\x1a.moefleet.v1.StatusRequest\x1a\x1b.moefleet.v1.StatusResponse\"\x00\x12M\n\x0bScaleExpert\x12\x1f.moefleet.v1.ScaleExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12I\n\tAddExpert\x12\x1d.moefleet.v1.AddExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12O\n\x0cRemoveExpert\x12 .moefleet.v1.RemoveExpertRequest\x1a\x1b.moefleet.v1.ChangeResponse\"\x00\x12L\n\tRebalance\x12\x1d.moefleet.v1.RebalanceRequest\x1a\x1e.moefleet.v1.RebalanceResponse\"\x00\x12V\n\x0eSetAutoscaling\x12\".moefleet.v1.SetAutoscalingRequest\x1a\x1e.moefleet.v1.AutoscalingStatus\"\x00\x12I\n\x08Shutdown\x12\x1c.moefleet.v1.ShutdownRequest\x1a\x1d.moefleet.v1.ShutdownResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,30 +43,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVEEXPERTREQUEST']._serialized_end=419
   _globals['_CHANGERESPONSE']._serialized_start=421
   _globals['_CHANGERESPONSE']._serialized_end=528
-  _globals['_REBALANCEREQUEST']._serialized_start=530
-  _globals['_REBALANCEREQUEST']._serialized_end=581
-  _globals['_REBALANCERESPONSE']._serialized_start=584
-  _globals['_REBALANCERESPONSE']._serialized_end=722
-  _globals['_SETAUTOSCALINGREQUEST']._serialized_start=725
-  _globals['_SETAUTOSCALINGREQUEST']._serialized_end=1030
-  _globals['_AUTOSCALINGSTATUS']._serialized_start=1033
-  _globals['_AUTOSCALINGSTATUS']._serialized_end=1194
-  _globals['_STATUSREQUEST']._serialized_start=1196
-  _globals['_STATUSREQUEST']._serialized_end=1226
-  _globals['_STATUSRESPONSE']._serialized_start=1229
-  _globals['_STATUSRESPONSE']._serialized_end=1371
-  _globals['_MODELSTATUS']._serialized_start=1374
-  _globals['_MODELSTATUS']._serialized_end=1627
-  _globals['_LAYERSTATUS']._serialized_start=1629
-  _globals['_LAYERSTATUS']._serialized_end=1701
-  _globals['_EXPERTSTATUS']._serialized_start=1704
-  _globals['_EXPERTSTATUS']._serialized_end=1842
-  _globals['_REPLICASTATUS']._serialized_start=1844
-  _globals['_REPLICASTATUS']._serialized_end=1887
-  _globals['_ROUTERSTATUS']._serialized_start=1889
-  _globals['_ROUTERSTATUS']._serialized_end=1934
-  _globals['_HOSTSTATUS']._serialized_start=1936
-  _globals['_HOSTSTATUS']._serialized_end=2051
-  _globals['_ADMIN']._serialized_start=2054
-  _globals['_ADMIN']._serialized_end=2606
+  _globals['_REBALANCEREQUEST']._serialized_start=531
+  _globals['_REBALANCEREQUEST']._serialized_end=679
+  _globals['_REBALANCERESPONSE']._serialized_start=682
+  _globals['_REBALANCERESPONSE']._serialized_end=985
+  _globals['_SETAUTOSCALINGREQUEST']._serialized_start=988
+  _globals['_SETAUTOSCALINGREQUEST']._serialized_end=1293
+  _globals['_AUTOSCALINGSTATUS']._serialized_start=1296
+  _globals['_AUTOSCALINGSTATUS']._serialized_end=1457
+  _globals['_STATUSREQUEST']._serialized_start=1459
+  _globals['_STATUSREQUEST']._serialized_end=1489
+  _globals['_STATUSRESPONSE']._serialized_start=1492
+  _globals['_STATUSRESPONSE']._serialized_end=1634
+  _globals['_MODELSTATUS']._serialized_start=1637
+  _globals['_MODELSTATUS']._serialized_end=1890
+  _globals['_LAYERSTATUS']._serialized_start=1892
+  _globals['_LAYERSTATUS']._serialized_end=1964
+  _globals['_EXPERTSTATUS']._serialized_start=1967
+  _globals['_EXPERTSTATUS']._serialized_end=2105
+  _globals['_REPLICASTATUS']._serialized_start=2107
+  _globals['_REPLICASTATUS']._serialized_end=2150
+  _globals['_ROUTERSTATUS']._serialized_start=2152
+  _globals['_ROUTERSTATUS']._serialized_end=2197
+  _globals['_HOSTSTATUS']._serialized_start=2199
+  _globals['_HOSTSTATUS']._serialized_end=2314
+  _globals['_ADMIN']._serialized_start=2317
+  _globals['_ADMIN']._serialized_end=2869
 # @@protoc_insertion_point(module_scope)

@@ -67,26 +67,44 @@ class ChangeResponse(_message.Message):
     def __init__(self, routing_version: _Optional[int] = ..., expert: _Optional[int] = ..., replicas_added: _Optional[int] = ..., replicas_removed: _Optional[int] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
-    __slots__ = ("model", "replicas")
+    __slots__ = ("model", "replicas", "max_moves", "min_gain", "allow_partial")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MOVES_FIELD_NUMBER: _ClassVar[int]
+    MIN_GAIN_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: int
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    max_moves: int
+    min_gain: float
+    allow_partial: bool
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., max_moves: _Optional[int] = ..., min_gain: _Optional[float] = ..., allow_partial: bool = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
-    __slots__ = ("routing_version", "moves", "moves_from_scratch", "imbalance_before", "imbalance_after")
+    __slots__ = ("routing_version", "moves", "moves_from_scratch", "imbalance_before", "imbalance_after", "host_imbalance_before", "host_imbalance_after", "replicas_requested", "replicas_placed", "moves_uncut", "host_imbalance_uncut")
     ROUTING_VERSION_FIELD_NUMBER: _ClassVar[int]
     MOVES_FIELD_NUMBER: _ClassVar[int]
     MOVES_FROM_SCRATCH_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    HOST_IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    HOST_IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_PLACED_FIELD_NUMBER: _ClassVar[int]
+    MOVES_UNCUT_FIELD_NUMBER: _ClassVar[int]
+    HOST_IMBALANCE_UNCUT_FIELD_NUMBER: _ClassVar[int]
     routing_version: int
     moves: int
     moves_from_scratch: int
     imbalance_before: float
     imbalance_after: float
-    def __init__(self, routing_version: _Optional[int] = ..., moves: _Optional[int] = ..., moves_from_scratch: _Optional[int] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ...) -> None: ...
+    host_imbalance_before: float
+    host_imbalance_after: float
+    replicas_requested: int
+    replicas_placed: int
+    moves_uncut: int
+    host_imbalance_uncut: float
+    def __init__(self, routing_version: _Optional[int] = ..., moves: _Optional[int] = ..., moves_from_scratch: _Optional[int] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., host_imbalance_before: _Optional[float] = ..., host_imbalance_after: _Optional[float] = ..., replicas_requested: _Optional[int] = ..., replicas_placed: _Optional[int] = ..., moves_uncut: _Optional[int] = ..., host_imbalance_uncut: _Optional[float] = ...) -> None: ...
 
 class SetAutoscalingRequest(_message.Message):
     __slots__ = ("model", "enabled", "target_tokens_per_s", "min_replicas", "max_replicas", "upscale_delay_s", "downscale_delay_s")

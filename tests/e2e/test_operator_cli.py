@@ -94,6 +94,9 @@ def test_rebalance_autoscale_and_top_report_what_they_did(served):
     _check_answers(served, VersionedReference(served.spec))  # load for the Controller to measure
     out = _run(served, "rebalance", name)
     assert out.returncode == 0 and "moved" in out.stdout, out.stderr
+    out = _run(served, "rebalance", name, "--max-moves", "1")  # a move is a remove and an add
+    assert out.returncode == 0 and "moved 0 replica(s)" in out.stdout, out.stderr
+    assert "per-host load max/mean" in out.stdout and "SHORT" not in out.stdout
     out = _run(served, "autoscale", name, "--on", "--target-tokens-per-s", "5000",
                "--max-replicas", "2")
     assert out.returncode == 0 and "autoscaling on" in out.stdout, out.stderr

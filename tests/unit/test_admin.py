@@ -1,6 +1,7 @@
 """cluster/admin.py: with an admin token, a call without it is UNAUTHENTICATED and one with the
 wrong token PERMISSION_DENIED, while the right `Bearer` token (or no token configured) lets it
-through; the status converts to proto and back without losing a value or a type.
+through; the status converts to proto and back without losing a value or a type; Rebalance
+passes its balance-vs-moves knob only when set and answers the shortfall and what the knob cut.
 """
 
 from __future__ import annotations
@@ -143,3 +144,28 @@ def test_host_keys_outside_host_status_are_dropped_and_the_rest_kept() -> None:
 def test_an_empty_status_converts_to_empty_lists() -> None:
     empty = {"models": [], "hosts": [], "routers": []}
     assert status_from_proto(status_to_proto(empty)) == empty
+
+
+def _rebalancing_controller(calls: list) -> SimpleNamespace:
+    """A Controller handle whose `rebalance.remote` records its arguments and answers a plan."""
+    async def remote(*args, **kwargs) -> dict[str, Any]:
+        calls.append((args, kwargs))
+        return {"routing_version": 9, "moves": 4, "moves_from_scratch": 30, "imbalance_before": 3.0,
+                "imbalance_after": 1.5, "host_imbalance_before": 1.4, "host_imbalance_after": 1.1,
+                "replicas_requested": 40, "replicas_placed": 38, "moves_uncut": 12,
+                "host_imbalance_uncut": 1.01}
+    return SimpleNamespace(rebalance=SimpleNamespace(remote=remote))
+
+
+def test_rebalance_passes_the_knob_only_when_set_and_answers_the_shortfall_and_the_cut() -> None:
+    calls: list = []
+    servicer = AdminServicer(_rebalancing_controller(calls))
+    reply = asyncio.run(servicer.Rebalance(pb.RebalanceRequest(
+        model="tiny", replicas=40, max_moves=4, allow_partial=True), _Context()))
+    asyncio.run(servicer.Rebalance(pb.RebalanceRequest(model="tiny", min_gain=0.01), _Context()))
+    assert calls == [(("tiny", 40), {"allow_partial": True, "max_moves": 4}),
+                     (("tiny", 0), {"allow_partial": False, "min_gain": 0.01})]
+    assert (reply.replicas_requested, reply.replicas_placed, reply.moves, reply.moves_uncut) == (
+        40, 38, 4, 12)
+    assert (reply.host_imbalance_before, reply.host_imbalance_after, reply.host_imbalance_uncut) == (
+        1.4, 1.1, 1.01)

@@ -310,7 +310,7 @@ def _variable_queries(dashboard: dict[str, Any]) -> list[str]:
     return out
 
 
-def test_metrics_py_defines_the_five_metrics_the_dashboard_is_built_on() -> None:
+def test_metrics_py_defines_the_metrics_the_dashboard_is_built_on() -> None:
     assert _moefleet_metrics() == {
         "moefleet_expert_tokens_per_s": ("Gauge", ("model", "layer", "expert")),
         "moefleet_expert_replicas": ("Gauge", ("model", "layer", "expert")),
@@ -318,6 +318,7 @@ def test_metrics_py_defines_the_five_metrics_the_dashboard_is_built_on() -> None
         "moefleet_host_slots_used": ("Gauge", ("host",)),
         "moefleet_host_slots_total": ("Gauge", ("host",)),
         "moefleet_request_latency_s": ("Histogram", ("model",)),
+        "moefleet_unplaced_replicas": ("Gauge", ("model",)),
     }
     assert RAY_METRIC_NAMESPACE == "ray"
 

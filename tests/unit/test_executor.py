@@ -1,6 +1,7 @@
 """cluster/executor.py with fake hosts and routers (no Ray): the order of effects DESIGN.md
 asks for (load → publish → drain → free), migrations through full hosts, and that an expert
-that keeps replicas is never left with none between two versions.
+that keeps replicas is never left with none between two versions; a serving model loads in
+rounds of at most hosts.loads_per_host replicas per host.
 """
 
 from __future__ import annotations
@@ -144,3 +145,15 @@ def test_a_failed_load_gives_back_every_slot_of_its_batch_and_publishes_nothing(
     assert hosts["A"].slots == {0: (1, 0)} and hosts["B"].slots == {}
     assert ("A.free", 1) in log and _versions(log) == []
     assert m.replicas == {(1, 0): [("A", 0)]}
+
+
+@pytest.mark.parametrize("version, rounds", [(0, 1), (3, 3)])
+def test_a_serving_model_loads_one_replica_per_host_per_published_round(version, rounds):
+    # bring-up (version 0) loads everything at once; once serving, hosts.loads_per_host (1)
+    ex, m, hosts, log = _setup({"A": 4, "B": 4}, {(1, e): [("A", e)] for e in range(3)})
+    m.version = version
+    asyncio.run(ex.execute(m, [Move("add", (1, e), "B") for e in range(3)]))
+    calls = [name for name, *_ in log if name in ("B.load_source", "router.install")]
+    assert calls == ["B.load_source"] * 3 + ["router.install"] if rounds == 1 else (
+        ["B.load_source", "router.install"] * 3)
+    assert sorted(m.replicas[(1, 2)]) == [("A", 2), ("B", 2)] and len(_versions(log)) == rounds

@@ -3,7 +3,10 @@ slot, never overfills a host, spreads each layer evenly, and says why when it ca
 
 The planner: `replicate` gives hot experts the spare replicas; every plan keeps each expert's
 replicas on distinct hosts within capacity and its moves turn the current placement into it;
-under Zipf load `rebalance` stays within 5% of a from-scratch pack while moving fewer replicas.
+under Zipf load `rebalance` stays within 5% of a from-scratch pack while moving fewer replicas;
+over seeded random loads and sizes it is never less balanced than one (within TOLERANCE); a
+replica whose only free slot is beside itself still finds room; max_moves and min_gain trade
+balance for moves.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from moefleet.cluster.placement import (
     PlacementPlan,
     apply_counts,
     host_loads,
+    imbalance,
     initial_placement,
     plan_from_scratch,
     rebalance,
@@ -28,6 +32,7 @@ from moefleet.cluster.placement import (
 )
 
 pytestmark = pytest.mark.unit
+TOLERANCE = 0.005  # rebalance may trade this much max/mean for fewer moves
 
 CASES = [  # (layers, experts, host_slots)
     ([0], 8, [4, 4]),
@@ -151,6 +156,14 @@ def _check_plan(plan: PlacementPlan, capacity: dict[str, int], current: Placemen
     assert {k: len(plan.placement.get(k, [])) + missing[k] for k in want} == want
     assert set(plan.placement) <= set(want)
     assert _apply_moves(current, plan.moves, capacity) == _pairs(plan.placement)
+
+
+def _new_or_kept_counts(plan: PlacementPlan, current: Placement, load: dict[Key, float],
+                        num: int, hi: int) -> dict[Key, int]:
+    """rebalance applies `replicate`'s counts, or keeps the current ones when that is as good."""
+    kept = {k: len(hs) for k, hs in current.items()}
+    return kept if {k: len(hs) for k, hs in plan.placement.items()} == kept else replicate(
+        load, num, max_replicas=hi)
 
 
 def _max_load(load: dict[Key, float], p: Placement) -> float:
@@ -309,7 +322,7 @@ def test_rebalance_after_mild_load_noise_moves_fewer_replicas_than_scratch(seed,
     rng = random.Random(seed + 100)
     load_b = {k: v * rng.lognormvariate(0.0, sigma) for k, v in load_a.items()}
     plan = rebalance(load_b, capacity, before, max_replicas=hi)  # num defaults to the current total
-    _check_plan(plan, capacity, before, replicate(load_b, num, max_replicas=hi))
+    _check_plan(plan, capacity, before, _new_or_kept_counts(plan, before, load_b, num, hi))
     scratch = plan_from_scratch(load_b, capacity, num, max_replicas=hi).placement
     assert len(plan.moves) < len(_pairs(before) ^ _pairs(scratch))
     assert _max_load(load_b, plan.placement) <= 1.05 * _max_load(load_b, scratch)
@@ -338,3 +351,84 @@ def test_rebalancing_a_rebalanced_placement_under_the_same_load_moves_nothing(se
     load, capacity, current, num, hi = _zipf_case(seed)
     once = rebalance(load, capacity, current, num, max_replicas=hi).placement
     assert rebalance(load, capacity, once, max_replicas=hi).moves == []
+
+
+def test_a_replica_whose_only_free_slot_is_beside_itself_gets_room_by_moving_another() -> None:
+    load = {(0, 0): 4.0, (0, 1): 1.0}
+    capacity = {"h0": 2, "h1": 1}
+    current = {(0, 0): ["h0"], (0, 1): ["h1"]}  # the free slot is on h0, which holds (0, 0)
+    plan = apply_counts(load, capacity, current, {(0, 0): 2})
+    _check_plan(plan, capacity, current, {(0, 0): 2})
+    assert plan.unplaced == [] and plan.placement == {(0, 0): ["h0", "h1"], (0, 1): ["h0"]}
+
+
+# ---------------------------------------------------------------------------- never worse than scratch
+
+def _random_case(rng: random.Random):
+    """(load, capacity, current): 16-256 experts on 2-64 hosts of 5-16 slots, Zipf 0.8-1.5 or
+    lognormal load; current is round robin (bring-up) or a from-scratch plan for another load."""
+    while True:
+        n, nh, slots = rng.choice([16, 32, 64, 128, 256]), rng.randint(2, 64), rng.randint(5, 16)
+        if n <= nh * slots <= 4 * n:
+            break
+    if rng.random() < 0.5:
+        load = _zipf_load(rng, 1, n, rng.uniform(0.8, 1.5))
+    else:
+        load = {(0, e): rng.lognormvariate(0.0, 1.0) for e in range(n)}
+    capacity = dict.fromkeys(_hosts(nh), slots)
+    num = rng.randint(n, nh * slots)
+    if rng.random() < 0.5:
+        return load, capacity, _round_robin(load, _hosts(nh)), num
+    before = {k: v * rng.lognormvariate(0.0, 0.5) for k, v in load.items()}
+    return load, capacity, plan_from_scratch(before, capacity, num, max_replicas=nh).placement, num
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rebalance_is_never_less_balanced_than_a_plan_from_scratch(seed: int) -> None:
+    load, capacity, current, num = _random_case(random.Random(seed))
+    plan = rebalance(load, capacity, current, num, max_replicas=len(capacity))
+    scratch = plan_from_scratch(load, capacity, num, max_replicas=len(capacity))
+    assert len(plan.unplaced) <= len(scratch.unplaced)
+    assert imbalance(load, capacity, plan.placement) <= (
+        imbalance(load, capacity, scratch.placement) * (1 + TOLERANCE) + 1e-9)
+    assert len(plan.moves) <= len(_pairs(current) ^ _pairs(scratch.placement))
+
+
+# ---------------------------------------------------------------------------- the balance-vs-moves knob
+
+@pytest.mark.parametrize("budget", [0, 4, 8])
+def test_max_moves_caps_the_moves_and_uncut_is_the_better_plan_it_gave_up(budget: int) -> None:
+    load, capacity, current, num, hi = _zipf_case(0)
+    free = rebalance(load, capacity, current, len(load), max_replicas=hi)  # keeps the total
+    assert len(free.moves) > 8 and free.uncut is None
+    plan = rebalance(load, capacity, current, len(load), max_replicas=hi, max_moves=budget)
+    _check_plan(plan, capacity, current, {k: len(hs) for k, hs in plan.placement.items()})
+    assert len(plan.moves) <= budget and plan.uncut.placement == free.placement
+    assert imbalance(load, capacity, plan.placement) > imbalance(load, capacity, free.placement)
+
+
+def test_max_moves_below_what_the_new_total_needs_is_refused() -> None:
+    load, capacity, current, num, hi = _zipf_case(0)
+    with pytest.raises(ValueError, match="max_moves=3 is below the"):
+        rebalance(load, capacity, current, num, max_replicas=hi, max_moves=3)
+
+
+def test_min_gain_takes_a_move_only_when_it_buys_that_much_balance() -> None:
+    load, capacity, current, _, hi = _zipf_case(1)
+    free = rebalance(load, capacity, current, max_replicas=hi)
+    assert rebalance(load, capacity, current, max_replicas=hi, min_gain=10.0).moves == []
+    tiny = rebalance(load, capacity, current, max_replicas=hi, min_gain=1e-6)
+    assert imbalance(load, capacity, tiny.placement) <= imbalance(load, capacity, free.placement)
+    some = rebalance(load, capacity, current, max_replicas=hi, min_gain=0.01)
+    gain = imbalance(load, capacity, current) - imbalance(load, capacity, some.placement)
+    assert 0 < len(some.moves) < len(free.moves) and gain >= 0.01 * len(some.moves)
+
+
+def test_a_shortfall_drops_extra_replicas_never_an_experts_only_one() -> None:
+    load = {(0, 0): 100.0, (0, 1): 90.0, (0, 2): 0.0, (0, 3): 0.0}
+    capacity = dict.fromkeys(_hosts(2), 2)  # 4 slots for the 6 replicas asked for
+    counts = {(0, 0): 2, (0, 1): 2, (0, 2): 1, (0, 3): 1}
+    plan = apply_counts(load, capacity, {}, counts)
+    _check_plan(plan, capacity, {}, counts)
+    assert set(plan.placement) == set(load) and sorted(plan.unplaced) == [(0, 0), (0, 1)]
+    assert set(rebalance(load, capacity, plan.placement, 6, max_replicas=2).placement) == set(load)

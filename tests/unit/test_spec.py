@@ -186,7 +186,7 @@ def test_wrongly_typed_moe_field_is_named() -> None:
 
 AUTOSCALING = {"enabled": True, "target_tokens_per_s": 1500.5, "min_replicas": 2, "max_replicas": 6,
                "upscale_delay_s": 0.5, "downscale_delay_s": 45.0, "smoothing": 0.25, "period_s": 2.0,
-               "host_idle_s": 90.0}
+               "host_idle_s": 90.0, "rebalance_max_moves": 40, "rebalance_min_gain": 0.002}
 
 
 def test_autoscaling_block_loads_field_for_field(tmp_path: Path) -> None:
@@ -220,6 +220,8 @@ BAD_AUTOSCALING = [
     (dict(smoothing=0), "autoscaling.smoothing"),
     (dict(smoothing=1.5), "autoscaling.smoothing"),
     (dict(period_s=0), "autoscaling.period_s"),
+    (dict(rebalance_max_moves=-1), "autoscaling.rebalance_max_moves"),
+    (dict(rebalance_min_gain=float("nan")), "autoscaling.rebalance_min_gain"),
     (dict(enabled="yes"), "autoscaling.enabled"),
     (dict(min_replicas=1.5), "autoscaling.min_replicas"),
     (dict(max_replicas=True), "autoscaling.max_replicas"),
