@@ -243,7 +243,7 @@ class Controller:
         await self._ready()
         async with self._lock:
             m = self._model(model)
-            check_rebalance_total(m, self._exec.capacity(m), replicas)
+            check_rebalance_total(m, replicas)
             load = {k: m.load.get(k, 0.0) for k in m.keys()}
             if not any(load.values()):
                 raise FailedPrecondition(f"model {model!r} has no measured load yet to plan for")

@@ -203,16 +203,18 @@ def check_replica_counts(model: ModelRecord, counts: dict[Key, int]) -> None:
             f"({hosts.max_count} × {hosts.slots} = {hosts.max_count * hosts.slots})")
 
 
-def check_rebalance_total(model: ModelRecord, capacity: dict[str, int], replicas: int) -> None:
+def check_rebalance_total(model: ModelRecord, replicas: int) -> None:
     """Refuse a rebalance total outside 0 (keep the current one) or one per expert … what
-    the model's hosts hold (capacity: host id -> slots)."""
+    the model's hosts could ever hold (hosts.max_count of them; one expert's replicas sit on
+    distinct hosts). A total the hosts running now cannot hold is the planner's to report."""
     if replicas == 0:
         return
-    n = len(model.keys())
-    most = min(sum(capacity.values()), len(capacity) * n)  # an expert's replicas: distinct hosts
+    n, hosts = len(model.keys()), model.spec.hosts
+    most = hosts.max_count * min(n, hosts.slots)
     if not n <= replicas <= most:
         raise InvalidArgument(f"rebalance replicas must be 0 (keep the current total) or {n} (one per "
-                              f"expert) … {most} (what the {len(capacity)} hosts hold), got {replicas}")
+                              f"expert) … {most} (what hosts.max_count = {hosts.max_count} hosts of "
+                              f"{hosts.slots} slots could hold), got {replicas}")
 
 
 def check_removable(model: ModelRecord, layer: int, expert: int) -> None:

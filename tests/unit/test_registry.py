@@ -18,6 +18,7 @@ from moefleet.cluster.registry import (
     HostRecord,
     ModelRecord,
     check_new_expert_id,
+    check_rebalance_total,
     check_removable,
     check_replica_counts,
     parse_new_expert,
@@ -373,3 +374,13 @@ def test_replicas_in_all_past_every_possible_slot_are_refused() -> None:
     check_replica_counts(m, {k: 2 for k in m.keys() if k[0] == 1})  # 8 × 2 + 8 = 24: fits
     with pytest.raises(FailedPrecondition, match=r"32 replicas in all .* \(4 × 6 = 24\)"):
         check_replica_counts(m, {k: 3 for k in m.keys() if k[0] == 1})
+
+
+@pytest.mark.parametrize("replicas", [-1, 1, 15, 65])
+def test_a_rebalance_total_below_one_per_expert_or_past_what_hosts_could_hold_is_refused(
+        replicas: int) -> None:
+    m, _ = _model(family_spec("mixtral"))  # 16 experts; 4 hosts at most × 16 slots
+    with pytest.raises(InvalidArgument, match=r"must be 0 .* or 16 \(one per expert\) … 64"):
+        check_rebalance_total(m, replicas)
+    for fine in (0, 16, 64):
+        check_rebalance_total(m, fine)
