@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Key", "AutoscalingConfig", "Snapshot", "PolicyState", "Decision", "desired_replicas", "decide"]
+__all__ = ["Key", "AutoscalingConfig", "Snapshot", "PolicyState", "Decision", "desired_replicas", "decide",
+           "LOAD_SMOOTHING", "smooth_load", "retirable"]
 
 Key = tuple[int, int]  # (layer, expert id)
 
@@ -152,3 +153,26 @@ def decide(snapshot: Snapshot, state: PolicyState, now: float) -> tuple[Decision
     empty_since = _empty_since(snapshot.host_replicas, state.host_empty_since, now)
     retire = sorted(h for h, t in empty_since.items() if now - t >= cfg.host_idle_s)
     return Decision(changes, retire), PolicyState(smoothed, pending, empty_since)
+
+
+# ---------------------------------------------------------------------------------------------
+# around the policy: what the Controller (and the simulator, moefleet.sim) do with each period
+
+LOAD_SMOOTHING = 0.5  # weight of the newest period's rate in the load that placement plans for
+
+
+def smooth_load(rate, old):
+    """The load placement plans for: an exponential moving average of the measured rates; the
+    first one starts it. Works on floats and on numpy arrays alike."""
+    return rate if old is None else LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
+
+
+def retirable(retire_hosts: list[str], host_replicas: dict[str, int], min_hosts: int) -> list[str]:
+    """Of the hosts `decide` says to retire, those to end now: still empty, in order, while more
+    than `min_hosts` (the spec's hosts.count) of `host_replicas`' hosts remain."""
+    left, out = len(host_replicas), []
+    for h in retire_hosts:
+        if left > min_hosts and host_replicas.get(h) == 0:
+            out.append(h)
+            left -= 1
+    return out
