@@ -67,8 +67,8 @@ class Generated:
         self.cfg, self.period_s, self.k = cfg, sc.autoscaling.period_s, m.num_experts_per_tok
         self.L, self.E = m.layers, m.n_routed_experts
         rng = np.random.default_rng(cfg.seed)
-        target = rng.uniform(cfg.gini[0], cfg.gini[1], self.L)  # [L]
-        self.profile = popularity_profile(cfg.popularity, self.E, target, rng)  # [L, E]
+        self.target = rng.uniform(cfg.gini[0], cfg.gini[1], self.L)  # [L] Gini per layer
+        self.profile = popularity_profile(cfg.popularity, self.E, self.target, rng)  # [L, E]
         self.shifts = _events(rng, cfg.shifts_per_hour, sc.duration_s)
         self.bursts = _events(rng, cfg.bursts_per_hour, sc.duration_s)
         self._cache: dict[tuple[int, int], np.ndarray] = {}

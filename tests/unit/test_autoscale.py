@@ -17,6 +17,8 @@ from moefleet.cluster.autoscale import (
     Snapshot,
     decide,
     desired_replicas,
+    retirable,
+    smooth_load,
 )
 
 pytestmark = pytest.mark.unit
@@ -263,3 +265,15 @@ def test_decide_does_not_mutate_the_state_passed_in() -> None:
     assert after is not state and after.smoothed is not state.smoothed
     assert decision == Decision({K: 5}, [])
     assert after == PolicyState(smoothed={K: 500.0}, pending={}, host_empty_since={"b": 5.0})
+
+
+def test_retirable_keeps_the_spec_hosts_and_only_ends_empty_ones():
+    held = {"a": 0, "b": 0, "c": 2, "d": 0}
+    assert retirable(["a", "b", "d"], held, min_hosts=2) == ["a", "b"]  # 4 hosts, keep 2
+    assert retirable(["c", "d"], held, min_hosts=1) == ["d"]  # c holds replicas again
+    assert retirable(["a"], held, min_hosts=4) == []
+
+
+def test_smooth_load_starts_at_the_first_rate_then_averages_half_and_half():
+    assert smooth_load(10.0, None) == 10.0
+    assert smooth_load(10.0, 30.0) == 20.0
