@@ -1,11 +1,12 @@
 """The policies compared, each driving a simulated fleet through moefleet's own pure functions.
 
 `autoscale` does what the Controller's loop does each period: `autoscale.decide` on the
-measured rates, the targets carried out through `placement.apply_counts` (starting hosts when
-slots run out, up to hosts.max_count, as the executor does), idle hosts retired through
-`autoscale.retirable`, and, every `rebalance_every_s`, `placement.rebalance` as the
-Controller's Rebalance calls it. `static` packs once with `placement.plan_from_scratch` from the
-first hour's mean load; `replan` packs from scratch every `replan_every_s` (EPLB-style).
+measured rates (its two halves, `expert_targets` and `idle_hosts`, called on arrays), the
+targets carried out through `placement.apply_counts` (starting hosts when slots run out, up
+to hosts.max_count, as the executor does), idle hosts retired through `autoscale.retirable`,
+and, every `rebalance_every_s`, `placement.rebalance` as the Controller's Rebalance calls it.
+`static` packs once with `placement.plan_from_scratch` from the first hour's mean load;
+`replan` packs from scratch every `replan_every_s` (EPLB-style).
 
 A plan takes effect when its slowest host has loaded its new replicas one after another
 (`cost.load_s` each); until then the previous placement serves and the policy waits, as the
@@ -39,14 +40,14 @@ class Fleet:
         self.capacity = {self._host_id(i): sc.hosts.slots for i in range(sc.hosts.count)}
         self._next_host = sc.hosts.count
         self.load: np.ndarray | None = None  # [N] smoothed rows/s, what placement plans for
-        self.state = autoscale.PolicyState()
-        self.target: dict[tuple[int, int], int] = {}
+        self.state = autoscale.ExpertState.empty(len(self.keys))
+        self.empty_since: dict[str, float] = {}
+        self.target = np.full(len(self.keys), sc.autoscaling.min_replicas, dtype=np.int64)  # [N]
         self.ready_at, self.last_plan = 0.0, 0.0
         self.pending: Placement | None = None
         self.adds = 0  # replicas loaded after bring-up
         if pol.kind == "autoscale":
             counts = dict.fromkeys(self.keys, sc.autoscaling.min_replicas)
-            self.target.update(counts)
             plan = self._fit({k: 0.0 for k in self.keys}, {}, counts)
         else:
             plan = placement.plan_from_scratch(self._dict(first_hour), self.capacity, self._replicas(),
@@ -73,11 +74,14 @@ class Fleet:
             self._autoscale(t, rate)
 
     def _autoscale(self, t: float, rate: np.ndarray) -> None:
-        snap = autoscale.Snapshot(self.sc.autoscaling, self._dict(rate), self.counts,
-                                  self._host_replicas())
-        decision, self.state = autoscale.decide(snap, self.state, t)
-        self.target.update(decision.replicas)
-        retire = autoscale.retirable(decision.retire_hosts, snap.host_replicas, self.sc.hosts.count)
+        """`autoscale.decide`'s two halves, on arrays (decide itself converts dicts to them)."""
+        cfg, count = self.sc.autoscaling, self.layout.count
+        target, self.state = autoscale.expert_targets(cfg, rate, count, self.state, t)
+        changed = target != count
+        self.target[changed] = target[changed]  # the Controller's m.target.update(decision.replicas)
+        held = self._host_replicas()
+        idle, self.empty_since = autoscale.idle_hosts(cfg, held, self.empty_since, t)
+        retire = autoscale.retirable(idle, held, self.sc.hosts.count)
         for h in retire:
             del self.capacity[h]
         if retire:
@@ -87,10 +91,11 @@ class Fleet:
             self.last_plan = t
             plan = placement.rebalance(self._dict(self.load), self.capacity, self.placement,
                                        max_replicas=len(self.capacity))
-            self.target.update({k: len(hs) for k, hs in plan.placement.items()})
+            self.target = np.bincount(layout(plan.placement, sorted(self.capacity), self.sc.model).key,
+                                      minlength=len(self.keys))
             self._schedule(t, plan.placement)
             return
-        short = {k: n for k, n in self.target.items() if self.counts.get(k, 0) != n}
+        short = {self.keys[i]: int(self.target[i]) for i in np.flatnonzero(self.target != count)}
         if short:
             plan = self._fit(self._dict(self.load), self.placement, short)
             if plan is not None:
@@ -122,12 +127,11 @@ class Fleet:
 
     def _set(self, new: Placement) -> None:
         self.placement = new
-        self.counts = {k: len(hs) for k, hs in new.items()}
         self.layout: Layout = layout(new, sorted(self.capacity), self.sc.model)
 
     def _host_replicas(self) -> dict[str, int]:
-        held = Counter(h for hs in self.placement.values() for h in hs)
-        return {h: held.get(h, 0) for h in self.capacity}
+        held = np.bincount(self.layout.host, minlength=len(self.layout.hosts)).tolist()
+        return {**dict.fromkeys(self.capacity, 0), **dict(zip(self.layout.hosts, held, strict=True))}
 
     def _replicas(self) -> int:
         return self.pol.replicas or self.sc.hosts.count * self.sc.hosts.slots
