@@ -48,9 +48,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class PeriodCost:
-    latency_s: np.ndarray  # [L] mean latency of one call of each layer (inf: a host is saturated)
-    host_rows: np.ndarray  # [H] rows/s each host serves
-    utilisation: np.ndarray  # [H] busy share of each host
+    """Per period t of the batch (no leading dimension when one period was given)."""
+
+    latency_s: np.ndarray  # [T, L] mean latency of one call of each layer (inf: a host saturated)
+    host_rows: np.ndarray  # [T, H] rows/s each host serves
+    utilisation: np.ndarray  # [T, H] busy share of each host
 
 
 def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
@@ -63,31 +65,35 @@ def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
 
 
 def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
-    """rate: [N] rows/s routed to each expert this period -> its cost on `lay`.
+    """rate: [T, N] (or [N]) rows/s routed to each expert in each period -> its cost on `lay`.
 
     An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
-    L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
-    count = lay.count
-    calls = rate.reshape(L, E).sum(axis=1) / m.num_experts_per_tok / cfg.batch_tokens  # [L] calls/s
+    if rate.ndim == 1:
+        c = period_cost(cfg, m, lay, rate[None])
+        return PeriodCost(c.latency_s[0], c.host_rows[0], c.utilisation[0])
+    T, L, E, H = len(rate), m.layers, m.n_routed_experts, len(lay.hosts)
+    calls = rate.reshape(T, L, E).sum(axis=2) / m.num_experts_per_tok / cfg.batch_tokens  # [T, L] per s
     layer = lay.key // E  # [R]
-    q = rate[lay.key] / count[lay.key]  # [R] rows/s per replica
-    n = np.divide(q, calls[layer], out=np.zeros_like(q), where=calls[layer] > 0)  # [R] rows per call
+    q = rate[:, lay.key] / lay.count[lay.key]  # [T, R] rows/s per replica
+    per = calls[:, layer]  # [T, R]
+    n = np.divide(q, per, out=np.zeros_like(q), where=per > 0)  # [T, R] rows per call
     t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
-                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [R] s per call
-    idx = lay.host * L + layer  # [R]
-    work = np.bincount(idx, weights=t, minlength=H * L).reshape(H, L)  # [H, L] s per call
-    rows = np.bincount(idx, weights=n, minlength=H * L).reshape(H, L)  # [H, L] rows per call
-    hit = -np.expm1(-rows)  # [H, L] chance a call reaches the host
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [T, R] s per call
+    idx = (np.arange(T)[:, None] * (H * L) + lay.host * L + layer).ravel()  # [T·R]
+    work = np.bincount(idx, weights=t.ravel(), minlength=T * H * L).reshape(T, H, L)  # s per call
+    rows = np.bincount(idx, weights=n.ravel(), minlength=T * H * L).reshape(T, H, L)  # rows per call
+    hit = -np.expm1(-rows)  # [T, H, L] chance a call reaches the host
     wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
-    busy = hit * cfg.call_overhead_s + work + wire  # [H, L] expected s per layer call
-    rho = (calls[None, :] * busy).sum(axis=1)  # [H]
-    host_calls = (calls[None, :] * hit).sum(axis=1)  # [H] calls/s that reach the host
-    mean_s = np.divide(rho, host_calls, out=np.zeros(H), where=host_calls > 0)
+    busy = hit * cfg.call_overhead_s + work + wire  # [T, H, L] expected s per layer call
+    rho = (calls[:, None, :] * busy).sum(axis=2)  # [T, H]
+    host_calls = (calls[:, None, :] * hit).sum(axis=2)  # [T, H] calls/s that reach the host
+    mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [H] M/D/1
-        s = np.where(hit > 0, busy / np.maximum(hit, 1e-300) + wait[:, None], 0.0)  # [H, L]
-    latency = cfg.net_latency_s + s.max(axis=0, initial=0.0)  # [L]
-    host_rows = np.bincount(lay.host, weights=q, minlength=H)
+        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [T, H] M/D/1
+        s = np.where(hit > 0, busy / np.maximum(hit, 1e-300) + wait[:, :, None], 0.0)  # [T, H, L]
+    latency = cfg.net_latency_s + s.max(axis=1, initial=0.0)  # [T, L]
+    hidx = (np.arange(T)[:, None] * H + lay.host).ravel()
+    host_rows = np.bincount(hidx, weights=q.ravel(), minlength=T * H).reshape(T, H)
     return PeriodCost(latency, host_rows, rho)
 
 

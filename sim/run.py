@@ -57,12 +57,8 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     bar = _bar(P, progress)
     for start in range(0, P, _CHUNK):
         rates = src.chunk(start, min(_CHUNK, P - start))  # [n, N]
-        for i, rate in enumerate(rates):
-            t = (start + i + 1) * sc.autoscaling.period_s  # the end of the period
-            for fleet in fleets:
-                fleet.step(t, rate)
-                cost = period_cost(sc.cost, sc.model, fleet.layout, rate)
-                _record(rec[fleet.pol.name], start + i, fleet, cost)
+        for fleet in fleets:
+            _run_chunk(sc, fleet, rec[fleet.pol.name], start, rates)
         if bar is not None:
             bar.update(len(rates))
     if bar is not None:
@@ -70,14 +66,28 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     return {name: Series(**r) for name, r in rec.items()}
 
 
-def _record(r: dict[str, np.ndarray], p: int, fleet: Fleet, cost) -> None:
-    lat = cost.latency_s
-    r["hosts"][p] = len(fleet.capacity)
-    r["p50_s"][p] = np.quantile(lat, 0.5, method="higher")
-    r["p99_s"][p] = np.quantile(lat, 0.99, method="higher")
-    mean = cost.host_rows.mean() if len(cost.host_rows) else 0.0
-    r["imbalance"][p] = cost.host_rows.max() / mean if mean > 0 else 1.0
-    r["replicas_moved"][p] = fleet.adds
+def _run_chunk(sc: Scenario, fleet: Fleet, r: dict[str, np.ndarray], start: int, rates: np.ndarray) -> None:
+    """Step `fleet` through periods start.. of `rates` [n, N], then cost each run of periods
+    that kept one placement in one batch."""
+    layouts = []
+    for i, rate in enumerate(rates):
+        fleet.step((start + i + 1) * sc.autoscaling.period_s, rate)  # t: the end of the period
+        layouts.append(fleet.layout)
+        r["hosts"][start + i] = len(fleet.capacity)
+        r["replicas_moved"][start + i] = fleet.adds
+    i = 0
+    while i < len(rates):
+        j = i + 1
+        while j < len(rates) and layouts[j] is layouts[i]:
+            j += 1
+        cost = period_cost(sc.cost, sc.model, layouts[i], rates[i:j])
+        p = slice(start + i, start + j)
+        r["p50_s"][p] = np.quantile(cost.latency_s, 0.5, axis=1, method="higher")
+        r["p99_s"][p] = np.quantile(cost.latency_s, 0.99, axis=1, method="higher")
+        mean = cost.host_rows.mean(axis=1)
+        top = cost.host_rows.max(axis=1)
+        r["imbalance"][p] = np.divide(top, mean, out=np.ones_like(mean), where=mean > 0)
+        i = j
 
 
 def _bar(total: int, on: bool):
