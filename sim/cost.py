@@ -73,15 +73,14 @@ def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -
         return PeriodCost(c.latency_s[0], c.host_rows[0], c.utilisation[0])
     T, L, E, H = len(rate), m.layers, m.n_routed_experts, len(lay.hosts)
     calls = rate.reshape(T, L, E).sum(axis=2) / m.num_experts_per_tok / cfg.batch_tokens  # [T, L] per s
-    layer = lay.key // E  # [R]
-    q = rate[:, lay.key] / lay.count[lay.key]  # [T, R] rows/s per replica
-    per = calls[:, layer]  # [T, R]
-    n = np.divide(q, per, out=np.zeros_like(q), where=per > 0)  # [T, R] rows per call
+    q = np.divide(rate, lay.count, out=np.zeros_like(rate), where=lay.count > 0)  # [T, N] per replica
+    per = np.repeat(calls, E, axis=1)  # [T, N]
+    n = np.divide(q, per, out=np.zeros_like(q), where=per > 0)  # [T, N] rows per call per replica
     t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
-                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [T, R] s per call
-    idx = (np.arange(T)[:, None] * (H * L) + lay.host * L + layer).ravel()  # [T·R]
-    work = np.bincount(idx, weights=t.ravel(), minlength=T * H * L).reshape(T, H, L)  # s per call
-    rows = np.bincount(idx, weights=n.ravel(), minlength=T * H * L).reshape(T, H, L)  # rows per call
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [T, N] s per call
+    idx = (np.arange(T)[:, None] * (H * L) + lay.host * L + lay.key // E).ravel()  # [T·R]
+    work = np.bincount(idx, weights=t[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
+    rows = np.bincount(idx, weights=n[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
     hit = -np.expm1(-rows)  # [T, H, L] chance a call reaches the host
     wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
     busy = hit * cfg.call_overhead_s + work + wire  # [T, H, L] expected s per layer call
@@ -93,7 +92,7 @@ def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -
         s = np.where(hit > 0, busy / np.maximum(hit, 1e-300) + wait[:, :, None], 0.0)  # [T, H, L]
     latency = cfg.net_latency_s + s.max(axis=1, initial=0.0)  # [T, L]
     hidx = (np.arange(T)[:, None] * H + lay.host).ravel()
-    host_rows = np.bincount(hidx, weights=q.ravel(), minlength=T * H).reshape(T, H)
+    host_rows = np.bincount(hidx, weights=q[:, lay.key].ravel(), minlength=T * H).reshape(T, H)
     return PeriodCost(latency, host_rows, rho)
 
 
