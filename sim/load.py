@@ -164,6 +164,8 @@ def read_trace(path: str, layers: int, n_experts: int, period_s: float, periods:
 
 
 def _read_columns(path: str) -> dict[str, list]:
+    if not Path(path).is_file():
+        raise SpecError(f"load.trace: no such file {path}")
     if Path(path).suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -117,6 +117,8 @@ def test_a_trace_row_out_of_range_is_named(tmp_path):
     f.write_text("t,layer,expert,tokens\n0,0,1,5\n0,0,7,1\n")
     with pytest.raises(SpecError, match=r"expert 7 is out of range \[0, 2\) \(row 2\)"):
         read_trace(str(f), 1, 2, 1.0, 1)
+    with pytest.raises(SpecError, match="load.trace: no such file"):
+        read_trace(str(tmp_path / "missing.csv"), 1, 2, 1.0, 1)
 
 
 def test_the_shipped_sample_trace_replays():
