@@ -69,7 +69,8 @@ class Fleet:
             self.last_plan = t
             plan = placement.plan_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
                                                max_replicas=len(self.capacity))
-            self._schedule(t, plan.placement)
+            adds = [h for k, hs in plan.placement.items() for h in set(hs) - set(self.placement.get(k, ()))]
+            self._schedule(t, plan.placement, adds)
         elif kind == "autoscale":
             self._autoscale(t, rate)
 
@@ -93,13 +94,13 @@ class Fleet:
                                        max_replicas=len(self.capacity))
             self.target = np.bincount(layout(plan.placement, sorted(self.capacity), self.sc.model).key,
                                       minlength=len(self.keys))
-            self._schedule(t, plan.placement)
+            self._schedule(t, plan.placement, _added(plan))
             return
         short = {self.keys[i]: int(self.target[i]) for i in np.flatnonzero(self.target != count)}
         if short:
             plan = self._fit(self._dict(self.load), self.placement, short)
             if plan is not None:
-                self._schedule(t, plan.placement)
+                self._schedule(t, plan.placement, _added(plan))
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -115,9 +116,10 @@ class Fleet:
             self.capacity[self._host_id(self._next_host)] = self.sc.hosts.slots
             self._next_host += 1
 
-    def _schedule(self, t: float, new: Placement) -> None:
-        """Load `new`'s added replicas (each host one after another); it serves once all are in."""
-        per_host = Counter(h for k, hs in new.items() for h in set(hs) - set(self.placement.get(k, ())))
+    def _schedule(self, t: float, new: Placement, added_on: list[str]) -> None:
+        """Load `new`'s added replicas, one host each in `added_on` (each host loads one after
+        another); `new` serves once all are in."""
+        per_host = Counter(added_on)
         if not per_host:
             self._set(new)
             return
@@ -142,3 +144,8 @@ class Fleet:
     @staticmethod
     def _host_id(i: int) -> str:
         return f"h{i:04d}"
+
+
+def _added(plan: PlacementPlan) -> list[str]:
+    """The host of each replica a plan adds (its moves are net changes from the current one)."""
+    return [mv.host for mv in plan.moves if mv.op == "add"]
