@@ -139,15 +139,17 @@ class _Fleet:
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
         self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
+        held, load = self.held, self.load
         for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
             hs = placement[k]
-            if len(set(hs)) != len(hs):
+            if len(hs) > 1 and len(set(hs)) != len(hs):
                 raise ValueError(f"expert {k} has two replicas on one host: {hs}")
             if hs:
                 self.placement[k] = list(hs)
+            s = share[k]
             for h in hs:
-                self.held[h].add(k)
-                self.load[h] += share[k]
+                held[h].add(k)
+                load[h] += s
 
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
