@@ -112,6 +112,16 @@ def test_replayed_rows_are_binned_per_period(tmp_path):
     assert read_trace(str(picks), 2, 2, 0.5, 3).tolist() == [[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 2]]
 
 
+def test_a_parquet_trace_replays_like_its_csv(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = {"t": [0.0, 0.5, 1.2], "layer": [0, 0, 1], "experts": [[0, 1], [1, 0], [1, 0]]}
+    pq.write_table(pa.table(table), tmp_path / "picks.parquet")
+    assert read_trace(str(tmp_path / "picks.parquet"), 2, 2, 0.5, 3).tolist() == \
+        [[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 2]]
+
+
 def test_a_trace_row_out_of_range_is_named(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("t,layer,expert,tokens\n0,0,1,5\n0,0,7,1\n")
