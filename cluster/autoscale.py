@@ -19,7 +19,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Key", "AutoscalingConfig", "Snapshot", "PolicyState", "Decision", "desired_replicas", "decide"]
+import numpy as np
+
+__all__ = ["Key", "AutoscalingConfig", "Snapshot", "PolicyState", "Decision", "desired_replicas", "decide",
+           "ExpertState", "expert_targets", "idle_hosts",
+           "LOAD_SMOOTHING", "smooth_load", "retirable"]
 
 Key = tuple[int, int]  # (layer, expert id)
 
@@ -98,37 +102,56 @@ def desired_replicas(tokens_per_s: float, cfg: AutoscalingConfig) -> int:
     return max(cfg.min_replicas, n)
 
 
-def _smooth(sample: float, old: float | None, smoothing: float) -> float:
-    """Exponential moving average; the first sample starts it. A rate that is negative or not
-    finite is a reporting bug, not load: it counts as 0 so it cannot poison the average."""
-    x = sample if math.isfinite(sample) and sample > 0 else 0.0
-    return x if old is None else smoothing * x + (1 - smoothing) * old
+@dataclass
+class ExpertState:
+    """The per-expert part of `PolicyState` as arrays over one fixed order of keys [N], for
+    callers that run the policy at scale (the simulator). `decide` converts to and from it."""
+
+    smoothed: np.ndarray  # [N] tokens/s; NaN: no sample yet
+    pending_n: np.ndarray  # [N] the wished-for count; 0: nothing pending
+    pending_since: np.ndarray  # [N] since when (s)
+
+    @classmethod
+    def empty(cls, n: int) -> ExpertState:
+        return cls(np.full(n, np.nan), np.zeros(n, dtype=np.int64), np.zeros(n))
 
 
-def _step(
-    current: int, desired: int, pending: tuple[int, float] | None, now: float, cfg: AutoscalingConfig
-) -> tuple[int, tuple[int, float] | None]:
-    """-> (replicas to have now, pending). A count outside [min, max] is clamped at once; moving
-    towards `desired` waits until the wish has pointed the same way for the direction's delay."""
-    base = min(max(current, cfg.min_replicas), cfg.max_replicas)
-    if desired == base:
-        return base, None
+def expert_targets(
+    cfg: AutoscalingConfig, tokens_per_s: np.ndarray, current: np.ndarray, state: ExpertState, now: float
+) -> tuple[np.ndarray, ExpertState]:
+    """One period for every expert at once: tokens_per_s, current: [N] -> (replicas to have
+    now [N], the next state). Per expert it smooths the rate (a negative or non-finite rate is
+    a reporting bug and counts as 0), wants `desired_replicas` of the smoothed rate, clamps a
+    count outside [min, max] at once, and moves towards the wish only once it has pointed the
+    same way for that direction's delay. `state` is not modified."""
+    r = np.asarray(tokens_per_s, dtype=np.float64)
+    x = np.where(np.isfinite(r) & (r > 0), r, 0.0)
+    old = state.smoothed
+    smoothed = np.where(np.isnan(old), x, cfg.smoothing * x + (1 - cfg.smoothing) * old)
+    desired = np.where(smoothed > 0, np.maximum(cfg.min_replicas, np.ceil(
+        np.minimum(smoothed / cfg.target_tokens_per_s, cfg.max_replicas))), cfg.min_replicas).astype(np.int64)
+    base = np.clip(np.asarray(current, dtype=np.int64), cfg.min_replicas, cfg.max_replicas)
     up = desired > base
-    same_way = pending is not None and (pending[0] > base) == up and pending[0] != base
-    since = pending[1] if same_way else now
-    delay_s = cfg.upscale_delay_s if up else cfg.downscale_delay_s
-    if now - since >= delay_s:
-        return desired, None
-    return base, (desired, since)
+    pn = state.pending_n
+    same_way = (pn > 0) & ((pn > base) == up) & (pn != base)
+    since = np.where(same_way, state.pending_since, now)
+    fire = now - since >= np.where(up, cfg.upscale_delay_s, cfg.downscale_delay_s)
+    moving = desired != base
+    target = np.where(moving & fire, desired, base)
+    wait = moving & ~fire
+    return target, ExpertState(smoothed, np.where(wait, desired, 0), np.where(wait, since, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
 # per host
 
 
-def _empty_since(host_replicas: dict[str, int], old: dict[str, float], now: float) -> dict[str, float]:
-    """Hosts holding no replica -> since when; hosts that hold replicas or are gone drop out."""
-    return {h: old.get(h, now) for h, n in host_replicas.items() if n == 0}
+def idle_hosts(cfg: AutoscalingConfig, host_replicas: dict[str, int], empty_since: dict[str, float],
+               now: float) -> tuple[list[str], dict[str, float]]:
+    """-> (hosts empty for host_idle_s or more, sorted; the next host -> empty since). Hosts
+    that hold replicas or are gone drop out of `empty_since`."""
+    since = {h: empty_since.get(h, now) for h, n in host_replicas.items() if n == 0}
+    return sorted(h for h, t in since.items() if now - t >= cfg.host_idle_s), since
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,18 +165,41 @@ def decide(snapshot: Snapshot, state: PolicyState, now: float) -> tuple[Decision
     `snapshot.replicas` no longer exist and drop out of the state; new ones start fresh.
     `state` is not modified.
     """
-    cfg = snapshot.config
-    smoothed: dict[Key, float] = {}
-    pending: dict[Key, tuple[int, float]] = {}
-    changes: dict[Key, int] = {}
-    for key, current in snapshot.replicas.items():
-        smoothed[key] = _smooth(snapshot.tokens_per_s.get(key, 0.0), state.smoothed.get(key), cfg.smoothing)
-        target, wish = _step(current, desired_replicas(smoothed[key], cfg), state.pending.get(key), now, cfg)
-        if target != current:
-            changes[key] = target
-        if wish is not None:
-            pending[key] = wish
+    keys = list(snapshot.replicas)
+    pending = [state.pending.get(k) for k in keys]
+    arrays = ExpertState(
+        np.array([state.smoothed.get(k, np.nan) for k in keys], dtype=np.float64),
+        np.array([p[0] if p else 0 for p in pending], dtype=np.int64),
+        np.array([p[1] if p else 0.0 for p in pending], dtype=np.float64))
+    current = [snapshot.replicas[k] for k in keys]
+    rates = np.array([snapshot.tokens_per_s.get(k, 0.0) for k in keys], dtype=np.float64)
+    target, nxt = expert_targets(snapshot.config, rates, np.array(current, dtype=np.int64), arrays, now)
+    changes = {k: t for k, t, c in zip(keys, target.tolist(), current, strict=True) if t != c}
+    smoothed = dict(zip(keys, nxt.smoothed.tolist(), strict=True))
+    pending_out = {k: (n, t) for k, n, t in zip(keys, nxt.pending_n.tolist(), nxt.pending_since.tolist(),
+                                                  strict=True) if n}
+    retire, empty_since = idle_hosts(snapshot.config, snapshot.host_replicas, state.host_empty_since, now)
+    return Decision(changes, retire), PolicyState(smoothed, pending_out, empty_since)
 
-    empty_since = _empty_since(snapshot.host_replicas, state.host_empty_since, now)
-    retire = sorted(h for h, t in empty_since.items() if now - t >= cfg.host_idle_s)
-    return Decision(changes, retire), PolicyState(smoothed, pending, empty_since)
+
+# ---------------------------------------------------------------------------------------------
+# around the policy: what the Controller (and the simulator, moefleet.sim) do with each period
+
+LOAD_SMOOTHING = 0.5  # weight of the newest period's rate in the load that placement plans for
+
+
+def smooth_load(rate, old):
+    """The load placement plans for: an exponential moving average of the measured rates; the
+    first one starts it. Works on floats and on numpy arrays alike."""
+    return rate if old is None else LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
+
+
+def retirable(retire_hosts: list[str], host_replicas: dict[str, int], min_hosts: int) -> list[str]:
+    """Of the hosts `decide` says to retire, those to end now: still empty, in order, while more
+    than `min_hosts` (the spec's hosts.count) of `host_replicas`' hosts remain."""
+    left, out = len(host_replicas), []
+    for h in retire_hosts:
+        if left > min_hosts and host_replicas.get(h) == 0:
+            out.append(h)
+            left -= 1
+    return out

@@ -9,6 +9,7 @@
     moefleet remove-expert MODEL --layer L --expert E
     moefleet rebalance MODEL [--replicas N] [--max-moves N | --min-gain X] [--allow-partial]
     moefleet autoscale MODEL --on|--off [--target-tokens-per-s X] [--min-replicas N] ...
+    moefleet simulate SCENARIO.yaml [-o DIR]       compare policies offline (moefleet.sim)
 
 Commands that talk to a running service use its admin gRPC API at `--server`
 (default `localhost:50051`, or $MOEFLEET_SERVER) and send `--token` ($MOEFLEET_TOKEN) when
@@ -406,6 +407,21 @@ def autoscale(conn: _Conn, model: str, enabled: bool, **policy: Any) -> None:
                f"{r.target_tokens_per_s:g} tokens/s per replica, replicas "
                f"{r.min_replicas}..{r.max_replicas}, delays up {r.upscale_delay_s:g}s / "
                f"down {r.downscale_delay_s:g}s")
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", default="sim-out", show_default=True,
+              help="Folder for summary.json, summary.csv and plots.png.")
+def simulate(scenario: str, out_dir: str) -> None:
+    """Replay a scenario's load through moefleet's policies and compare them (no cluster)."""
+    from moefleet.sim import SpecError, run
+
+    try:
+        click.echo(run(scenario, out_dir))
+    except SpecError as e:
+        raise click.ClickException(f"{scenario}: {e}") from None
+    click.echo(f"wrote {out_dir}/summary.json, summary.csv, plots.png")
 
 
 def _status_table(resp) -> str:

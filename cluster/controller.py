@@ -55,7 +55,6 @@ from .spec import ModelSpec
 __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
-_LOAD_SMOOTHING = 0.5  # weight of the newest poll in each expert's measured load
 _PING_TIMEOUT_S = 10.0
 
 
@@ -396,12 +395,9 @@ class Controller:
         if decision.replicas:
             log.info("autoscaling %s: %s", m.name, decision.replicas)
             m.target.update(decision.replicas)
-        floor = m.spec.hosts.count
-        for h in decision.retire_hosts:
-            n_hosts = sum(1 for r in self._hosts.values() if r.model == m.name)
-            if n_hosts > floor and h in self._hosts and not self._hosts[h].slots:
-                log.info("retiring idle host %s", h)
-                ray.kill(self._hosts.pop(h).handle)
+        for h in autoscale.retirable(decision.retire_hosts, snap.host_replicas, m.spec.hosts.count):
+            log.info("retiring idle host %s", h)
+            ray.kill(self._hosts.pop(h).handle)
         self._save()
 
     async def _poll_routers(self) -> None:
@@ -423,8 +419,7 @@ class Controller:
                 lat.extend(r["latency_s"].get(name, []))
             for k in m.keys():
                 rate = m.rate[k] = rows.get(k, 0.0) / elapsed
-                old = m.load.get(k)
-                m.load[k] = rate if old is None else _LOAD_SMOOTHING * rate + (1 - _LOAD_SMOOTHING) * old
+                m.load[k] = autoscale.smooth_load(rate, m.load.get(k))
             m.latency = _latency_summary(lat, elapsed)
             self._metrics.record_model(m)
         self._metrics.record_hosts(self._hosts.values())

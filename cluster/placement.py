@@ -146,17 +146,25 @@ class _Fleet:
         self.hosts = sorted(set(capacity) | {h for hs in placement.values() for h in hs})
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
         self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
-        for k in sorted(placement):
-            if len(set(placement[k])) != len(placement[k]):
-                raise ValueError(f"expert {k} has two replicas on one host: {placement[k]}")
-            for h in placement[k]:
-                self.add(k, h)
+        self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
+        held, load = self.held, self.load
+        for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
+            hs = placement[k]
+            if len(hs) > 1 and len(set(hs)) != len(hs):
+                raise ValueError(f"expert {k} has two replicas on one host: {hs}")
+            if hs:
+                self.placement[k] = list(hs)
+            s = share[k]
+            for h in hs:
+                held[h].add(k)
+                load[h] += s
 
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
         self.moved += -1 if (k, h) in self.origin else 1
         self.held[h].add(k)
         self.load[h] += self.share[k]
+        self._changed(h)
 
     def remove(self, k: Key, h: str) -> None:
         self.placement[k].remove(h)
@@ -165,14 +173,37 @@ class _Fleet:
         self.moved += 1 if (k, h) in self.origin else -1
         self.held[h].discard(k)
         self.load[h] -= self.share[k]
+        self._changed(h)
+
+    def _changed(self, h: str) -> None:
+        if self._heap is not None:  # the old entry of h goes stale; coolest() drops it
+            heapq.heappush(self._heap, (self.load[h], len(self.held[h]), h))
 
     def free(self, h: str) -> int:
         return self.capacity.get(h, 0) - len(self.held[h])
 
     def coolest(self, k: Key) -> str | None:
-        """The least-loaded H with a free slot that does not hold K (ties: fewer R, then id)."""
-        ok = [h for h in self.hosts if self.free(h) > 0 and k not in self.held[h]]
-        return min(ok, key=lambda h: (self.load[h], len(self.held[h]), h), default=None)
+        """The least-loaded H with a free slot that does not hold K (ties: fewer R, then id).
+
+        A heap of (load, replicas, H) with lazy deletion: entries that no longer match their
+        host, or whose host is full, are dropped as they surface (a host that frees a slot is
+        pushed again), so each call costs O(log H) plus the hosts skipped for holding K."""
+        if self._heap is None:
+            self._heap = [(self.load[h], len(self.held[h]), h) for h in self.hosts]
+            heapq.heapify(self._heap)
+        skipped, best = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            load, n, h = entry
+            if load != self.load[h] or n != len(self.held[h]) or self.free(h) <= 0:
+                continue
+            skipped.append(entry)
+            if k not in self.held[h]:
+                best = h
+                break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return best
 
     def hottest(self) -> str:
         return max(self.hosts, key=lambda h: (self.load[h], h))
@@ -187,10 +218,11 @@ def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]
 
 def _diff(current: Placement, placement: Placement) -> list[Move]:
     """The net moves, removes first (each add then finds its slot free)."""
-    removes = [Move("remove", k, h) for k in sorted(current)
-               for h in sorted(set(current[k]) - set(placement.get(k, ())))]
-    adds = [Move("add", k, h) for k in sorted(placement)
-            for h in sorted(set(placement[k]) - set(current.get(k, ())))]
+    changed = [k for k in set(current) | set(placement) if current.get(k) != placement.get(k)]
+    removes = [Move("remove", k, h) for k in sorted(changed)
+               for h in sorted(set(current.get(k, ())) - set(placement.get(k, ())))]
+    adds = [Move("add", k, h) for k in sorted(changed)
+            for h in sorted(set(placement.get(k, ())) - set(current.get(k, ())))]
     return removes + adds
 
 

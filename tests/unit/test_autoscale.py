@@ -17,6 +17,8 @@ from moefleet.cluster.autoscale import (
     Snapshot,
     decide,
     desired_replicas,
+    retirable,
+    smooth_load,
 )
 
 pytestmark = pytest.mark.unit
@@ -263,3 +265,39 @@ def test_decide_does_not_mutate_the_state_passed_in() -> None:
     assert after is not state and after.smoothed is not state.smoothed
     assert decision == Decision({K: 5}, [])
     assert after == PolicyState(smoothed={K: 500.0}, pending={}, host_empty_since={"b": 5.0})
+
+
+def test_retirable_keeps_the_spec_hosts_and_only_ends_empty_ones():
+    held = {"a": 0, "b": 0, "c": 2, "d": 0}
+    assert retirable(["a", "b", "d"], held, min_hosts=2) == ["a", "b"]  # 4 hosts, keep 2
+    assert retirable(["c", "d"], held, min_hosts=1) == ["d"]  # c holds replicas again
+    assert retirable(["a"], held, min_hosts=4) == []
+
+
+def test_smooth_load_starts_at_the_first_rate_then_averages_half_and_half():
+    assert smooth_load(10.0, None) == 10.0
+    assert smooth_load(10.0, 30.0) == 20.0
+
+
+def test_decide_on_dicts_and_expert_targets_on_arrays_agree():
+    """The Controller calls `decide`; the simulator calls its array core directly."""
+    import numpy as np
+
+    from moefleet.cluster.autoscale import ExpertState, expert_targets
+
+    cfg = _cfg(smoothing=0.5)
+    keys = [(0, e) for e in range(6)]
+    state, arrays, counts = PolicyState(), ExpertState.empty(6), [1] * 6
+    changed = []
+    for t, scale in enumerate([50, 400, 400, 400, 900, 0, 0, 0, 0, 0]):
+        rates = [scale * (e + 1) / 6 for e in range(6)]
+        snap = _snap(cfg, dict(zip(keys, rates, strict=True)), dict(zip(keys, counts, strict=True)))
+        decision, state = decide(snap, state, float(t))
+        target, arrays = expert_targets(cfg, np.array(rates), np.array(counts), arrays, float(t))
+        target = target.tolist()
+        assert {k: n for k, n, c in zip(keys, target, counts, strict=True) if n != c} == decision.replicas
+        changed.append(decision.replicas)
+        counts = target
+    # smoothed at t=3: [59, 119, 178, 238, 297, 356] tokens/s; wishes since t=1 fire after 2 s
+    assert changed[3] == {(0, 2): 2, (0, 3): 3, (0, 4): 3, (0, 5): 4}
+    assert changed[4] == {(0, 1): 3}  # its wish dates from t=2; the others start a new wait

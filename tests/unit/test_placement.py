@@ -432,3 +432,26 @@ def test_a_shortfall_drops_extra_replicas_never_an_experts_only_one() -> None:
     _check_plan(plan, capacity, {}, counts)
     assert set(plan.placement) == set(load) and sorted(plan.unplaced) == [(0, 0), (0, 1)]
     assert set(rebalance(load, capacity, plan.placement, 6, max_replicas=2).placement) == set(load)
+
+def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
+    """The heap with lazy deletion is a fast path of `min` over the hosts with a free slot
+    that do not hold K, by (load, replicas, id); a random walk of adds and removes holds the
+    two together."""
+    from moefleet.cluster.placement import _Fleet
+
+    def plain(fleet, k):
+        ok = [h for h in fleet.hosts if fleet.free(h) > 0 and k not in fleet.held[h]]
+        return min(ok, key=lambda h: (fleet.load[h], len(fleet.held[h]), h), default=None)
+
+    rng = random.Random(3)
+    keys = [(0, e) for e in range(12)]
+    share = {k: rng.choice([0.0, 1.0, 2.5, rng.random()]) for k in keys}
+    fleet = _Fleet({f"h{i}": rng.randint(1, 4) for i in range(5)}, {}, share)
+    for _ in range(300):
+        k = rng.choice(keys)
+        assert fleet.coolest(k) == plain(fleet, k)
+        held = [(k2, h) for k2, hs in fleet.placement.items() for h in hs]
+        if held and rng.random() < 0.4:
+            fleet.remove(*rng.choice(held))
+        elif (h := plain(fleet, k)) is not None:
+            fleet.add(k, h)

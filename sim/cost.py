@@ -1,0 +1,108 @@
+"""The cost model: what one period of load costs on a given placement. Pure numpy.
+
+Per layer call (a batch of `batch_tokens` tokens, `calls_l` = tokens/s into layer l / batch_tokens
+calls per second), a replica r of expert k on host h gets n_r = rows_k / (replicas_k · calls_l)
+rows on average, and takes (roofline)
+
+    t_r = max(n_r · flops_per_row / tflops,  (1 − e^(−n_r)) · expert_bytes / hbm_gbps)
+
+(an expert with no rows in a call reads no weights; e^(−n_r) is that chance for Poisson rows).
+Host h's part of one call of layer l, when it is called at all (chance P_hl = 1 − e^(−Σ n_r)):
+
+    s_hl = (P_hl · call_overhead_s + Σ_r t_r + 2 · Σ_r n_r · H · activation_bytes / net_gbps) / P_hl
+
+Its utilisation is ρ_h = Σ_l calls_l · P_hl · s_hl. Each host is an M/D/1 queue (Poisson calls,
+deterministic service at its mean S_h): the mean wait is W_h = ρ_h · S_h / (2 (1 − ρ_h)),
+infinite at ρ_h >= 1. A layer call waits for its slowest host:
+
+    latency_l = net_latency_s + max_h (s_hl + W_h)
+
+A replica being loaded serves nothing for expert_bytes / load_gbps seconds (`load_s`). It
+knows nothing of policies, time or where load comes from.
+
+    L = layers, E = experts per layer, N = L·E, R = replicas, H = hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moefleet.cluster.placement import Placement
+
+from .scenario import CostConfig, ModelShape
+
+__all__ = ["Layout", "PeriodCost", "layout", "period_cost", "load_s", "expert_rows_per_s"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A placement as arrays: replica r holds expert key[r] (n index) on host host[r]."""
+
+    key: np.ndarray  # [R] int
+    host: np.ndarray  # [R] int, an index into `hosts`
+    count: np.ndarray  # [N] replicas per expert
+    hosts: list[str]  # the hosts in use, in index order
+
+
+@dataclass(frozen=True)
+class PeriodCost:
+    """Per period t of the batch (no leading dimension when one period was given)."""
+
+    latency_s: np.ndarray  # [T, L] mean latency of one call of each layer (inf: a host saturated)
+    host_rows: np.ndarray  # [T, H] rows/s each host serves
+    utilisation: np.ndarray  # [T, H] busy share of each host
+
+
+def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
+    """placement (layer, expert) -> [host] -> arrays; `hosts` are every host in use (even empty)."""
+    index = {h: i for i, h in enumerate(hosts)}
+    E = m.n_routed_experts
+    key = np.array([L * E + e for (L, e), hs in placement.items() for _ in hs], dtype=np.int64)
+    host = np.array([index[h] for hs in placement.values() for h in hs], dtype=np.int64)
+    return Layout(key, host, np.bincount(key, minlength=m.layers * E), list(hosts))
+
+
+def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
+    """rate: [T, N] (or [N]) rows/s routed to each expert in each period -> its cost on `lay`.
+
+    An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
+    if rate.ndim == 1:
+        c = period_cost(cfg, m, lay, rate[None])
+        return PeriodCost(c.latency_s[0], c.host_rows[0], c.utilisation[0])
+    T, L, E, H = len(rate), m.layers, m.n_routed_experts, len(lay.hosts)
+    calls = rate.reshape(T, L, E).sum(axis=2) / m.num_experts_per_tok / cfg.batch_tokens  # [T, L] per s
+    q = np.divide(rate, lay.count, out=np.zeros_like(rate), where=lay.count > 0)  # [T, N] per replica
+    per = np.repeat(calls, E, axis=1)  # [T, N]
+    n = np.divide(q, per, out=np.zeros_like(q), where=per > 0)  # [T, N] rows per call per replica
+    t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [T, N] s per call
+    idx = (np.arange(T)[:, None] * (H * L) + lay.host * L + lay.key // E).ravel()  # [T·R]
+    work = np.bincount(idx, weights=t[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
+    rows = np.bincount(idx, weights=n[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
+    hit = -np.expm1(-rows)  # [T, H, L] chance a call reaches the host
+    wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
+    busy = hit * cfg.call_overhead_s + work + wire  # [T, H, L] expected s per layer call
+    rho = (calls[:, None, :] * busy).sum(axis=2)  # [T, H]
+    host_calls = (calls[:, None, :] * hit).sum(axis=2)  # [T, H] calls/s that reach the host
+    mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [T, H] M/D/1
+        s = np.where(hit > 0, busy / np.maximum(hit, 1e-300) + wait[:, :, None], 0.0)  # [T, H, L]
+    latency = cfg.net_latency_s + s.max(axis=1, initial=0.0)  # [T, L]
+    hidx = (np.arange(T)[:, None] * H + lay.host).ravel()
+    host_rows = np.bincount(hidx, weights=q[:, lay.key].ravel(), minlength=T * H).reshape(T, H)
+    return PeriodCost(latency, host_rows, rho)
+
+
+def load_s(cfg: CostConfig, m: ModelShape) -> float:
+    """Seconds to load one replica's weights into a slot."""
+    return m.expert_bytes / (cfg.load_gbps * 1e9)
+
+
+def expert_rows_per_s(cfg: CostConfig, m: ModelShape, rows_per_call: float) -> float:
+    """Rows/s one replica serves when every call brings it `rows_per_call` rows (roofline plus
+    the per-call overhead)."""
+    t = max(rows_per_call * m.flops_per_row / (cfg.tflops * 1e12), m.expert_bytes / (cfg.hbm_gbps * 1e9))
+    return rows_per_call / (t + cfg.call_overhead_s)

@@ -1,0 +1,151 @@
+"""The policies compared, each driving a simulated fleet through moefleet's own pure functions.
+
+`autoscale` does what the Controller's loop does each period: `autoscale.decide` on the
+measured rates (its two halves, `expert_targets` and `idle_hosts`, called on arrays), the
+targets carried out through `placement.apply_counts` (starting hosts when slots run out, up
+to hosts.max_count, as the executor does), idle hosts retired through `autoscale.retirable`,
+and, every `rebalance_every_s`, `placement.rebalance` as the Controller's Rebalance calls it.
+`static` packs once with `placement.plan_from_scratch` from the first hour's mean load;
+`replan` packs from scratch every `replan_every_s` (EPLB-style).
+
+A plan takes effect when its slowest host has loaded its new replicas one after another
+(`cost.load_s` each); until then the previous placement serves and the policy waits, as the
+Controller's loop waits for the executor. Moved replicas are the adds of those plans.
+
+    K = (layer, expert) key, N = layers · experts; rates are rows/s.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from moefleet.cluster import autoscale, placement
+from moefleet.cluster.placement import Placement, PlacementPlan
+
+from .cost import Layout, layout, load_s
+from .scenario import PolicyConfig, Scenario
+
+__all__ = ["Fleet"]
+
+
+class Fleet:
+    """One policy's simulated fleet: its placement, hosts, timers and counters."""
+
+    def __init__(self, sc: Scenario, pol: PolicyConfig, first_hour: np.ndarray):
+        self.sc, self.pol = sc, pol
+        E = sc.model.n_routed_experts
+        self.keys = [(L, e) for L in range(sc.model.layers) for e in range(E)]
+        self.capacity = {self._host_id(i): sc.hosts.slots for i in range(sc.hosts.count)}
+        self._next_host = sc.hosts.count
+        self.load: np.ndarray | None = None  # [N] smoothed rows/s, what placement plans for
+        self.state = autoscale.ExpertState.empty(len(self.keys))
+        self.empty_since: dict[str, float] = {}
+        self.target = np.full(len(self.keys), sc.autoscaling.min_replicas, dtype=np.int64)  # [N]
+        self.ready_at, self.last_plan = 0.0, 0.0
+        self.pending: Placement | None = None
+        self.adds = 0  # replicas loaded after bring-up
+        if pol.kind == "autoscale":
+            counts = dict.fromkeys(self.keys, sc.autoscaling.min_replicas)
+            plan = self._fit({k: 0.0 for k in self.keys}, {}, counts)
+        else:
+            plan = placement.plan_from_scratch(self._dict(first_hour), self.capacity, self._replicas(),
+                                               max_replicas=len(self.capacity))
+        self._set(plan.placement)
+
+    # ---- one period ------------------------------------------------------------------------
+
+    def step(self, t: float, rate: np.ndarray) -> None:
+        """rate: [N] rows/s measured over the period that ends at t."""
+        self.load = autoscale.smooth_load(rate, self.load)
+        if self.pending is not None and t >= self.ready_at:
+            self._set(self.pending)
+            self.pending = None
+        if t < self.ready_at:
+            return  # the executor is still loading the last plan
+        kind, every = self.pol.kind, self.pol.replan_every_s
+        if kind == "replan" and t - self.last_plan >= every:
+            self.last_plan = t
+            plan = placement.plan_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
+                                               max_replicas=len(self.capacity))
+            adds = [h for k, hs in plan.placement.items() for h in set(hs) - set(self.placement.get(k, ()))]
+            self._schedule(t, plan.placement, adds)
+        elif kind == "autoscale":
+            self._autoscale(t, rate)
+
+    def _autoscale(self, t: float, rate: np.ndarray) -> None:
+        """`autoscale.decide`'s two halves, on arrays (decide itself converts dicts to them)."""
+        cfg, count = self.sc.autoscaling, self.layout.count
+        target, self.state = autoscale.expert_targets(cfg, rate, count, self.state, t)
+        changed = target != count
+        self.target[changed] = target[changed]  # the Controller's m.target.update(decision.replicas)
+        held = self._host_replicas()
+        idle, self.empty_since = autoscale.idle_hosts(cfg, held, self.empty_since, t)
+        retire = autoscale.retirable(idle, held, self.sc.hosts.count)
+        for h in retire:
+            del self.capacity[h]
+        if retire:
+            self._set(self.placement)
+        every = self.pol.rebalance_every_s
+        if every and t - self.last_plan >= every:
+            self.last_plan = t
+            plan = placement.rebalance(self._dict(self.load), self.capacity, self.placement,
+                                       max_replicas=len(self.capacity))
+            self.target = np.bincount(layout(plan.placement, sorted(self.capacity), self.sc.model).key,
+                                      minlength=len(self.keys))
+            self._schedule(t, plan.placement, _added(plan))
+            return
+        short = {self.keys[i]: int(self.target[i]) for i in np.flatnonzero(self.target != count)}
+        if short:
+            plan = self._fit(self._dict(self.load), self.placement, short)
+            if plan is not None:
+                self._schedule(t, plan.placement, _added(plan))
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _fit(self, load: dict, current: Placement, counts: dict) -> PlacementPlan | None:
+        """The executor's `apply`: plan the counts, starting hosts while replicas find no slot;
+        None (nothing changes) when even hosts.max_count hosts cannot hold them."""
+        while True:
+            plan = placement.apply_counts(load, self.capacity, current, counts)
+            if not plan.unplaced:
+                return plan
+            if len(self.capacity) >= self.sc.hosts.max_count:
+                return None
+            self.capacity[self._host_id(self._next_host)] = self.sc.hosts.slots
+            self._next_host += 1
+
+    def _schedule(self, t: float, new: Placement, added_on: list[str]) -> None:
+        """Load `new`'s added replicas, one host each in `added_on` (each host loads one after
+        another); `new` serves once all are in."""
+        per_host = Counter(added_on)
+        if not per_host:
+            self._set(new)
+            return
+        self.adds += sum(per_host.values())
+        self.pending = new
+        self.ready_at = t + max(per_host.values()) * load_s(self.sc.cost, self.sc.model)
+
+    def _set(self, new: Placement) -> None:
+        self.placement = new
+        self.layout: Layout = layout(new, sorted(self.capacity), self.sc.model)
+
+    def _host_replicas(self) -> dict[str, int]:
+        held = np.bincount(self.layout.host, minlength=len(self.layout.hosts)).tolist()
+        return {**dict.fromkeys(self.capacity, 0), **dict(zip(self.layout.hosts, held, strict=True))}
+
+    def _replicas(self) -> int:
+        return self.pol.replicas or self.sc.hosts.count * self.sc.hosts.slots
+
+    def _dict(self, x: np.ndarray) -> dict[tuple[int, int], float]:
+        return dict(zip(self.keys, x.tolist(), strict=True))
+
+    @staticmethod
+    def _host_id(i: int) -> str:
+        return f"h{i:04d}"
+
+
+def _added(plan: PlacementPlan) -> list[str]:
+    """The host of each replica a plan adds (its moves are net changes from the current one)."""
+    return [mv.host for mv in plan.moves if mv.op == "add"]

@@ -1,0 +1,201 @@
+"""moefleet.sim: the cost model against hand-computed cases, the load generator's Gini against
+its target, trace replay against a hand-made trace, the policies' invariants, scenario errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moefleet.cluster.cli import main
+from moefleet.sim import (
+    Fleet,
+    Generated,
+    Scenario,
+    SpecError,
+    expert_rows_per_s,
+    gini,
+    layout,
+    load_s,
+    load_scenario,
+    period_cost,
+    popularity_profile,
+    read_trace,
+    simulate,
+)
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "sim"
+
+# one layer, H = I = 1000, FP8: 3 MB of weights (3 ms at 1 GB/s), 6 MFLOP per row (6 µs at 1 TFLOP/s)
+_HAND = {"name": "hand", "model": {"layers": 1, "n_routed_experts": 2, "num_experts_per_tok": 1,
+                                   "hidden_size": 1000, "moe_intermediate_size": 1000, "bytes_per_param": 1},
+         "hosts": {"count": 2, "slots": 2},
+         "cost": {"tflops": 1, "hbm_gbps": 1, "call_overhead_s": 1e-3, "net_latency_s": 5e-4,
+                  "net_gbps": 1, "activation_bytes": 4, "load_gbps": 1, "batch_tokens": 100}}
+
+
+def _cost(placement, rate, **cost):
+    sc = Scenario.from_dict({**_HAND, "cost": {**_HAND["cost"], **cost}})
+    return period_cost(sc.cost, sc.model, layout(placement, ["a", "b"], sc.model), np.array(rate, float))
+
+
+# ---- cost model ---------------------------------------------------------------------------
+
+def test_weight_bound_call_matches_the_hand_computed_md1_latency():
+    # 10000 rows/s in calls of 100 tokens: 100 calls/s, 100 rows per call on host a.
+    # busy per call = 1 ms overhead + 3 ms weights (> 0.6 ms of FLOPs) + 0.8 ms wire = 4.8 ms
+    # rho = 100 × 4.8 ms = 0.48; M/D/1 wait = 0.48 × 4.8 ms / (2 × 0.52)
+    c = _cost({(0, 0): ["a"], (0, 1): ["b"]}, [10000.0, 0.0])
+    assert c.utilisation.tolist() == pytest.approx([0.48, 0.0])
+    assert c.latency_s[0] == pytest.approx(0.5e-3 + 4.8e-3 + 0.48 * 4.8e-3 / 1.04)
+    assert c.host_rows.tolist() == [10000.0, 0.0]
+
+
+def test_compute_bound_call_costs_its_flops():
+    # calls of 1000 tokens: 1 call/s of 1000 rows: 6 ms of FLOPs beat 3 ms of weights
+    # busy = 1 ms + 6 ms + 8 ms wire = 15 ms, rho = 0.015
+    c = _cost({(0, 0): ["a"], (0, 1): ["b"]}, [1000.0, 0.0], batch_tokens=1000)
+    assert c.utilisation[0] == pytest.approx(0.015)
+    assert c.latency_s[0] == pytest.approx(0.5e-3 + 15e-3 + 0.015 * 15e-3 / (2 * 0.985))
+
+
+def test_a_second_replica_halves_each_hosts_rows_and_a_saturated_host_is_infinite():
+    two = _cost({(0, 0): ["a", "b"], (0, 1): ["b"]}, [10000.0, 0.0])
+    assert two.host_rows.tolist() == [5000.0, 5000.0]
+    busy = 1e-3 + 3e-3 + 0.4e-3  # 50 rows per call each
+    assert two.utilisation[0] == pytest.approx(100 * busy)
+    assert math.isinf(_cost({(0, 0): ["a"], (0, 1): ["b"]}, [30000.0, 0.0]).latency_s[0])  # rho 1.44
+
+
+def test_load_time_and_roofline_throughput():
+    sc = Scenario.from_dict(_HAND)
+    assert load_s(sc.cost, sc.model) == pytest.approx(3e-3)
+    # 100 rows per call: max(0.6 ms, 3 ms) + 1 ms overhead per 100 rows
+    assert expert_rows_per_s(sc.cost, sc.model, 100) == pytest.approx(100 / 4e-3)
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["lognormal", "zipf"])
+def test_popularity_profile_hits_each_layers_target_gini(kind):
+    target = np.array([0.1, 0.25, 0.4])
+    p = popularity_profile(kind, 256, target, np.random.default_rng(0))
+    assert np.allclose(p.sum(axis=1), 1)
+    assert np.allclose(gini(p), target, atol=1e-6)
+
+
+def test_generated_rows_keep_the_target_gini_and_the_diurnal_rate():
+    sc = Scenario.from_dict({"name": "g", "duration_s": 60, "model": {"layers": 3, "n_routed_experts": 64},
+                             "hosts": {"count": 4, "slots": 64},
+                             "load": {"tokens_per_s": 1e6, "peak_hour": 0, "trough_ratio": 0.5}})
+    gen = Generated(sc)
+    rows = gen.chunk(0, 1)[0].reshape(3, 64)  # Poisson samples of ~31k rows/s per expert
+    assert np.allclose(gini(rows), gen.target, atol=0.005)
+    assert rows.sum() == pytest.approx(3 * 2e6, rel=1e-3)  # peak at t=0: 1e6 tokens × top-2 × 3 layers
+    assert gen.tokens_per_s(np.array([12 * 3600.0]))[0] == pytest.approx(0.5e6)  # trough at noon
+
+
+# ---- trace replay -------------------------------------------------------------------------
+
+def test_replayed_rows_are_binned_per_period(tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("t,layer,expert,tokens\n0.1,0,1,5\n0.9,0,1,3\n1.5,1,0,4\n9.0,0,0,100\n")
+    r = read_trace(str(rows), layers=2, n_experts=2, period_s=1.0, periods=2)
+    assert r.tolist() == [[0, 8, 0, 0], [0, 0, 4, 0]]  # t=9 is past the 2 periods: dropped
+    picks = tmp_path / "picks.csv"
+    picks.write_text("t,layer,experts\n0.0,0,0 1\n0.5,0,1 0\n1.2,1,1 0\n")
+    assert read_trace(str(picks), 2, 2, 0.5, 3).tolist() == [[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 2]]
+
+
+def test_a_parquet_trace_replays_like_its_csv(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = {"t": [0.0, 0.5, 1.2], "layer": [0, 0, 1], "experts": [[0, 1], [1, 0], [1, 0]]}
+    pq.write_table(pa.table(table), tmp_path / "picks.parquet")
+    assert read_trace(str(tmp_path / "picks.parquet"), 2, 2, 0.5, 3).tolist() == \
+        [[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 2]]
+
+
+def test_a_trace_row_out_of_range_is_named(tmp_path):
+    f = tmp_path / "bad.csv"
+    f.write_text("t,layer,expert,tokens\n0,0,1,5\n0,0,7,1\n")
+    with pytest.raises(SpecError, match=r"expert 7 is out of range \[0, 2\) \(row 2\)"):
+        read_trace(str(f), 1, 2, 1.0, 1)
+    with pytest.raises(SpecError, match="load.trace: no such file"):
+        read_trace(str(tmp_path / "missing.csv"), 1, 2, 1.0, 1)
+
+
+def test_the_shipped_sample_trace_replays():
+    sc = load_scenario(EXAMPLES / "trace.yaml")
+    series = simulate(sc)
+    assert set(series) == {p.name for p in sc.policies}
+    assert all(len(s.p99_s) == sc.periods for s in series.values())
+
+
+# ---- policies -----------------------------------------------------------------------------
+
+_POLICY = {"name": "inv", "duration_s": 240, "model": {"layers": 2, "n_routed_experts": 8},
+           "hosts": {"count": 2, "max_count": 4, "slots": 10},
+           "load": {"tokens_per_s": 3000, "shifts_per_hour": 30, "drift_hours": 0.05},
+           "autoscaling": {"target_tokens_per_s": 300, "max_replicas": 3, "upscale_delay_s": 1,
+                           "downscale_delay_s": 5, "host_idle_s": 5},
+           "policies": [{"name": "s", "kind": "static"},
+                        {"name": "r", "kind": "replan", "replan_every_s": 30},
+                        {"name": "m", "kind": "autoscale", "rebalance_every_s": 60}]}
+
+
+def test_every_policy_keeps_slots_experts_and_autoscaler_bounds():
+    sc = Scenario.from_dict(_POLICY)
+    gen = Generated(sc)
+    rates = gen.chunk(0, sc.periods)
+    fleets = [Fleet(sc, p, rates[:60].mean(axis=0)) for p in sc.policies]
+    a = sc.autoscaling
+    for i, rate in enumerate(rates):
+        for f in fleets:
+            f.step(float(i + 1), rate)
+            held = {}
+            for hs in f.placement.values():
+                assert len(set(hs)) == len(hs)  # two replicas of one expert never share a host
+                for h in hs:
+                    held[h] = held.get(h, 0) + 1
+            assert all(held[h] <= f.capacity[h] for h in held)  # no host over its slots
+            assert set(f.placement) == set(f.keys)  # every expert placed
+            assert len(f.capacity) <= sc.hosts.max_count
+            if f.pol.kind == "autoscale":
+                assert all(a.min_replicas <= len(hs) <= a.max_replicas for hs in f.placement.values())
+    moefleet = fleets[2]
+    assert moefleet.adds > 0 and max(map(len, moefleet.placement.values())) > 1  # it did scale
+
+
+# ---- scenario files -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"cost": {"tflops": "fast"}}, r"cost\.tflops: expected float"),
+    ({"load": {"gini": 0.5}}, r"load\.gini must be \[lo, hi\]"),
+    ({"hostz": {}}, r"scenario: unknown field\(s\) \['hostz'\]"),
+    ({"policies": [{"name": "x", "kind": "eplb"}]}, r"policies\[x\]\.kind must be one of"),
+    ({"autoscaling": {"smoothing": 2}}, r"autoscaling: autoscaling\.smoothing must be in \(0, 1\]"),
+    ({"hosts": {"count": 1, "slots": 4}}, r"hosts: 1 × 4 slots cannot hold one replica of 64"),
+])
+def test_a_bad_scenario_names_its_field(change, message):
+    with pytest.raises(SpecError, match=message):
+        Scenario.from_dict({"name": "bad", **change})
+
+
+def test_simulate_command_prints_the_table_and_writes_the_plots(tmp_path):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: cli\nduration_s: 60\nhosts: {count: 2, slots: 40}\n")
+    r = CliRunner().invoke(main, ["simulate", str(scenario), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "SLO met" in r.output and "moefleet" in r.output and "replan" in r.output
+    assert (tmp_path / "out" / "plots.png").stat().st_size > 1000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ncost: {load_gbps: -1}\n")
+    r = CliRunner().invoke(main, ["simulate", str(bad)])
+    assert r.exit_code == 1 and "cost.load_gbps must be > 0" in r.output
