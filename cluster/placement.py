@@ -141,7 +141,7 @@ class _Fleet:
                  origin: Placement | None = None):
         self.capacity, self.share = capacity, share
         self.origin = {(k, h) for k, hs in (origin or {}).items() for h in hs}
-        self.moved = len(self.origin)  # replicas added plus removed since `origin`
+        self.moved = 0  # replicas added plus removed since `origin`
         self.placement: Placement = {}
         self.hosts = sorted(set(capacity) | {h for hs in placement.values() for h in hs})
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
@@ -158,6 +158,10 @@ class _Fleet:
             for h in hs:
                 held[h].add(k)
                 load[h] += s
+        if self.origin:  # as add() counts them
+            self.moved = len(self.origin ^ {(k, h) for k, hs in self.placement.items() for h in hs})
+        else:
+            self.moved = sum(map(len, self.placement.values()))
 
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
