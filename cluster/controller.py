@@ -79,6 +79,8 @@ class Controller:
         self._restore = bool(self._journal and ray.get_runtime_context().was_current_actor_reconstructed)
         if self._journal and not self._restore:
             self._journal.clear()
+        if self._restore:  # set up (restore, republish, loop) now, not at the first caller's call
+            ray.get_runtime_context().current_actor.model_names.remote()
 
     # ---- bring-up --------------------------------------------------------------------------
 

@@ -171,10 +171,12 @@ def test_restarted_controller_restores_its_registry_from_the_journal(running):
         new.record(ref, r.routing_version, 3, r.expert)
         before = _replicas(c, spec.name)
         ray.kill(svc.controller, no_restart=False)  # Ray restarts it; it reads its journal
-        after = wait_for(lambda: _status_or_none(c, spec.name), 60)
-        assert after == before
-        y, version = c.infer_with_version(spec.name, 3, x)
-        assert version > r.routing_version
+
+        def restored():  # the old instance may still answer before the kill lands
+            y, version = c.infer_with_version(spec.name, 3, x)
+            return (y, version) if version > r.routing_version else None
+        y, version = wait_for(restored, 60)  # the restore publishes a new version
+        assert _replicas(c, spec.name) == before
         torch.testing.assert_close(y, ref(version, 3, x))
         c.scale_expert(spec.name, 3, replicas=1, expert=4)  # and it still makes changes
         assert len(_replicas(c, spec.name)[(3, 4)]) == 1
