@@ -3,7 +3,10 @@
     y = Client("localhost:50051").infer("tiny", layer=0, x=x)   # x: [T, H] torch or numpy
 
 Speaks the Open Inference Protocol (any OIP server with moefleet's conventions answers it),
-retries on UNAVAILABLE with backoff, and honours a per-call deadline. The admin calls send
+retries on UNAVAILABLE with backoff within a per-call deadline (a router that restarts is
+back within seconds), and spreads calls round-robin over several routers when the address
+lists them ("10.0.0.1:50051,10.0.0.2:50051") or names them all (a `dns:///` name): a call
+whose router is gone is retried on another. The admin calls send
 the admin token, when one is given, as `authorization: Bearer <token>` metadata. With
 `tls=True` or a `tls_ca` it speaks TLS (`tls_cert` + `tls_key`: a client certificate, for a
 service that requires one).
@@ -11,6 +14,7 @@ service that requires one).
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
 
@@ -24,20 +28,31 @@ from moefleet.router.wire import request_for, tensor_from_response
 __all__ = ["Client"]
 
 _MAX_MESSAGE = 1 << 30
+_MAX_BACKOFF_S = 1.0
+# gRPC waits 1 s, then up to 120 s, before reconnecting to an address that refused it; a
+# restarted router is back sooner than that, so look again every 0.1 to 1 s.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+                    ("grpc.max_send_message_length", _MAX_MESSAGE),
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                    ("grpc.lb_policy_name", "round_robin")]
 
 
 class Client:
-    def __init__(self, address: str, retries: int = 3, backoff_s: float = 0.05,
+    def __init__(self, address: str, retries: int = 20, backoff_s: float = 0.05,
                  token: str | None = None, tls: bool = False, tls_ca: bytes | None = None,
                  tls_cert: bytes | None = None, tls_key: bytes | None = None):
-        """tls_ca: PEM of the CA to trust (default: the system's); tls_cert, tls_key: PEM."""
-        opts = [("grpc.max_receive_message_length", _MAX_MESSAGE),
-                ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        """address: HOST:PORT, several of them separated by commas, or any gRPC target name.
+        A call that gets UNAVAILABLE is tried again up to `retries` times, after backoff_s,
+        then twice as long each time (at most 1 s), never past its deadline.
+        tls_ca: PEM of the CA to trust (default: the system's); tls_cert, tls_key: PEM."""
+        target = _target(address)
         if tls or tls_ca is not None or tls_cert is not None:
             creds = grpc.ssl_channel_credentials(tls_ca, tls_key, tls_cert)
-            self._channel = grpc.secure_channel(address, creds, options=opts)
+            self._channel = grpc.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.insecure_channel(address, options=opts)
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._infer = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._retries = retries
@@ -76,10 +91,11 @@ class Client:
 
     def add_expert(self, model: str, layer: int, safetensors: bytes, expert: int | None = None,
                    group: int | None = None, timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
-        """Add an expert from a safetensors file's bytes; the response names its id."""
+        """Add an expert from a safetensors file's bytes; the response names its id. Retried
+        on UNAVAILABLE only with a given `expert` id (a retry then cannot add it twice)."""
         req = admin_pb2.AddExpertRequest(model=model, layer=layer, expert=expert, group=group,
                                          safetensors=safetensors)
-        return self._call(self._admin.AddExpert, req, timeout_s)
+        return self._call(self._admin.AddExpert, req, timeout_s, retry=expert is not None)
 
     def remove_expert(self, model: str, layer: int, expert: int,
                       timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
@@ -115,14 +131,37 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, timeout_s: float | None):
+    def _call(self, method, request, timeout_s: float | None, retry: bool = True):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for attempt in range(self._retries + 1):
+        for attempt in range(self._retries + 1 if retry else 1):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._retries:
+                pause = min(self._backoff_s * 2**attempt, _MAX_BACKOFF_S)
+                if (e.code() != grpc.StatusCode.UNAVAILABLE or not retry or attempt == self._retries
+                        or (deadline is not None and time.monotonic() + pause >= deadline)):
                     raise
-                time.sleep(self._backoff_s * 2**attempt)
+                time.sleep(pause)
         raise AssertionError("unreachable")
+
+
+def _target(address: str) -> str:
+    """A gRPC channel target: "a:1,b:2" lists several routers (IPv4 ones as an `ipv4:`
+    target, otherwise each must resolve: use a `dns:///` name that lists them all)."""
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    if len(parts) <= 1:
+        return address
+    if all(_is_ipv4_port(a) for a in parts):
+        return "ipv4:" + ",".join(parts)
+    raise ValueError(f"several router addresses must be IPv4 HOST:PORT ({address!r}); for names, "
+                     "use one DNS name that lists every router (dns:///routers.example:50051)")
+
+
+def _is_ipv4_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return port.isdigit()

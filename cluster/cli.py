@@ -180,12 +180,17 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
         click.echo(f"moefleet: detached; stop it with `moefleet shutdown --server {svc.address}`",
                    err=True)
         return
-    _wait_for_signal()
-    click.echo("moefleet: shutting down", err=True)
-    svc.shutdown()
     import ray
 
+    ended = _watch(svc)
+    if ended is None:  # a signal
+        click.echo("moefleet: shutting down", err=True)
+        svc.shutdown()
     ray.shutdown()
+    if ended is not None and not ended.startswith("stopped"):
+        raise click.ClickException(ended)
+    if ended is not None:
+        click.echo(f"moefleet: {ended}", err=True)
 
 
 def _server_tls(cert: str | None, key: str | None, client_ca: str | None):
@@ -449,11 +454,50 @@ def _status_table(resp) -> str:
     return "\n".join(lines)
 
 
-def _wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM. The handler only records the signal: taking a lock
+_WATCH_PERIOD_S = 0.5
+
+
+def _watch(svc) -> str | None:
+    """Serve until SIGINT or SIGTERM (None), an admin Shutdown ("stopped ..."), or the service
+    being gone for good (why). The signal handler only records the signal: taking a lock
     there (Event.set) can deadlock against the main thread waiting on that same lock."""
+    import ray
+    from ray.exceptions import ActorDiedError
+
     got: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: got.append(signum))
+    stopping = svc.controller.wait_stopping.remote()  # Ray carries it over a restart
     while not got:
-        time.sleep(0.2)
+        try:
+            done, _ = ray.wait([stopping], timeout=_WATCH_PERIOD_S)
+            if done:
+                ray.get(stopping)
+                return "stopped by an admin Shutdown call"
+            dead = [r for r, ok in zip(svc.routers, _alive(svc.routers), strict=True) if not ok]
+        except ActorDiedError:
+            return "the service's Controller is gone and cannot be restarted"
+        except Exception as e:  # Ray itself is gone
+            return f"the service is gone: {type(e).__name__}: {e}"
+        if dead and len(dead) == len(svc.routers):
+            return "every router is gone and cannot be restarted"
+    return None
+
+
+def _alive(actors: list) -> list[bool]:
+    """False for each actor Ray says is dead for good (a restarting one is alive)."""
+    import ray
+    from ray.exceptions import ActorDiedError
+
+    refs = [a.ready.remote() for a in actors]
+    ray.wait(refs, num_returns=len(refs), timeout=_WATCH_PERIOD_S)
+    out = []
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+            out.append(True)
+        except ActorDiedError:
+            out.append(False)
+        except Exception:  # not answered yet, or restarting
+            out.append(True)
+    return out

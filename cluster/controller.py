@@ -6,9 +6,11 @@ on or off), serialises them under one lock, decides them with `placement` and `a
 (pure) and has the `Executor` carry them out. The registry is journalled (msgpack) after
 every change, so a restarted Controller restores it.
 
-A background loop, every period: collect per-expert load and latencies from the routers,
-drop hosts that are gone, run the autoscaling policy, and bring every expert back to its
-target replica count (after a host is lost, say).
+A background loop, every period: collect per-expert load and latencies from the routers
+(and re-send the current version to a router that lacks it, e.g. one that restarted), drop
+hosts that are gone, run the autoscaling policy, and bring every expert back to its target
+replica count. A host a router reports gone is checked and its experts restored at once,
+onto free slots (`hosts.spare` keeps that many idle hosts started for it).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 from moefleet.router.errors import (
     AlreadyExists,
@@ -29,6 +32,7 @@ from moefleet.router.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    message_of,
     quote,
 )
 
@@ -73,6 +77,8 @@ class Controller:
         self._lock: asyncio.Lock | None = None
         self._loop_task: asyncio.Task | None = None
         self._setup: asyncio.Task | None = None
+        self._stopping: asyncio.Event | None = None
+        self._starting_spare: set[str] = set()  # models whose spare host is being started
         self._last_poll = time.monotonic()
         self._metrics = ControllerMetrics()
         self._exec = Executor(self._hosts, self._routers, self._weights, self._save, self._metrics)
@@ -120,6 +126,19 @@ class Controller:
         self._router_addresses[name] = address
         self._save()
 
+    async def router_address(self, name: str) -> str:
+        """HOST:PORT of router `name`: where a restarted router listens again."""
+        await self._ready()
+        if name not in self._router_addresses:
+            raise NotFound(f"no router named {quote(name)}")
+        return self._router_addresses[name]
+
+    async def wait_stopping(self) -> None:
+        """Returns once the service is being shut down (a foreground `moefleet serve` waits
+        on this; Ray carries the call over a restart of this actor)."""
+        await self._ready()
+        await self._stopping.wait()
+
     async def shutdown(self) -> None:
         """End every host this Controller started (routers are ended by their owner)."""
         if self._loop_task:
@@ -135,6 +154,7 @@ class Controller:
         end the hosts, the routers and this actor. For a service that outlives the shell
         that started it (`serve --detach`)."""
         await self._ready()
+        self._stopping.set()
         asyncio.get_running_loop().create_task(self._teardown(grace_s))
         return sorted(self._models)
 
@@ -301,8 +321,13 @@ class Controller:
         if rec is not None and not await _alive(rec.handle):
             async with self._lock:
                 await self._exec.lose_host(host_id, self._models)
+                if (m := self._models.get(rec.model)) is not None:
+                    await self._restore_targets(m)
 
     # ---- reads -----------------------------------------------------------------------------
+
+    def pid(self) -> int:
+        return os.getpid()
 
     async def model_names(self) -> list[str]:
         await self._ready()
@@ -350,6 +375,7 @@ class Controller:
         Every call waits until that is done, so no answer describes a half-restored state."""
         if self._lock is None:
             self._lock = asyncio.Lock()
+            self._stopping = asyncio.Event()
             self._setup = asyncio.get_running_loop().create_task(self._set_up())
         await asyncio.shield(self._setup)
 
@@ -380,12 +406,38 @@ class Controller:
             for m in list(self._models.values()):
                 if m.autoscaling.enabled:
                     await self._autoscale(m, now)
-                short = {k: n for k, n in m.target.items() if len(m.replicas.get(k, [])) != n}
-                if short:
-                    try:
-                        await self._exec.apply(m, short)
-                    except ResourceExhausted as e:  # counted in moefleet_unplaced_replicas
-                        log.warning("%s: replicas unplaced, targets not met yet: %s", m.name, e)
+                await self._restore_targets(m)
+        for m in list(self._models.values()):
+            self._top_up_spares(m)
+
+    async def _restore_targets(self, m: ModelRecord) -> None:
+        """Bring every expert of m to its target replica count (under the lock)."""
+        short = {k: n for k, n in m.target.items() if len(m.replicas.get(k, [])) != n}
+        if short:
+            try:
+                await self._exec.apply(m, short)
+            except ResourceExhausted as e:  # counted in moefleet_unplaced_replicas
+                log.warning("%s: replicas unplaced, targets not met yet: %s", m.name, e)
+
+    def _top_up_spares(self, m: ModelRecord) -> None:
+        """Start one idle host in the background while m has fewer than hosts.spare of them
+        (and fewer than hosts.max_count hosts in all)."""
+        hosts = [rec for rec in self._hosts.values() if rec.model == m.name]
+        idle = sum(1 for rec in hosts if not rec.slots)
+        if (m.name in self._starting_spare or idle >= m.spec.hosts.spare
+                or len(hosts) >= m.spec.hosts.max_count or self._stopping.is_set()):
+            return
+        self._starting_spare.add(m.name)
+
+        async def start() -> None:
+            try:
+                async with self._lock:
+                    await self._exec.start_host(m)
+            except Exception as e:
+                log.warning("%s: a spare host did not start: %s", m.name, message_of(e))
+            finally:
+                self._starting_spare.discard(m.name)
+        asyncio.get_running_loop().create_task(start())
 
     async def _autoscale(self, m: ModelRecord, now: float) -> None:
         snap = autoscale.Snapshot(
@@ -397,7 +449,9 @@ class Controller:
         if decision.replicas:
             log.info("autoscaling %s: %s", m.name, decision.replicas)
             m.target.update(decision.replicas)
-        for h in autoscale.retirable(decision.retire_hosts, snap.host_replicas, m.spec.hosts.count):
+        retire = autoscale.retirable(decision.retire_hosts, snap.host_replicas, m.spec.hosts.count)
+        idle = sum(1 for n in snap.host_replicas.values() if n == 0)
+        for h in retire[:max(0, idle - m.spec.hosts.spare)]:  # the spares stay
             log.info("retiring idle host %s", h)
             ray.kill(self._hosts.pop(h).handle)
         self._save()
@@ -409,6 +463,8 @@ class Controller:
                                      for n in names), return_exceptions=True)
         now = time.monotonic()
         elapsed, self._last_poll = max(now - self._last_poll, 1e-3), now
+        for name, r in zip(names, got, strict=True):
+            self._reconcile_router(name, r)
         for name, m in self._models.items():
             rows: dict[Key, float] = {}
             lat: list[float] = []
@@ -425,6 +481,21 @@ class Controller:
             m.latency = _latency_summary(lat, elapsed)
             self._metrics.record_model(m)
         self._metrics.record_hosts(self._hosts.values())
+
+    def _reconcile_router(self, name: str, took: Any) -> None:
+        """Forget a router that is gone for good; send the current version of each model to
+        one that lacks it (a restarted router that fetched its state before a publish)."""
+        if isinstance(took, ActorDiedError):
+            log.warning("router %s is gone for good", name)
+            self._routers.pop(name, None)
+            self._save()
+            return
+        if isinstance(took, BaseException) or took.get("versions") is None:
+            return  # busy, restarting or not listening yet: next period
+        for m in self._models.values():
+            if took["versions"].get(m.name, 0) < m.version:
+                log.info("router %s lacks %s version %d; sending it", name, m.name, m.version)
+                self._routers[name].install.remote(self._exec.model_state(m))
 
     # ---- journal ---------------------------------------------------------------------------
 

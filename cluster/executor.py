@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 from moefleet.router.errors import FailedPrecondition, ResourceExhausted, message_of
 
@@ -197,8 +197,10 @@ class Executor:
 
     async def publish(self, m: ModelRecord, strict: bool = False) -> int:
         """Bump the version and wait until every live router has installed it. A router that
-        is gone is dropped; one that refused the version is logged, or, if `strict`, fails
-        the change (FailedPrecondition) so that it is never reported as done."""
+        is gone for good is dropped; one that is restarting takes the current version when it
+        is back (the Controller's loop re-sends it to a router that lacks it). One that refused
+        the version is logged, or, if `strict`, fails the change (FailedPrecondition) so that
+        it is never reported as done."""
         m.version += 1
         state = self.model_state(m)
         names = list(self.routers)
@@ -207,9 +209,11 @@ class Executor:
               for n in names), return_exceptions=True)
         refused = []
         for n, r in zip(names, results, strict=True):
-            if isinstance(r, RayActorError):
+            if isinstance(r, ActorDiedError):
                 log.warning("router %s is gone; it no longer gets new versions", n)
                 self.routers.pop(n, None)
+            elif isinstance(r, RayActorError):
+                log.warning("router %s is restarting; it takes version %d when back", n, m.version)
             elif isinstance(r, BaseException):
                 log.warning("router %s did not install version %d: %s", n, m.version, message_of(r))
                 refused.append(f"{n}: {message_of(r)}")

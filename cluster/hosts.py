@@ -9,6 +9,7 @@ on a cluster that cannot add nodes (no autoscaler), `no_room` says so before any
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import ray
@@ -39,7 +40,7 @@ class RayExpertHost(ExpertHost):
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {**super().info(), "node_id": ctx.get_node_id(),
-                "node_ip": ray.util.get_node_ip_address()}
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
 
 def no_room(hc: HostsConfig) -> str | None:

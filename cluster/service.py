@@ -130,13 +130,14 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached:
         if on_progress is not None:
             on_progress(ray.get(controller.load_progress.remote(spec.name)))
         for i, where in enumerate(_router_placements(spec.router.nodes_resource)):
+            name = ROUTER_NAME.format(i)
             routers.append(ray.remote(Router).options(
-                name=ROUTER_NAME.format(i), namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
+                name=name, namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
                 num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
-                max_concurrency=1000, **where,
-            ).remote(controller, spec.router, token, tls=tls))
+                max_concurrency=1000, max_restarts=-1, **where,
+            ).remote(controller, spec.router, name=name, host=host, token=token, tls=tls))
         try:
-            ports = ray.get([r.start.remote(host, port) for r in routers],
+            ports = ray.get([r.start.remote(port) for r in routers],
                             timeout=spec.router.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             want = {"CPU": spec.router.num_cpus, "GPU": spec.router.num_gpus}

@@ -141,10 +141,12 @@ class HostsConfig:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per host
     start_timeout_s: float = 60.0  # how long a new host may wait for a node before giving up
     loads_per_host: int = 1  # weight loads a serving host runs at once (changes load in rounds)
+    spare: int = 0  # idle hosts kept started, so a lost host's experts move without a host start
 
     def __post_init__(self):
         _check(self.count >= 1 and self.slots >= 1, "hosts.count and hosts.slots must be >= 1")
         _check(self.loads_per_host >= 1, "hosts.loads_per_host must be >= 1")
+        _check(self.spare >= 0, "hosts.spare must be >= 0")
         self.max_count = self.max_count or 2 * self.count
         _check(self.max_count >= self.count, "hosts.max_count must be >= hosts.count")
         _check(self.start_timeout_s > 0, "hosts.start_timeout_s must be > 0")
@@ -170,12 +172,14 @@ class RouterConfig:
     num_gpus: float = 0  # a router with a GPU computes the gating there
     nodes_resource: str = ""  # besides the head's, a router on every node offering this resource
     start_timeout_s: float = 60.0  # how long a router may wait for a node before giving up
+    restore_wait_s: float = 5.0  # rows of an expert whose last replica died wait this long for it
 
     def __post_init__(self):
         _check(self.max_batch_tokens >= 1, "router.max_batch_tokens must be >= 1")
         _check(self.start_timeout_s > 0, "router.start_timeout_s must be > 0")
         _check(self.max_wait_ms >= 0, "router.max_wait_ms must be >= 0")
         _check(self.max_queue_delay_s > 0, "router.max_queue_delay_s must be > 0")
+        _check(0 <= self.restore_wait_s < math.inf, "router.restore_wait_s must be >= 0 and finite")
         for name in ("max_queue_tokens", "max_request_tokens", "max_message_mb", "max_concurrent_rpcs"):
             _check(getattr(self, name) >= 1, f"router.{name} must be >= 1")
         _check(self.transport == "ray", "router.transport: only 'ray' is implemented")

@@ -6,6 +6,9 @@ Open Inference Protocol and the admin API on one port, merges concurrent request
 
 For the Controller it installs new versions, says when older versions have drained, reports
 per-expert load and request latencies, and tells it when a host is gone.
+
+Routers are restartable actors. A restarted one (Ray runs `__init__` again) takes the current
+state from the Controller and listens again on the port it had, which the Controller keeps.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import logging
 import math
 import os
 import time
@@ -34,15 +38,17 @@ from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_
 from .batcher import MicroBatcher
 from .dispatch import HostBatch, LayerTable
 from .engine import Engine, LayerState, ModelState
-from .errors import HostGone, MoefleetError, Unavailable
+from .errors import HostGone, InvalidArgument, MoefleetError, Unavailable
 from .servicer import InferenceServicer, ServerLimits, TlsConfig, serve_grpc
 
 __all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
 
+log = logging.getLogger(__name__)
 _LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
 _TRIM_PERIOD_S = 1.0  # how often an idle router gives freed memory back to the OS
 _MESSAGE_OVERHEAD = 64 << 10  # a message's fields and framing besides its tensor bytes
 _WIRE_ITEMSIZE = 4  # FP32, the widest datatype a client may send
+_REBIND_ATTEMPTS, _REBIND_PAUSE_S = 20, 0.25  # a restarted router taking its port back
 
 
 def receive_limit(cfg: RouterConfig, models: list[MoEConfig]) -> int:
@@ -96,14 +102,18 @@ def memory_bound(cfg: RouterConfig, models: list[MoEConfig]) -> int:
 
 
 class Router:
-    def __init__(self, controller: Any, cfg: RouterConfig, token: str | None = None,
-                 device: str = "auto", tls: TlsConfig | None = None):
+    def __init__(self, controller: Any, cfg: RouterConfig, *, name: str, host: str = "127.0.0.1",
+                 token: str | None = None, device: str = "auto", tls: TlsConfig | None = None):
+        """name: this router's actor name (the Controller keeps its address under it); host:
+        the interface its gRPC server binds."""
         torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))  # not Ray's OMP default
         self._controller = controller
         self._cfg = cfg
+        self._name, self._host = name, host
         self._token = token
         self._tls = tls
-        self._engine = Engine(_call_host, device, on_host_gone=self._host_gone)
+        self._engine = Engine(_call_host, device, on_host_gone=self._host_gone,
+                              restore_wait_s=cfg.restore_wait_s)
         self._latency: dict[str, list[float]] = defaultdict(list)
         self._metrics = RouterMetrics()
         self._batcher = MicroBatcher(
@@ -113,8 +123,28 @@ class Router:
         self._ready = False
         self._served_since_trim = False
         self._trimmer: asyncio.Task | None = None
+        ctx = ray.get_runtime_context()
+        if ctx.was_current_actor_reconstructed:  # come back by itself, not at a caller's call
+            ctx.current_actor.restart.remote()
 
-    async def start(self, host: str, port: int) -> int:
+    async def restart(self) -> int:
+        """After a restart: listen again on the port the Controller has for this router."""
+        address = await self._controller.router_address.remote(self._name)
+        port = int(address.rpartition(":")[2])
+        for attempt in range(_REBIND_ATTEMPTS):
+            try:
+                bound = await self.start(port)
+            except (RuntimeError, InvalidArgument):  # the dead one's socket may linger a moment
+                if attempt == _REBIND_ATTEMPTS - 1:
+                    log.exception("router %s could not listen again on %s", self._name, address)
+                    raise
+                await asyncio.sleep(_REBIND_PAUSE_S)
+            else:
+                log.warning("router %s restarted and listens again on %s", self._name, address)
+                return bound
+        raise AssertionError("unreachable")
+
+    async def start(self, port: int) -> int:
         """Take every model's state from the Controller, then listen. Returns the port."""
         for name in await self._controller.model_names.remote():
             await self.install(await self._controller.model_state.remote(name))
@@ -129,7 +159,7 @@ class Router:
         limits = ServerLimits(max_receive_bytes=receive_limit(self._cfg, models),
                               max_send_bytes=self._cfg.max_message_mb << 20,
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
-        self._server, bound, _ = await serve_grpc(servicers, host, port, limits, self._tls)
+        self._server, bound, _ = await serve_grpc(servicers, self._host, port, limits, self._tls)
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
         return bound
@@ -155,17 +185,21 @@ class Router:
     # ---- what the Controller calls -------------------------------------------------------
 
     async def install(self, state: dict[str, Any]) -> int:
+        """Install a version (an older one than installed is ignored); the version served."""
         self._engine.install(state_from_controller(state))
-        return state["version"]
+        return self._engine.state(state["spec"].name).version
 
     async def wait_drained(self, model: str, version: int, timeout_s: float) -> bool:
         """True once no request of `model` runs on a version older than `version`."""
         return await self._engine.wait_drained(model, version, timeout_s)
 
     async def take_load(self) -> dict[str, Any]:
-        """Rows per (model, layer, expert) and request latencies since the last call."""
+        """Rows per (model, layer, expert) and request latencies since the last call, and the
+        version of each model installed (none while a restarted router comes back)."""
         latency, self._latency = dict(self._latency), defaultdict(list)
-        return {"rows": self._engine.take_load(), "latency_s": latency}
+        versions = {n: self._engine.state(n).version for n in self._engine.model_names()}
+        return {"rows": self._engine.take_load(), "latency_s": latency,
+                "versions": versions if self._ready else None}
 
     def _host_gone(self, host_id: str) -> None:
         self._controller.host_gone.remote(host_id)
@@ -193,6 +227,9 @@ class Router:
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def rss_bytes(self) -> int:
         """This process's resident memory (Linux), for the overload checks."""

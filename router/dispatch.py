@@ -73,14 +73,15 @@ class HostBatch:
 class Plan:
     order: torch.Tensor  # [N] flat pair index (token·K + k) of each dispatched row
     batches: list[HostBatch]
+    deferred: int = 0  # the last `deferred` rows of `order` have no replica and are in no batch
 
     def tokens(self, k: int) -> torch.Tensor:
         """[N] the token each dispatched row belongs to."""
         return torch.div(self.order, k, rounding_mode="floor")
 
 
-def plan(topk_ids: torch.Tensor, table: LayerTable,
-         host_load: torch.Tensor | None = None) -> Plan:
+def plan(topk_ids: torch.Tensor, table: LayerTable, host_load: torch.Tensor | None = None,
+         defer_missing: bool = False) -> Plan:
     """topk_ids: [T, K] logical expert ids; host_load: [S] rows outstanding per host index
     (None: all equal) -> the dispatch plan.
 
@@ -88,7 +89,8 @@ def plan(topk_ids: torch.Tensor, table: LayerTable,
     and its rows dealt out over them in that order, so every replica gets ⌊n/c⌋ or ⌈n/c⌉ rows
     and the extra ones go to the least loaded (a single row: to the least-loaded replica).
     Rows are then sorted by (host, slot), so each host gets one contiguous block already
-    grouped by slot. Raises LookupError naming the experts that have no replica.
+    grouped by slot. Rows of experts with no replica raise LookupError naming the experts, or,
+    with `defer_missing`, go last in `order`, in no batch (`Plan.deferred` counts them).
     """
     ids = topk_ids.reshape(-1).cpu()  # [N]
     by_expert = torch.argsort(ids, stable=True)  # [N]
@@ -96,18 +98,29 @@ def plan(topk_ids: torch.Tensor, table: LayerTable,
     known = e < table.rep_count.numel()  # [N]; ids past the table have no replica either
     cnt = torch.zeros_like(e)  # [N] replicas of each row's expert
     cnt[known] = table.rep_count[e[known]]
-    if bool((cnt == 0).any()):
-        missing = sorted(set(e[cnt == 0].tolist()))
-        raise LookupError(f"no replica for expert(s) {missing}")
+    missing = cnt == 0  # [N]
+    if not bool(missing.any()):
+        return Plan(*_assign(by_expert, e, cnt, table, host_load))
+    if not defer_missing:
+        raise LookupError(f"no replica for expert(s) {sorted(set(e[missing].tolist()))}")
+    keep = ~missing
+    order, batches = _assign(by_expert[keep], e[keep], cnt[keep], table, host_load)
+    return Plan(torch.cat([order, by_expert[missing]]), batches, int(missing.sum()))
+
+
+def _assign(by_expert: torch.Tensor, e: torch.Tensor, cnt: torch.Tensor, table: LayerTable,
+            host_load: torch.Tensor | None) -> tuple[torch.Tensor, list[HostBatch]]:
+    """by_expert: [M] pair indices sorted by expert, e: [M] their expert ids, cnt: [M] > 0
+    their experts' replica counts -> (order [M] sorted by (host, slot), batches)."""
     if e.numel() == 0:
-        return Plan(by_expert, [])
+        return by_expert, []
     n_e = torch.bincount(e, minlength=table.rep_count.numel())  # [X]
-    rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [N] rank within expert
-    rep = _by_load(table, host_load)[table.rep_start[e] + rank % cnt]  # [N] replica row
-    host, slot = table.rep_host[rep], table.rep_slot[rep]  # [N]
-    key = host * (int(table.rep_slot.max()) + 1) + slot  # [N]
-    by_slot = torch.argsort(key, stable=True)  # [N]
-    return Plan(by_expert[by_slot], _host_batches(host[by_slot], slot[by_slot]))
+    rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [M] rank within expert
+    rep = _by_load(table, host_load)[table.rep_start[e] + rank % cnt]  # [M] replica row
+    host, slot = table.rep_host[rep], table.rep_slot[rep]  # [M]
+    key = host * (int(table.rep_slot.max()) + 1) + slot  # [M]
+    by_slot = torch.argsort(key, stable=True)  # [M]
+    return by_expert[by_slot], _host_batches(host[by_slot], slot[by_slot])
 
 
 def _by_load(table: LayerTable, host_load: torch.Tensor | None) -> torch.Tensor:

@@ -10,6 +10,11 @@ plan sends rows to the least-loaded replicas), hosts found dead (a call raised `
 their rows are retried on other replicas of the same version), requests in flight per
 version (so a caller can wait for old versions to drain), and rows routed per expert.
 
+Rows whose expert has no live replica left (its last host died) wait, up to
+`restore_wait_s`, for a newer version that restores the expert, and then run there; the
+rest of the request keeps its version. The version a request reports is the one its gating
+ran on: a restored replica holds the same expert (checked by its gate row).
+
 Knows nothing of gRPC, and nothing of how experts compute beyond the shared-expert FFN.
 
 # T = tokens, H = hidden, K = experts per token, N = T·K dispatched rows, S = hosts
@@ -69,6 +74,27 @@ class ModelState:
             raise ValueError(f"{len(self.hosts)} hosts but {len(self.host_ids)} host ids")
 
 
+@dataclass
+class _Flight:
+    """Where a request counts as in flight: (model, version), or None while it waits for a
+    restore with nothing at any host (so it holds up no drain)."""
+
+    engine: Engine
+    key: tuple[str, int] | None = None
+
+    def move(self, key: tuple[str, int] | None) -> None:
+        running = self.engine._running
+        if self.key is not None:
+            running[self.key] -= 1
+            if not running[self.key]:
+                del running[self.key]
+                for ev in self.engine._drain_waiters:
+                    ev.set()
+        if key is not None:
+            running[key] = running.get(key, 0) + 1
+        self.key = key
+
+
 @dataclass(frozen=True)
 class _Job:
     """One host call: rows x go to hosts[host] as `batch`; their results land at y[pos]."""
@@ -86,26 +112,35 @@ class Engine:
     models (hosts with none are absent). dead_hosts: ids of hosts whose call raised
     HostGone; plans avoid them until a newly installed state no longer lists them.
     on_host_gone(host_id) is called once per newly dead host; it must not block.
+    restore_wait_s: how long rows of an expert with no live replica wait for a version that
+    restores one (0: they fail at once with Unavailable).
     """
 
     def __init__(self, call_host: CallHost, device: str = "auto",
-                 on_host_gone: Callable[[str], None] | None = None):
+                 on_host_gone: Callable[[str], None] | None = None, restore_wait_s: float = 0.0):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._call_host = call_host
         self._on_host_gone = on_host_gone
+        self.restore_wait_s = restore_wait_s
         self._models: dict[str, ModelState] = {}
         self.outstanding: dict[str, int] = {}
         self.dead_hosts: set[str] = set()
         self._running: dict[tuple[str, int], int] = {}  # (model, version) -> requests
         self._drain_waiters: set[asyncio.Event] = set()
+        self._install_waiters: set[asyncio.Event] = set()
         self._load: dict[tuple[str, int], torch.Tensor] = {}  # (model, layer) -> [X] rows
         self._live: dict[tuple[str, int, int, frozenset[int]], LayerTable] = {}
 
-    def install(self, state: ModelState) -> None:
+    def install(self, state: ModelState) -> bool:
         """Swap in a new version; requests already running keep the one they captured.
-        Dead hosts that no installed state lists any more are forgotten."""
+        Dead hosts that no installed state lists any more are forgotten. A version older
+        than the installed one is ignored (False): versions arrive from the Controller's
+        publishing and from a restarted router's own fetch, in either order."""
+        now = self._models.get(state.name)
+        if now is not None and now.version > state.version:
+            return False
         layers = {
             i: LayerState(ls.gate.to(self.device), ls.table, _to_device(ls.shared, self.device))
             for i, ls in state.layers.items()
@@ -113,6 +148,9 @@ class Engine:
         self._models[state.name] = replace(state, layers=layers)
         self.dead_hosts &= {h for st in self._models.values() for h in st.host_ids}
         self._live = {key: t for key, t in self._live.items() if key[0] != state.name}
+        for ev in self._install_waiters:
+            ev.set()
+        return True
 
     def model_names(self) -> list[str]:
         return sorted(self._models)
@@ -144,7 +182,7 @@ class Engine:
     async def forward(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """x: [T, H] -> (y [T, H] in x's dtype, routing version used)."""
         st = self.state(model)  # the version this request runs on
-        with self._in_flight(model, st.version):
+        with self._in_flight(model, st.version) as flight:
             self._check(st, layer, x)
             ls = st.layers[layer]
             if x.shape[0] == 0:
@@ -152,25 +190,26 @@ class Engine:
             xd = x.to(self.device)
             big = x.shape[0] >= _OFFLOAD_TOKENS
             topk_w, topk_ids = await _pure(big, route, xd, ls.gate, st.cfg)  # [T, K], [T, K]
+            gone: set[str] = set()  # ids of hosts that failed during this request
+            p = plan(topk_ids, self._live_table(st, layer, gone), self._host_load(st),
+                     defer_missing=True)
             ids = topk_ids.reshape(-1).cpu()  # [N]
-            gone: set[int] = set()  # host indices that failed during this request
-            try:
-                p = plan(topk_ids, self._live_table(st, layer, gone), self._host_load(st))
-            except LookupError as e:  # an expert with no ready replica in this version
-                raise Unavailable(str(e)) from e
+            if p.deferred and not self.restore_wait_s:  # refused before any host is called
+                raise self._unrestored(st, layer, ids[p.order[-p.deferred:]], gone)
             self._count(model, layer, ids)
             rows = await _pure(big, _gather, x.to(st.dtype), p.tokens(st.cfg.num_experts_per_tok))
             y = torch.empty(rows.shape, dtype=torch.float32, device=self.device)  # [N, H]
             jobs = [_Job(b.host, slice(b.start, b.end), rows[b.start:b.end], b) for b in p.batches]
             shared = lambda: _pure(big, self._shared, xd, ls.shared)  # noqa: E731
             out, failed = await self._run(st, jobs, y, gone, shared)
-            while failed.numel():  # each round loses >= 1 host, so this ends
-                jobs = self._replan(st, layer, ids[p.order[failed]], failed, rows, gone)
-                _, failed = await self._run(st, jobs, y, gone)
+            n = rows.shape[0]
+            failed = torch.cat([failed, torch.arange(n - p.deferred, n)])
+            if failed.numel():
+                await self._retry(st, layer, ids[p.order], failed, rows, y, gone, flight)
             out = await _pure(big, combine, y, p, topk_w, x.shape[0], out)
             return out.to(x.dtype).cpu(), st.version
 
-    async def _run(self, st: ModelState, jobs: list[_Job], y: torch.Tensor, gone: set[int],
+    async def _run(self, st: ModelState, jobs: list[_Job], y: torch.Tensor, gone: set[str],
                    during: Callable[[], Any] | None = None) -> tuple[Any, torch.Tensor]:
         """Issue every job's host call, run `during` meanwhile, write each answer into y
         [N, H] at its rows. Returns (during's result, [M] positions whose host is gone)."""
@@ -188,7 +227,7 @@ class Engine:
         for j, r in zip(jobs, results, strict=True):
             if isinstance(r, HostGone):
                 self._mark_dead(st.host_ids[j.host])
-                gone.add(j.host)
+                gone.add(st.host_ids[j.host])
                 failed.append(torch.arange(y.shape[0])[j.pos])
             elif isinstance(r, BaseException):
                 error = error or r
@@ -200,18 +239,62 @@ class Engine:
             raise error
         return meanwhile, torch.cat(failed) if failed else torch.zeros(0, dtype=torch.long)
 
-    def _replan(self, st: ModelState, layer: int, e: torch.Tensor, pos: torch.Tensor,
-                rows: torch.Tensor, gone: set[int]) -> list[_Job]:
-        """e, pos: [M] expert id and position of each row whose host is gone -> jobs that
-        send them to the live replicas of the same experts (same version)."""
-        try:
-            q = plan(e[:, None], self._live_table(st, layer, gone), self._host_load(st))
-        except LookupError as err:
-            dead = sorted(st.host_ids[i] for i in gone)
-            raise Unavailable(f"expert host(s) {dead} gone and {err}") from err
-        pos = pos[q.order]  # [M] in the new plan's order
-        return [_Job(b.host, pos[b.start:b.end], rows[pos[b.start:b.end]], b)
-                for b in q.batches]
+    async def _retry(self, st: ModelState, layer: int, e: torch.Tensor, failed: torch.Tensor,
+                     rows: torch.Tensor, y: torch.Tensor, gone: set[str], flight: _Flight) -> None:
+        """e: [N] expert id of each row; failed: [M] positions not answered yet (their host is
+        gone, or their expert had no live replica) -> their answers written into y. Each round
+        sends them to live replicas of the same experts; rows of experts with none left wait
+        for a newer version that restores one (at most restore_wait_s in all)."""
+        cur, loop = st, asyncio.get_running_loop()
+        deadline = loop.time() + self.restore_wait_s
+        while failed.numel():
+            q = plan(e[failed][:, None], self._live_table(cur, layer, gone), self._host_load(cur),
+                     defer_missing=True)
+            pos = failed[q.order]  # [M] in the new plan's order
+            waiting = pos[pos.numel() - q.deferred:]
+            if q.batches:
+                jobs = [_Job(b.host, pos[b.start:b.end], rows[pos[b.start:b.end]], b)
+                        for b in q.batches]
+                _, lost = await self._run(cur, jobs, y, gone)
+                failed = torch.cat([lost, waiting])
+                continue
+            experts = sorted(set(e[waiting].tolist()))
+            if not self.restore_wait_s:
+                raise self._unrestored(cur, layer, e[waiting], gone)
+            flight.move(None)  # nothing of this request is at a host while it waits
+            cur = await self._restored(st, cur, layer, experts, deadline, gone)
+            flight.move((st.name, cur.version))
+
+    async def _restored(self, st: ModelState, cur: ModelState, layer: int, experts: list[int],
+                        deadline: float, gone: set[str]) -> ModelState:
+        """The first installed version newer than `cur` that still has `experts` as `st`
+        knew them; Unavailable once `deadline` passes or if they were removed."""
+        loop = asyncio.get_running_loop()
+        while (now := self._models.get(st.name)) is None or now.version <= cur.version:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise self._unrestored(cur, layer, torch.tensor(experts), gone)
+            ev = asyncio.Event()
+            self._install_waiters.add(ev)
+            try:
+                await asyncio.wait_for(ev.wait(), left)
+            except asyncio.TimeoutError:
+                pass  # the loop condition decides
+            finally:
+                self._install_waiters.discard(ev)
+        if layer not in now.layers or not _same_experts(st.layers[layer].gate,
+                                                        now.layers[layer].gate, experts):
+            raise Unavailable(f"expert(s) {experts} of layer {layer} were removed or replaced "
+                              f"while their rows waited for a replica")
+        return now
+
+    def _unrestored(self, st: ModelState, layer: int, e: torch.Tensor, gone: set[str]) -> Unavailable:
+        """The error for rows of experts e [M] that found no live replica in st."""
+        dead = sorted(gone | (set(st.host_ids) & self.dead_hosts))
+        why = f"expert host(s) {dead} gone and " if dead else ""
+        waited = f" came back within {self.restore_wait_s:g}s" if self.restore_wait_s else ""
+        return Unavailable(f"{why}no replica for expert(s) {sorted(set(e.tolist()))} of layer "
+                           f"{layer}{waited}")
 
     def _issue(self, st: ModelState, job: _Job) -> asyncio.Future:
         """Start one host call now; its rows count as outstanding until it settles."""
@@ -242,9 +325,9 @@ class Engine:
         """[S] rows outstanding at each of the state's hosts."""
         return torch.tensor([self.outstanding.get(h, 0) for h in st.host_ids], dtype=torch.long)
 
-    def _live_table(self, st: ModelState, layer: int, gone: set[int]) -> LayerTable:
+    def _live_table(self, st: ModelState, layer: int, gone: set[str]) -> LayerTable:
         """The layer's table without the dead hosts (and those this request saw fail)."""
-        dead = frozenset(gone | {i for i, h in enumerate(st.host_ids) if h in self.dead_hosts})
+        dead = frozenset(i for i, h in enumerate(st.host_ids) if h in self.dead_hosts or h in gone)
         table = st.layers[layer].table
         if not dead:
             return table
@@ -262,17 +345,13 @@ class Engine:
     # ---- draining ----------------------------------------------------------------------
 
     @contextmanager
-    def _in_flight(self, model: str, version: int) -> Iterator[None]:
-        key = (model, version)
-        self._running[key] = self._running.get(key, 0) + 1
+    def _in_flight(self, model: str, version: int) -> Iterator[_Flight]:
+        flight = _Flight(self)
+        flight.move((model, version))
         try:
-            yield
+            yield flight
         finally:
-            self._running[key] -= 1
-            if not self._running[key]:
-                del self._running[key]
-                for ev in self._drain_waiters:
-                    ev.set()
+            flight.move(None)
 
     async def wait_drained(self, model: str, version: int, timeout_s: float) -> bool:
         """True once no request of `model` runs on a version older than `version` (at once
@@ -328,6 +407,18 @@ def _to_device(shared: SharedExperts | None, device: torch.device) -> SharedExpe
 async def _pure(offload: bool, fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), on a worker thread when `offload`; fn must not touch the engine's state."""
     return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+
+
+def _same_experts(a: Gate, b: Gate, experts: list[int]) -> bool:
+    """Whether gates a and b hold the same row (and bias) for each of `experts`."""
+    for e in experts:
+        ra, rb = (torch.nonzero(g.expert_ids == e).flatten() for g in (a, b))
+        if rb.numel() != 1 or not torch.equal(a.weight[ra[0]], b.weight[rb[0]].to(a.weight.device)):
+            return False
+        if (a.bias is None) != (b.bias is None) or (
+                a.bias is not None and float(a.bias[ra[0]]) != float(b.bias[rb[0]])):
+            return False
+    return True
 
 
 def _gather(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

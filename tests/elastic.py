@@ -42,34 +42,39 @@ class LoadResult:
     # (layer, x, y, version) of every answer, and every failure
     answers: list[tuple[int, torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
     errors: list[Exception] = field(default_factory=list)
+    times: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds) of answers
 
 
 def run_load(address: str, spec: ModelSpec, stop: threading.Event, threads: int = 4,
-             max_requests: int = 4000, max_s: float = 120.0, make_x=None) -> tuple[LoadResult, list]:
+             max_requests: int = 4000, max_s: float = 120.0, make_x=None, retries: int = 0,
+             timeout_s: float = 60.0) -> tuple[LoadResult, list]:
     """Start `threads` clients sending requests of 1..16 tokens to random layers until `stop`
-    is set, `max_requests` are sent or `max_s` passes. Returns the result (filled as they
-    run) and the threads to join."""
+    is set, `max_requests` are sent or `max_s` passes; each request has a deadline of
+    timeout_s, and the client retries UNAVAILABLE `retries` times within it. Returns the
+    result (filled as they run) and the threads to join."""
     result, lock = LoadResult(), threading.Lock()
     deadline = time.monotonic() + max_s
     per_thread = max_requests // threads
 
     def client(seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        with Client(address, retries=0) as c:
+        with Client(address, retries=retries) as c:
             for _ in range(per_thread):
                 if stop.is_set() or time.monotonic() > deadline:
                     return
                 layer = spec.layers[int(torch.randint(len(spec.layers), (1,), generator=g))]
                 t = int(torch.randint(1, 17, (1,), generator=g))
                 x = (make_x or _randn)(t, spec.moe.hidden_size, g)
+                t0 = time.monotonic()
                 try:
-                    y, version = c.infer_with_version(spec.name, layer, x, timeout_s=60)
+                    y, version = c.infer_with_version(spec.name, layer, x, timeout_s=timeout_s)
                 except Exception as e:  # every failure is counted, none is expected
                     with lock:
                         result.errors.append(e)
                     continue
                 with lock:
                     result.answers.append((layer, x, y, version))
+                    result.times.append((t0, time.monotonic() - t0))
 
     workers = [threading.Thread(target=client, args=(1000 + i,), daemon=True) for i in range(threads)]
     for w in workers:

@@ -47,7 +47,7 @@ def run(cluster: Cluster, workers: list) -> dict:
     svc = service.start(spec, port=0)
     ref, stop = Reference(spec), threading.Event()
     answers, codes, last_error = [], [], [0.0, ""]
-    with Client(svc.address, retries=0) as c:
+    with Client(svc.address, retries=100) as c:  # retries UNAVAILABLE within each deadline
         before = {h.id: h.node_id for h in c.status().hosts}
 
         def load(seed: int) -> None:
@@ -55,7 +55,7 @@ def run(cluster: Cluster, workers: list) -> dict:
             while not stop.is_set():
                 x = torch.randn(32, spec.moe.hidden_size, generator=g)
                 try:
-                    y, version = c.infer_with_version(spec.name, 1, x, timeout_s=30)
+                    y, version = c.infer_with_version(spec.name, 1, x, timeout_s=10)
                     answers.append(torch.allclose(y, ref(1, x), rtol=1.3e-6, atol=1e-5))
                 except grpc.RpcError as e:
                     codes.append(e.code().name)
@@ -73,7 +73,7 @@ def run(cluster: Cluster, workers: list) -> dict:
         lost = [h for h, node in before.items() if node == victim.node_id]
         t_loss = time.monotonic()
         cluster.remove_node(victim)
-        restored = None
+        restored = served_s = None
         deadline = t_loss + 90
         while time.monotonic() < deadline:  # every expert served from a live node, no errors
             (m,) = c.status(spec.name).models
@@ -81,10 +81,12 @@ def run(cluster: Cluster, workers: list) -> dict:
             served = all(e.replicas and all(nodes.get(r.host) not in (None, victim.node_id)
                                             for r in e.replicas)
                          for layer in m.layers for e in layer.experts)
+            if served and served_s is None:
+                served_s = time.monotonic() - t_loss
             if served and time.monotonic() - max(last_error[0], t_loss) > 3.0:
                 restored = time.monotonic() - t_loss
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         stop.set()
         for t in threads:
             t.join()
@@ -92,6 +94,7 @@ def run(cluster: Cluster, workers: list) -> dict:
     svc.shutdown()
     return {"answers": len(answers), "wrong": answers.count(False), "codes": sorted(set(codes)),
             "errors": len(codes), "last_error": last_error[1], "lost_hosts": lost, "restored_s": restored,
+            "served_s": served_s,
             "hosts_before": before, "hosts_after": after, "removed_node": victim.node_id}
 
 

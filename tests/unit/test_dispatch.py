@@ -274,3 +274,16 @@ def test_expert_id_beyond_the_table_raises_lookup_error_naming_it() -> None:
     table = LayerTable.from_replicas({0: [(0, 0)], 1: [(0, 1)]})
     with pytest.raises(LookupError, match=r"no replica for expert\(s\) \[5\]"):
         plan(torch.tensor([[0, 5]]), table)
+
+
+def test_deferred_rows_of_experts_without_a_replica_go_last_in_no_batch() -> None:
+    t = LayerTable.from_replicas(REPLICAS).without_hosts({2, 1})  # experts 2 and 3 have none
+    ids = torch.tensor([[0, 2], [3, 5], [2, 1], [9, 0]])  # 9: past the table
+    p = plan(ids, t, defer_missing=True)
+    flat = ids.reshape(-1)
+    assert p.deferred == 4
+    assert sorted(flat[p.order[-4:]].tolist()) == [2, 2, 3, 9]
+    assert sorted(p.order.tolist()) == list(range(8)), "every pair exactly once"
+    batched = sum(b.end - b.start for b in p.batches)
+    assert batched == 4 and max(b.end for b in p.batches) == 4
+    assert sorted(flat[p.order[:4]].tolist()) == [0, 0, 1, 5]

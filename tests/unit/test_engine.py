@@ -588,3 +588,96 @@ def test_a_request_on_the_new_version_does_not_hold_up_draining_the_old_ones() -
         return results + (await engine.wait_drained("m", 3, timeout_s=0.05),)
 
     assert asyncio.run(main()) == (True, False, True)
+
+
+# ---- waiting for a lost expert to come back ------------------------------------------------
+
+
+def _restored_state(state: ModelState, cfg: MoEConfig, version: int, gate: Gate | None = None,
+                    ) -> ModelState:
+    """`state` as the Controller publishes it after host 1 died: experts 1 and 4 (only on
+    host 1 in `_replicas`) loaded again into free slots of host 0, host 1 dropped."""
+    src = _source(cfg)
+    h0 = state.hosts[0]
+    for slot, e in ((5, 1), (6, 4)):
+        h0.load(slot, LAYER, e, src.expert(LAYER, e))
+    reps = {e: [(0 if h == 0 else 1, s) for h, s in r if h != 1]
+            for e, r in _replicas(list(range(E))).items()}
+    reps[1], reps[4] = [(0, 5)], [(0, 6)]
+    layer = replace(state.layers[LAYER], table=LayerTable.from_replicas(reps),
+                    gate=gate or state.layers[LAYER].gate)
+    return replace(state, version=version, layers={LAYER: layer},
+                   hosts=[state.hosts[0], state.hosts[2]], host_ids=["h0", "h2"])
+
+
+def test_rows_of_a_lost_expert_wait_for_the_version_that_restores_it_then_match() -> None:
+    cfg = _cfg("mixtral")
+    state, reference, gate = _build(cfg)
+    fleet = _Fleet(gone={"h1"})
+    engine = Engine(fleet, device="cpu", restore_wait_s=5.0)
+    engine.install(state)
+    x = _x(64, seed=240)
+    ids = route(x, gate, cfg)[1]
+    assert bool((ids == 1).any() and (ids == 4).any()), "some tokens must pick experts 1 and 4"
+
+    async def main():
+        running = asyncio.create_task(engine.forward("m", LAYER, x))
+        while "h1" not in engine.dead_hosts:  # the request found host 1 gone and now waits
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not running.done(), "it waits instead of failing"
+        # a waiting request holds up no drain: the Controller can retire version 1 meanwhile
+        assert await engine.wait_drained("m", 2, timeout_s=0)
+        engine.install(_restored_state(state, cfg, version=2))
+        return await asyncio.wait_for(running, 5.0)
+
+    y, version = asyncio.run(main())
+    assert version == 1, "the version its gating ran on"
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+    assert engine.outstanding == {}
+    assert asyncio.run(engine.wait_drained("m", 3, timeout_s=0)), "the request ended"
+
+
+def test_rows_of_a_lost_expert_fail_after_restore_wait_or_when_it_was_removed() -> None:
+    cfg = _cfg("mixtral")
+    state, _, gate = _build(cfg)
+    engine = Engine(_Fleet(gone={"h1"}), device="cpu", restore_wait_s=0.3)
+    engine.install(state)
+    x = _x(64, seed=241)
+    t0 = asyncio.run(_timed(engine.forward("m", LAYER, x)))
+    assert isinstance(t0[0], Unavailable)
+    assert "no replica for expert(s) [1, 4] of layer 3 came back within 0.3s" in str(t0[0])
+    assert 0.3 <= t0[1] < 2.0
+
+    # a newer version whose gate row for expert 1 differs: not the expert the rows were meant for
+    other = Gate(gate.weight.clone(), gate.expert_ids, gate.group_ids, gate.bias)
+    other.weight[1] += 1.0
+
+    async def main():
+        running = asyncio.create_task(engine.forward("m", LAYER, x))
+        await asyncio.sleep(0.05)
+        engine.install(_restored_state(state, cfg, version=2, gate=other))
+        return await asyncio.gather(running, return_exceptions=True)
+
+    (err,) = asyncio.run(main())
+    assert isinstance(err, Unavailable) and "removed or replaced" in str(err)
+
+
+async def _timed(call) -> tuple[object, float]:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        result = await call
+    except Exception as e:  # the error is the result under test
+        result = e
+    return result, loop.time() - t0
+
+
+def test_an_older_version_never_replaces_a_newer_one() -> None:
+    cfg = _cfg("olmoe")
+    state, _, _ = _build(cfg, version=5)
+    engine = Engine(_call_host, device="cpu")
+    assert engine.install(state)
+    assert not engine.install(replace(state, version=4))
+    assert engine.state("m").version == 5
+    assert engine.install(replace(state, version=5)), "the same version again is harmless"
