@@ -1,14 +1,15 @@
 """Benchmark: what each fault costs, under load, on one local Ray.
 
-Runs the chaos scenario of `tests/chaos.py` (the same one the chaos test asserts on) against a
-service of the deepseek_v3 test family (H=64, I=48, 16 experts, top-4, 2 layers, one replica
-per expert, 2 hosts + 1 spare): clients with a 10 s deadline send requests of 1..16 tokens
-while an expert host is SIGKILLed three times, the Router once and the Controller once, with an
-expert scaled, added and removed in between. For each fault it prints the time from the kill to
-recovered (see tests/chaos.py for what "recovered" means per fault), the requests that started
-in that window, their p50 / p99 latency, and the failures and wrong answers over the whole run.
+Runs the chaos scenario of `tests/chaos.py` (the same one the chaos test asserts on) against
+the demo model (`deploy/examples/tiny.yaml`: H=256, I=128, 16 experts, top-4, a shared
+expert, 2 layers, one replica per expert on 2 hosts of 16 slots, plus `--spare` idle hosts).
+Clients with a 10 s deadline send requests of 1..16 tokens while an expert host is SIGKILLed
+three times, the Router once and the Controller once, with an expert scaled, added and removed
+in between. For each fault it prints the time from the kill to recovered (see tests/chaos.py
+for what "recovered" means per fault), the requests that started in that window, their p50 /
+p99 latency, and the failures and wrong answers over the whole run.
 
-    .venv/bin/python bench/chaos.py [--runs 3] [--spare 1]
+    .venv/bin/python bench/chaos.py [--runs 3] [--spare 1] [--spec deploy/examples/tiny.yaml]
 
 # T = tokens per request
 """
@@ -16,6 +17,7 @@ in that window, their p50 / p99 latency, and the failures and wrong answers over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -24,11 +26,12 @@ from pathlib import Path
 
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.*
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_ROOT))  # the repo root, for tests.*
 
 from moefleet.cluster import service  # noqa: E402
+from moefleet.cluster.spec import load_spec  # noqa: E402
 from tests import chaos  # noqa: E402
-from tests.specs import family_spec  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--spare", type=int, default=1, help="hosts.spare")
     ap.add_argument("--threads", type=int, default=3, help="client threads")
+    ap.add_argument("--spec", default=str(_ROOT / "deploy/examples/tiny.yaml"))
     args = ap.parse_args()
     ray.init(address="local", num_cpus=4, namespace=service.NAMESPACE, include_dashboard=False,
              log_to_driver=False)
@@ -44,8 +48,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     totals = []
     for run in range(args.runs):
-        spec = family_spec("deepseek_v3", hosts={"count": 2, "slots": 40, "spare": args.spare,
-                                                 "max_count": 8})
+        spec = load_spec(args.spec)
+        spec.hosts = dataclasses.replace(spec.hosts, spare=args.spare, max_count=8)
         with tempfile.TemporaryDirectory() as state:
             svc = service.start(spec, port=0, state_dir=state)
             try:

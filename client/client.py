@@ -75,7 +75,7 @@ class Client:
         return (y.numpy() if as_numpy else y), version
 
     def ready(self, timeout_s: float = 5.0) -> bool:
-        return self._infer.ServerReady(inference_pb2.ServerReadyRequest(), timeout=timeout_s).ready
+        return self._call(self._infer.ServerReady, inference_pb2.ServerReadyRequest(), timeout_s).ready
 
     # ---- admin (moefleet.v1.Admin); changes answer once they are published ----------------
 

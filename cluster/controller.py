@@ -38,7 +38,7 @@ from moefleet.router.errors import (
 
 from . import autoscale, placement
 from .executor import Executor
-from .hosts import NAMESPACE
+from .hosts import NAMESPACE, host_name
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .model import check_source, expert_nbytes
@@ -483,15 +483,19 @@ class Controller:
         self._metrics.record_hosts(self._hosts.values())
 
     def _reconcile_router(self, name: str, took: Any) -> None:
-        """Forget a router that is gone for good; send the current version of each model to
-        one that lacks it (a restarted router that fetched its state before a publish)."""
+        """Forget a router that is gone for good; have one that Ray restarted but that does not
+        listen yet come back (it normally does so by itself); send the current version of each
+        model to one that lacks it (a restarted router that fetched its state before a publish)."""
         if isinstance(took, ActorDiedError):
             log.warning("router %s is gone for good", name)
             self._routers.pop(name, None)
             self._save()
             return
-        if isinstance(took, BaseException) or took.get("versions") is None:
-            return  # busy, restarting or not listening yet: next period
+        if isinstance(took, BaseException):
+            return  # busy or restarting: next period
+        if took.get("versions") is None:  # registered, so it listened once: restarted
+            self._routers[name].restart.remote()
+            return
         for m in self._models.values():
             if took["versions"].get(m.name, 0) < m.version:
                 log.info("router %s lacks %s version %d; sending it", name, m.name, m.version)
@@ -538,6 +542,7 @@ class Controller:
             for (L, e), w in weights.items():
                 self._weights[(name, L, e)] = ray.put(w)
             self._models[name] = m
+            _end_orphans(m, self._hosts)
             await self._exec.publish(m)
         log.info("restored %d model(s) and %d host(s) from %s", len(self._models),
                  len(self._hosts), self._journal.path)
@@ -595,6 +600,20 @@ def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
     s = sorted(lat)
     pick = lambda q: s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]  # noqa: E731
     return {"p50_s": pick(0.5), "p99_s": pick(0.99), "requests_per_s": len(s) / elapsed_s}
+
+
+def _end_orphans(m: ModelRecord, hosts: dict[str, HostRecord]) -> None:
+    """End hosts of m that the journal does not know: started by an earlier incarnation of
+    the Controller that died before the host was up (they hold no published replica)."""
+    for i in range(m.next_host):
+        host_id = host_name(m.name, i)
+        if host_id in hosts:
+            continue
+        try:
+            ray.kill(ray.get_actor(host_id, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            continue  # none by that name (ended, or never started)
+        log.warning("ended expert host %s, started before a restart and not journalled", host_id)
 
 
 def _log_to_stderr() -> None:

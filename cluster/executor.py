@@ -21,7 +21,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from moefleet.router.errors import FailedPrecondition, ResourceExhausted, message_of
 
 from . import placement
-from .hosts import no_room, start_host
+from .hosts import host_name, no_room, start_host
 from .metrics import ControllerMetrics
 from .model import source_args
 from .registry import HostRecord, Key, ModelRecord
@@ -240,8 +240,9 @@ class Executor:
         self._save()
 
     async def start_host(self, m: ModelRecord) -> str:
-        host_id = f"{m.name}-host-{m.next_host}"
+        host_id = host_name(m.name, m.next_host)
         m.next_host += 1
+        self._save()  # a Controller restarted mid-start never reuses the name (it ends the host)
         log.info("starting expert host %s", host_id)
         handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s)
         log.info("expert host %s is up on node %s", host_id, info.get("node_ip"))

@@ -19,9 +19,14 @@ from moefleet.router.errors import ResourceExhausted
 
 from .spec import HostsConfig
 
-__all__ = ["RayExpertHost", "start_host", "no_room"]
+__all__ = ["RayExpertHost", "start_host", "no_room", "host_name"]
 
 NAMESPACE = "moefleet"
+
+
+def host_name(model: str, index: int) -> str:
+    """The actor name (and host id) of model's index-th host."""
+    return f"{model}-host-{index}"
 
 
 class RayExpertHost(ExpertHost):

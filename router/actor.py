@@ -123,12 +123,23 @@ class Router:
         self._ready = False
         self._served_since_trim = False
         self._trimmer: asyncio.Task | None = None
+        self._stopped = False
+        self._coming_back: asyncio.Task | None = None
         ctx = ray.get_runtime_context()
         if ctx.was_current_actor_reconstructed:  # come back by itself, not at a caller's call
             ctx.current_actor.restart.remote()
 
-    async def restart(self) -> int:
-        """After a restart: listen again on the port the Controller has for this router."""
+    @ray.method(max_task_retries=-1)  # sent while Ray still counts this actor as restarting
+    async def restart(self) -> None:
+        """After a restart: listen again on the port the Controller has for this router. The
+        Controller also calls it for a router that is up but not listening; it is idempotent."""
+        if self._ready or self._stopped:
+            return
+        if self._coming_back is None or self._coming_back.done() and self._coming_back.exception():
+            self._coming_back = asyncio.get_running_loop().create_task(self._listen_again())
+        await asyncio.shield(self._coming_back)
+
+    async def _listen_again(self) -> int:
         address = await self._controller.router_address.remote(self._name)
         port = int(address.rpartition(":")[2])
         for attempt in range(_REBIND_ATTEMPTS):
@@ -176,7 +187,7 @@ class Router:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking requests, let in-flight ones finish within grace_s."""
-        self._ready = False
+        self._ready, self._stopped = False, True
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self._server is not None:
