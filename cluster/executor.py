@@ -92,7 +92,8 @@ class Executor:
         later round, after that round's removes have freed slots; a remove that would leave a
         migrating expert with no replica waits for its add. Once the model serves, a round
         loads at most hosts.loads_per_host replicas per host, so a host's requests never queue
-        behind more loads than that (bring-up loads all at once). `before_publish` changes the
+        behind more loads than that (bring-up, and hosts that serve nothing yet, such as a
+        spare taking a lost host's experts, load all at once). `before_publish` changes the
         registry (a gate row) in the first version published. Returns (replicas added,
         removed, that first version)."""
         adds = [mv for mv in moves if mv.op == "add"]
@@ -101,8 +102,9 @@ class Executor:
                                            if len(reps) > sum(1 for r in removes if r.key == k)}
         n_added = n_removed = first = 0
         per_host = m.spec.hosts.loads_per_host if m.version else None
+        idle = {h for h, rec in self.hosts.items() if not rec.slots}  # no request to hold up
         while adds or removes or before_publish is not None:
-            now, adds = self._fitting(adds, per_host)
+            now, adds = self._fitting(adds, per_host, idle)
             loaded = await self._load(m, now)
             if now:
                 log.info("%s: loaded %d of %d replica(s)", m.name, len(loaded), len(now))
@@ -123,10 +125,11 @@ class Executor:
                 raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
         return n_added, n_removed, first
 
-    def _fitting(self, adds: list[placement.Move],
-                 per_host: int | None) -> tuple[list[placement.Move], list[placement.Move]]:
-        """(adds their hosts have a free slot for now, at most per_host per host; the rest)."""
-        free = {h: min(rec.free_slots(), per_host or rec.free_slots())
+    def _fitting(self, adds: list[placement.Move], per_host: int | None,
+                 idle: set[str]) -> tuple[list[placement.Move], list[placement.Move]]:
+        """(adds their hosts have a free slot for now, at most per_host per host but any
+        number on `idle` hosts; the rest)."""
+        free = {h: min(rec.free_slots(), per_host if per_host and h not in idle else rec.free_slots())
                 for h, rec in self.hosts.items()}
         now, later = [], []
         for mv in adds:

@@ -147,10 +147,12 @@ def test_a_failed_load_gives_back_every_slot_of_its_batch_and_publishes_nothing(
     assert m.replicas == {(1, 0): [("A", 0)]}
 
 
-@pytest.mark.parametrize("version, rounds", [(0, 1), (3, 3)])
-def test_a_serving_model_loads_one_replica_per_host_per_published_round(version, rounds):
+@pytest.mark.parametrize("version, b_serves, rounds", [(0, True, 1), (3, True, 3), (3, False, 1)])
+def test_a_serving_host_loads_one_replica_per_published_round(version, b_serves, rounds):
     # bring-up (version 0) loads everything at once; once serving, hosts.loads_per_host (1)
-    ex, m, hosts, log = _setup({"A": 4, "B": 4}, {(1, e): [("A", e)] for e in range(3)})
+    # per round on a host that serves; a host that serves nothing yet (a spare) at once
+    served = {(1, e): [("A", e)] for e in range(3)} | ({(1, 3): [("B", 3)]} if b_serves else {})
+    ex, m, hosts, log = _setup({"A": 4, "B": 4}, served)
     m.version = version
     asyncio.run(ex.execute(m, [Move("add", (1, e), "B") for e in range(3)]))
     calls = [name for name, *_ in log if name in ("B.load_source", "router.install")]
