@@ -24,9 +24,12 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = [
     "Key", "Placement", "Move", "PlacementPlan", "initial_placement", "host_loads",
-    "replica_loads", "imbalance", "replicate", "apply_counts", "plan_from_scratch", "rebalance",
+    "replica_loads", "imbalance", "replicate", "apply_counts", "Planner", "plan_from_scratch",
+    "rebalance",
 ]
 
 _SLACK = 0.01  # rebalance stops migrating once the hottest host is within 1% of `_floor`
@@ -147,6 +150,7 @@ class _Fleet:
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
         self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
+        self.log: list[tuple[Key, str, int]] | None = None  # see `adopt`
         held, load = self.held, self.load
         for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
             hs = placement[k]
@@ -163,15 +167,31 @@ class _Fleet:
         else:
             self.moved = sum(map(len, self.placement.values()))
 
+    @classmethod
+    def adopt(cls, capacity: dict[str, int], hosts: list[str], placement: Placement,
+              held: dict[str, set[Key]], load: dict[str, float], share) -> _Fleet:
+        """A fleet over state the caller keeps (`Planner`), changed in place, each change logged
+        in `log` as (K, H, index of H in placement[K] before a remove; -1 for an add)."""
+        fleet = cls.__new__(cls)
+        fleet.capacity, fleet.share, fleet.origin, fleet.moved = capacity, share, set(), 0
+        fleet.placement, fleet.hosts, fleet.held, fleet.load = placement, hosts, held, load
+        fleet._heap, fleet.log = None, []
+        return fleet
+
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
         self.moved += -1 if (k, h) in self.origin else 1
         self.held[h].add(k)
         self.load[h] += self.share[k]
         self._changed(h)
+        if self.log is not None:
+            self.log.append((k, h, -1))
 
     def remove(self, k: Key, h: str) -> None:
-        self.placement[k].remove(h)
+        i = self.placement[k].index(h)
+        del self.placement[k][i]
+        if self.log is not None:
+            self.log.append((k, h, i))
         if not self.placement[k]:
             del self.placement[k]
         self.moved += 1 if (k, h) in self.origin else -1
@@ -255,15 +275,23 @@ def apply_counts(
 def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Placement,
                   counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
+    before = {k: len(current.get(k, ())) for k in counts}
+    unplaced = _plan_counts(fleet, before, counts, firsts_first)
+    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+
+
+def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
+                 firsts_first: bool) -> list[Key]:
+    """`apply_counts`' steps on `fleet` (before[K]: replicas K has there now) -> unplaced."""
     for k in sorted(counts):
-        for _ in range(len(current.get(k, ())) - counts[k]):
+        for _ in range(before[k] - counts[k]):
             fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
-    pending = [k for k in sorted(counts) for _ in range(counts[k] - len(current.get(k, ())))]
+    pending = [k for k in sorted(counts) for _ in range(counts[k] - before[k])]
     pending.sort(key=lambda k: -fleet.share[k])  # stable: ties keep key order
     if firsts_first:
-        seen, firsts, rest = set(fleet.placement), [], []
+        seen, firsts, rest = set(), [], []
         for k in pending:
-            (rest if k in seen else firsts).append(k)
+            (rest if k in fleet.placement or k in seen else firsts).append(k)
             seen.add(k)
         pending = firsts + rest
     unplaced = []
@@ -273,7 +301,7 @@ def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Pla
             unplaced.append(k)
         else:
             fleet.add(k, h)
-    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+    return unplaced
 
 
 def _make_room(fleet: _Fleet, k: Key) -> str | None:
@@ -297,6 +325,122 @@ def _make_room(fleet: _Fleet, k: Key) -> str | None:
     fleet.remove(b, src)
     fleet.add(b, dst)
     return src
+
+
+# ---------------------------------------------------------------------------- planning every period
+
+class _Shares:
+    """share[K] for a fleet, read from an array over the planner's keys (no dict of N floats)."""
+
+    def __init__(self, index: dict[Key, int], share: np.ndarray):
+        self.index, self.array = index, share
+
+    def __getitem__(self, k: Key) -> float:
+        return float(self.array[self.index[k]])
+
+
+class Planner:
+    """`apply_counts` for a caller that plans every period at scale (the simulator).
+
+    It keeps its placement between calls and takes the load as an array, so a call costs
+    O(changes) in Python plus O(R) in numpy, where `apply_counts` costs O(R) in Python. Each call
+    returns what `apply_counts(load, capacity, planner.placement, counts)` would (the same steps,
+    `_plan_counts`, on the same host loads summed in the same order) and adopts that plan.
+
+    keys: every K, sorted (load[n] is keys[n]'s tokens/s); capacity: H -> slots, the caller's
+    own dict (hosts it adds or retires count from the next call); current: K -> [H].
+    """
+
+    def __init__(self, keys: list[Key], capacity: dict[str, int], current: Placement):
+        if list(keys) != sorted(keys):
+            raise ValueError("Planner keys must be sorted")
+        self.keys, self.capacity = list(keys), capacity
+        self.index = {k: n for n, k in enumerate(self.keys)}
+        self.reset(current)
+
+    def reset(self, current: Placement) -> None:
+        """Adopt a placement planned elsewhere (`rebalance`, `plan_from_scratch`): O(R)."""
+        self.placement: Placement = {k: list(hs) for k, hs in current.items() if hs}
+        self.held: dict[str, set[Key]] = {}
+        self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
+        self._hid: dict[str, int] = {}
+        width = max(map(len, self.placement.values()), default=1)
+        self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
+        for k in list(self.placement):
+            self._sync(k)
+        self._log: list[tuple[Key, str, int]] = []
+
+    def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
+        """load: [N] tokens/s; counts K -> target replicas -> the plan, now the planner's own.
+        Its `placement` is the planner's (changed by the next call: copy it to keep it)."""
+        if any(c < 0 for c in counts.values()):
+            raise ValueError(f"replica counts must be >= 0: {counts}")
+        plan = self._attempt(load, counts, firsts_first=False)
+        if any(k not in self.placement for k in plan.unplaced):
+            self.undo()
+            plan = self._attempt(load, counts, firsts_first=True)
+        return plan
+
+    def undo(self) -> None:
+        """Take back the last `apply_counts` (the caller will not carry it out)."""
+        for k, h, i in reversed(self._log):
+            if i < 0:
+                self.placement[k].pop()
+                if not self.placement[k]:
+                    del self.placement[k]
+                self.held[h].discard(k)
+            else:
+                self.placement.setdefault(k, []).insert(i, h)
+                self.held[h].add(k)
+        for k in {k for k, _, _ in self._log}:
+            self._sync(k)
+        self._log = []
+
+    def replicas(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> (key [R], an index into keys; host [R], an index into `hosts`), K by K."""
+        valid = self.at >= 0
+        return np.nonzero(valid)[0], self.at[valid]
+
+    def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
+        count = (self.at >= 0).sum(axis=1)  # [N] replicas now
+        before = {k: int(count[self.index[k]]) for k in counts}
+        count[[self.index[k] for k in counts]] = list(counts.values())
+        share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
+        hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
+        for h in hosts:
+            self._host(h)
+        valid = self.at >= 0  # row by row: K in sorted order, each K's H in list order, as _Fleet sums
+        sums = np.bincount(self.at[valid], np.broadcast_to(share[:, None], self.at.shape)[valid],
+                           minlength=len(self.hosts)).tolist()
+        loads = {h: sums[self._hid[h]] for h in hosts}
+        fleet = _Fleet.adopt(self.capacity, hosts, self.placement, self.held, loads,
+                             _Shares(self.index, share))
+        unplaced = _plan_counts(fleet, before, counts, firsts_first)
+        self._log = fleet.log
+        touched = sorted({k for k, _, _ in fleet.log})
+        was = {k: [self.hosts[i] for i in self.at[self.index[k]] if i >= 0] for k in touched}
+        for k in touched:
+            self._sync(k)
+        now = {k: self.placement[k] for k in touched if k in self.placement}
+        return PlacementPlan(self.placement, _diff({k: v for k, v in was.items() if v}, now), unplaced)
+
+    def _host(self, h: str) -> int:
+        if h not in self._hid:
+            self._hid[h] = len(self.hosts)
+            self.hosts.append(h)
+            self.held.setdefault(h, set())
+        return self._hid[h]
+
+    def _sync(self, k: Key) -> None:
+        """Row K of `at` (and `held`) from placement[K]."""
+        hs = self.placement.get(k, [])
+        if len(hs) > self.at.shape[1]:
+            self.at = np.pad(self.at, ((0, 0), (0, len(hs) - self.at.shape[1])), constant_values=-1)
+        row = self.at[self.index[k]]
+        row[:] = -1
+        row[:len(hs)] = [self._host(h) for h in hs]
+        for h in hs:
+            self.held[h].add(k)
 
 
 def plan_from_scratch(

@@ -33,7 +33,8 @@ from moefleet.cluster.placement import Placement
 
 from .scenario import CostConfig, ModelShape
 
-__all__ = ["Layout", "PeriodCost", "layout", "period_cost", "load_s", "expert_rows_per_s"]
+__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "profile", "evaluate", "period_cost",
+           "load_s", "expert_rows_per_s"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,23 @@ class Layout:
 
 @dataclass(frozen=True)
 class PeriodCost:
-    """Per period t of the batch (no leading dimension when one period was given)."""
+    """One period's cost."""
 
-    latency_s: np.ndarray  # [T, L] mean latency of one call of each layer (inf: a host saturated)
-    host_rows: np.ndarray  # [T, H] rows/s each host serves
-    utilisation: np.ndarray  # [T, H] busy share of each host
+    latency_s: np.ndarray  # [L] mean latency of one call of each layer (inf: a host saturated)
+    host_rows: np.ndarray  # [H] rows/s each host serves
+    utilisation: np.ndarray  # [H] busy share of each host
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one call of each layer costs each host, for one layout and one pattern of rows per
+    call (which the rate's scale leaves alone): per (host, layer), each [H, L]."""
+
+    busy: np.ndarray  # expected s per layer call: hit · call_overhead_s + work + wire
+    hit: np.ndarray  # chance a call of the layer reaches the host
+    rows: np.ndarray  # rows per call of the layer
+    called: np.ndarray  # bool: hit > 0
+    per_hit: np.ndarray  # busy / hit where called: the host's part of a call that reaches it
 
 
 def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
@@ -64,36 +77,49 @@ def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
     return Layout(key, host, np.bincount(key, minlength=m.layers * E), list(hosts))
 
 
-def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
-    """rate: [T, N] (or [N]) rows/s routed to each expert in each period -> its cost on `lay`.
+def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rate: [..., N] rows/s -> (x [..., N] rows each expert gets per call of its layer,
+    calls [..., L] calls/s of each layer)."""
+    L, E = m.layers, m.n_routed_experts
+    calls = rate.reshape(*rate.shape[:-1], L, E).sum(axis=-1) / m.num_experts_per_tok / cfg.batch_tokens
+    per = np.repeat(calls, E, axis=-1)  # [..., N]
+    return np.divide(rate, per, out=np.zeros_like(rate), where=per > 0), calls
 
-    An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
-    if rate.ndim == 1:
-        c = period_cost(cfg, m, lay, rate[None])
-        return PeriodCost(c.latency_s[0], c.host_rows[0], c.utilisation[0])
-    T, L, E, H = len(rate), m.layers, m.n_routed_experts, len(lay.hosts)
-    calls = rate.reshape(T, L, E).sum(axis=2) / m.num_experts_per_tok / cfg.batch_tokens  # [T, L] per s
-    q = np.divide(rate, lay.count, out=np.zeros_like(rate), where=lay.count > 0)  # [T, N] per replica
-    per = np.repeat(calls, E, axis=1)  # [T, N]
-    n = np.divide(q, per, out=np.zeros_like(q), where=per > 0)  # [T, N] rows per call per replica
+
+def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profile:
+    """x: [N] rows per call of each expert's layer (`rows_per_call`) -> its Profile on `lay`."""
+    L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
+    n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)  # [N] rows per replica
     t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
-                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [T, N] s per call
-    idx = (np.arange(T)[:, None] * (H * L) + lay.host * L + lay.key // E).ravel()  # [T·R]
-    work = np.bincount(idx, weights=t[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
-    rows = np.bincount(idx, weights=n[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
-    hit = -np.expm1(-rows)  # [T, H, L] chance a call reaches the host
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [N] s per call
+    idx = lay.host * L + lay.key // E  # [R] (host, layer) cell
+    work = np.bincount(idx, weights=t[lay.key], minlength=H * L).reshape(H, L)
+    rows = np.bincount(idx, weights=n[lay.key], minlength=H * L).reshape(H, L)
+    hit = -np.expm1(-rows)  # [H, L]
     wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
-    busy = hit * cfg.call_overhead_s + work + wire  # [T, H, L] expected s per layer call
-    rho = (calls[:, None, :] * busy).sum(axis=2)  # [T, H]
-    host_calls = (calls[:, None, :] * hit).sum(axis=2)  # [T, H] calls/s that reach the host
+    busy = hit * cfg.call_overhead_s + work + wire
+    called = hit > 0
+    per_hit = np.divide(busy, hit, out=np.zeros_like(busy), where=called)
+    return Profile(busy, hit, rows, called, per_hit)
+
+
+def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
+    """calls: [L] calls/s of each layer -> the period's cost: O(H · L), not O(replicas)."""
+    rho = prof.busy @ calls  # [H]
+    host_calls = prof.hit @ calls  # [H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [T, H] M/D/1
-        s = np.where(hit > 0, busy / np.maximum(hit, 1e-300) + wait[:, :, None], 0.0)  # [T, H, L]
-    latency = cfg.net_latency_s + s.max(axis=1, initial=0.0)  # [T, L]
-    hidx = (np.arange(T)[:, None] * H + lay.host).ravel()
-    host_rows = np.bincount(hidx, weights=q[:, lay.key].ravel(), minlength=T * H).reshape(T, H)
-    return PeriodCost(latency, host_rows, rho)
+        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [H] M/D/1
+    s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)  # [H, L]
+    return PeriodCost(cfg.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
+
+
+def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
+    """rate: [N] rows/s routed to each expert -> its cost on `lay` (`profile` then `evaluate`).
+
+    An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
+    x, calls = rows_per_call(cfg, m, rate)
+    return evaluate(cfg, profile(cfg, m, lay, x), calls)
 
 
 def load_s(cfg: CostConfig, m: ModelShape) -> float:

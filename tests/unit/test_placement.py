@@ -21,6 +21,7 @@ from moefleet.cluster.placement import (
     Move,
     Placement,
     PlacementPlan,
+    Planner,
     apply_counts,
     host_loads,
     imbalance,
@@ -455,3 +456,34 @@ def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
             fleet.remove(*rng.choice(held))
         elif (h := plain(fleet, k)) is not None:
             fleet.add(k, h)
+
+
+# ---------------------------------------------------------------------------- Planner
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_planner_kept_between_calls_plans_exactly_as_apply_counts_does(seed: int) -> None:
+    """`Planner` is a fast path of `apply_counts` (its placement kept, load as an array): over a
+    random walk of loads, count changes, hosts added and retired, tight slots (so that
+    `_make_room`, the firsts-first retry and `undo` run too), each of its plans equals the
+    function's from the same placement: same placement, same moves, same unplaced."""
+    np = pytest.importorskip("numpy")
+    rng = random.Random(seed)
+    layers, n = rng.randint(1, 3), rng.randint(4, 12)
+    keys = [(L, e) for L in range(layers) for e in range(n)]
+    capacity = {h: rng.randint(2, 6) for h in _hosts(rng.randint(2, 5))}
+    planner = Planner(keys, capacity, {})
+    for step in range(40):
+        load = {k: rng.choice([0.0, 1.0, rng.random() * 100]) for k in keys}
+        counts = {k: rng.randint(0 if step else 1, 3) for k in rng.sample(keys, rng.randint(1, len(keys)))}
+        if step and rng.random() < 0.2:
+            capacity[f"x{step}"] = rng.randint(1, 4)
+        empty = [h for h in capacity if not any(h in hs for hs in planner.placement.values())]
+        if empty and len(capacity) > 2 and rng.random() < 0.2:
+            del capacity[rng.choice(empty)]
+        before = {k: list(hs) for k, hs in planner.placement.items()}
+        want = apply_counts(load, capacity, before, counts)
+        got = planner.apply_counts(np.array([load[k] for k in keys]), counts)
+        assert (got.placement, got.moves, got.unplaced) == (want.placement, want.moves, want.unplaced)
+        if rng.random() < 0.3:
+            planner.undo()
+            assert planner.placement == before
