@@ -46,6 +46,7 @@ class Fleet:
         self.empty_since: dict[str, float] = {}
         self.target = np.full(len(self.keys), sc.autoscaling.min_replicas, dtype=np.int64)  # [N]
         self.ready_at, self.last_plan, self.loading = 0.0, 0.0, False
+        self.draining: list[str] = []  # hosts a consolidation is emptying: they retire once it serves
         self.adds = 0  # replicas loaded after bring-up
         self.version = 0  # counts the layouts that served: the cost model's profile is per layout
         if pol.kind == "autoscale":
@@ -68,7 +69,7 @@ class Fleet:
         self.load = autoscale.smooth_load(rate, self.load)
         if self.loading and t >= self.ready_at:
             self.loading = False
-            self._set()
+            self._serve()
         if t < self.ready_at:
             return  # the executor is still loading the last plan
         kind, every = self.pol.kind, self.pol.replan_every_s
@@ -109,6 +110,19 @@ class Fleet:
             plan = self._fit(self.load, short)
             if plan is not None:
                 self._schedule(t, _added(plan))
+        if cfg.consolidate_max_moves and not self.loading:
+            self._consolidate(t)
+
+    def _consolidate(self, t: float) -> None:
+        """What the Controller's `_consolidate` does: empty the hosts `hosts_to_drain` names;
+        they retire (`autoscale.retirable`) once their replicas serve elsewhere."""
+        cfg = self.sc.autoscaling
+        hosts = placement.hosts_to_drain(self._host_replicas(), self.capacity, cfg.consolidate_max_moves,
+                                         self.sc.hosts.count, cfg.consolidate_spare)
+        if hosts:
+            plan, self.draining = placement.drain(self._dict(self.load), self.capacity, self.placement, hosts)
+            self.planner.reset(plan.placement)
+            self._schedule(t, _added(plan))
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -130,11 +144,22 @@ class Fleet:
         after another); the new placement serves once all are in."""
         per_host = Counter(added_on)
         if not per_host:
-            self._set()
+            self._serve()
             return
         self.adds += sum(per_host.values())
         self.loading = True
         self.ready_at = t + max(per_host.values()) * load_s(self.sc.cost, self.sc.model)
+
+    def _serve(self) -> None:
+        """The planned placement serves; the hosts it drained retire."""
+        self._set()
+        if self.draining:
+            gone = autoscale.retirable(self.draining, self._host_replicas(), self.sc.hosts.count)
+            for h in gone:
+                del self.capacity[h]
+            self.draining = []
+            if gone:
+                self._set()
 
     def _set(self) -> None:
         """The planner's placement serves, on the hosts of `capacity`."""

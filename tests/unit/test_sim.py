@@ -199,3 +199,33 @@ def test_simulate_command_prints_the_table_and_writes_the_plots(tmp_path):
     bad.write_text("name: bad\ncost: {load_gbps: -1}\n")
     r = CliRunner().invoke(main, ["simulate", str(bad)])
     assert r.exit_code == 1 and "cost.load_gbps must be > 0" in r.output
+
+
+def test_consolidation_drains_hosts_as_load_falls_and_keeps_the_invariants():
+    """Load falls from its peak (t = 0) to its trough: without consolidation the hosts started
+    for the peak stay (none empties by itself); with it, lightly used hosts are drained and
+    retired while no host goes over its slots and every expert keeps a replica."""
+    base = {"name": "fall", "duration_s": 12 * 3600, "model": {"layers": 2, "n_routed_experts": 8},
+            "hosts": {"count": 2, "max_count": 8, "slots": 12},
+            "load": {"tokens_per_s": 6000, "peak_hour": 0, "trough_ratio": 0.1, "poisson": False},
+            "autoscaling": {"target_tokens_per_s": 300, "max_replicas": 6, "upscale_delay_s": 60,
+                            "downscale_delay_s": 120, "period_s": 60, "host_idle_s": 300},
+            "policies": [{"name": "m", "kind": "autoscale"}]}
+    ends = {}
+    for moves in (0, 24):
+        a = {**base["autoscaling"], "consolidate_max_moves": moves}
+        sc = Scenario.from_dict({**base, "autoscaling": a})
+        rates = Generated(sc).chunk(0, sc.periods)
+        f = Fleet(sc, sc.policies[0], rates[0])
+        peak = 0
+        for i, rate in enumerate(rates):
+            f.step((i + 1) * 60.0, rate)
+            held = {}
+            for hs in f.placement.values():
+                for h in hs:
+                    held[h] = held.get(h, 0) + 1
+            assert all(held[h] <= f.capacity[h] for h in held) and set(f.placement) == set(f.keys)
+            peak = max(peak, len(f.capacity))
+        ends[moves] = (peak, len(f.capacity))
+    assert ends[0][1] == ends[0][0] >= 5  # the peak's hosts stay
+    assert ends[24][1] <= 3  # 16 experts at ~1 replica each fit 2 hosts of 12 slots, with spare
