@@ -151,6 +151,7 @@ class _Fleet:
         self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
         self.log: list[tuple[Key, str, int]] | None = None  # see `adopt`
+        self._by_share: dict[str, list[tuple[float, Key]]] = {}  # see `by_share`
         held, load = self.held, self.load
         for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
             hs = placement[k]
@@ -175,7 +176,7 @@ class _Fleet:
         fleet = cls.__new__(cls)
         fleet.capacity, fleet.share, fleet.origin, fleet.moved = capacity, share, set(), 0
         fleet.placement, fleet.hosts, fleet.held, fleet.load = placement, hosts, held, load
-        fleet._heap, fleet.log = None, []
+        fleet._heap, fleet.log, fleet._by_share = None, [], {}
         return fleet
 
     def add(self, k: Key, h: str) -> None:
@@ -199,7 +200,14 @@ class _Fleet:
         self.load[h] -= self.share[k]
         self._changed(h)
 
+    def by_share(self, h: str) -> list[tuple[float, Key]]:
+        """H's keys as (share, K), sorted; cached until H changes."""
+        if h not in self._by_share:
+            self._by_share[h] = sorted((self.share[k], k) for k in self.held[h])
+        return self._by_share[h]
+
     def _changed(self, h: str) -> None:
+        self._by_share.pop(h, None)
         if self._heap is not None:  # the old entry of h goes stale; coolest() drops it
             heapq.heappush(self._heap, (self.load[h], len(self.held[h]), h))
 
@@ -307,24 +315,60 @@ def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
 def _make_room(fleet: _Fleet, k: Key) -> str | None:
     """When every free slot is on an H holding K: move some R `b` from an H without K into
     such a free slot, and return the H it left (now free for K); None when no such pair exists.
-    Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts."""
+    Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts
+    (ties: the smallest (b, from H, to H)); per pair of hosts, `_best_move` finds it."""
     free = [h for h in fleet.hosts if fleet.free(h) > 0]
     best = None
     for src in fleet.hosts:
         if k in fleet.held[src] or fleet.capacity.get(src, 0) <= 0:
             continue
-        for b in sorted(fleet.held[src]):
-            for dst in free:
-                if b not in fleet.held[dst]:
-                    s_b = fleet.share[b]
-                    peak = max(fleet.load[dst] + s_b, fleet.load[src] - s_b + fleet.share[k])
-                    best = min(best or (peak, b, src, dst), (peak, b, src, dst))
+        for dst in free:
+            move = _best_move(fleet, k, src, dst)
+            if move is not None and (best is None or move < best):
+                best = move
     if best is None:
         return None
     _, b, src, dst = best
     fleet.remove(b, src)
     fleet.add(b, dst)
     return src
+
+
+def _best_move(fleet: _Fleet, k: Key, src: str, dst: str) -> tuple[float, Key, str, str] | None:
+    """min over R b on src not on dst of (peak, b, src, dst), peak = the hotter of the two once
+    b moves (and K takes its slot): O(log R) by bisection, as peak(share of b) falls then rises.
+
+    src's R sorted by (share, b): dst's load + share grows along them, src's load - share +
+    share[K] shrinks (float rounding keeps both monotone). The minimum over the R not on dst is
+    at the first such R on either side of where they cross; equal peaks around it are scanned
+    for the smallest b."""
+    order = fleet.by_share(src)
+    l_dst, l_src, s_k, held = fleet.load[dst], fleet.load[src], fleet.share[k], fleet.held[dst]
+
+    def peak(i: int) -> float:
+        s = order[i][0]
+        return max(l_dst + s, l_src - s + s_k)
+
+    lo, hi = 0, len(order)
+    while lo < hi:  # the first i where dst's side is the hotter
+        mid = (lo + hi) // 2
+        s = order[mid][0]
+        lo, hi = (lo, mid) if l_dst + s >= l_src - s + s_k else (mid + 1, hi)
+    left, right = lo - 1, lo
+    while left >= 0 and order[left][1] in held:
+        left -= 1
+    while right < len(order) and order[right][1] in held:
+        right += 1
+    sides = [peak(i) for i in (left, right) if 0 <= i < len(order)]
+    if not sides:
+        return None
+    m, found = min(sides), []
+    for i, step in ((left, -1), (right, 1)):
+        while 0 <= i < len(order) and peak(i) <= m:
+            if order[i][1] not in held:
+                found.append(order[i][1])
+            i += step
+    return m, min(found), src, dst
 
 
 # ---------------------------------------------------------------------------- consolidation
