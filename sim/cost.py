@@ -1,8 +1,10 @@
 """The cost model: what one period of load costs on a given placement. Pure numpy.
 
-Per layer call (a batch of `batch_tokens` tokens, `calls_l` = tokens/s into layer l / batch_tokens
-calls per second), a replica r of expert k on host h gets n_r = rows_k / (replicas_k · calls_l)
-rows on average, and takes (roofline)
+Clients send requests of `batch_tokens` tokens; the router's micro-batcher merges those that
+arrive while a call of their layer is in flight (`merged_tokens`), so a layer call carries b_l
+tokens and layer l gets calls_l = tokens/s into layer l / b_l calls per second. A replica r of
+expert k on host h gets n_r = rows_k / (replicas_k · calls_l) rows per call on average, and
+takes (roofline)
 
     t_r = max(n_r · flops_per_row / tflops,  (1 − e^(−n_r)) · expert_bytes / hbm_gbps)
 
@@ -17,6 +19,8 @@ infinite at ρ_h >= 1. A layer call waits for its slowest host:
 
     latency_l = net_latency_s + max_h (s_hl + W_h)
 
+The per-(host, layer) terms depend on the placement and on the rows per call only, not on the
+rate's scale: `profile` computes them once (O(R)), `evaluate` then costs a period in O(H · L).
 A replica being loaded serves nothing for expert_bytes / load_gbps seconds (`load_s`). It
 knows nothing of policies, time or where load comes from.
 
@@ -33,8 +37,10 @@ from moefleet.cluster.placement import Placement
 
 from .scenario import CostConfig, ModelShape
 
-__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "profile", "evaluate", "period_cost",
-           "load_s", "expert_rows_per_s"]
+_MERGE_ROUNDS = 8  # period_cost: latency -> merged calls -> latency ..., to a fixed point
+
+__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "layer_tokens", "merged_tokens",
+           "profile", "evaluate", "period_cost", "load_s", "expert_rows_per_s"]
 
 
 @dataclass(frozen=True)
@@ -77,13 +83,44 @@ def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
     return Layout(key, host, np.bincount(key, minlength=m.layers * E), list(hosts))
 
 
-def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """rate: [..., N] rows/s -> (x [..., N] rows each expert gets per call of its layer,
-    calls [..., L] calls/s of each layer)."""
-    L, E = m.layers, m.n_routed_experts
-    calls = rate.reshape(*rate.shape[:-1], L, E).sum(axis=-1) / m.num_experts_per_tok / cfg.batch_tokens
+def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
+                  tokens_per_call: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """rate: [..., N] rows/s; tokens_per_call: [..., L] (default: cfg.batch_tokens, no merging)
+    -> (x [..., N] rows each expert gets per call of its layer, calls [..., L] calls/s per layer)."""
+    E = m.n_routed_experts
+    b = cfg.batch_tokens if tokens_per_call is None else tokens_per_call
+    calls = layer_tokens(m, rate) / b
     per = np.repeat(calls, E, axis=-1)  # [..., N]
     return np.divide(rate, per, out=np.zeros_like(rate), where=per > 0), calls
+
+
+def layer_tokens(m: ModelShape, rate: np.ndarray) -> np.ndarray:
+    """rate: [..., N] rows/s -> [..., L] tokens/s into each layer (a token is top-k rows)."""
+    return rate.reshape(*rate.shape[:-1], m.layers, m.n_routed_experts).sum(axis=-1) / m.num_experts_per_tok
+
+
+def merged_tokens(cfg: CostConfig, tokens_per_s: np.ndarray, latency_s: np.ndarray) -> np.ndarray:
+    """The router's micro-batcher: tokens_per_s, latency_s: [L] -> tokens per call of each layer.
+
+    Requests of batch_tokens arrive as a Poisson stream, λ = tokens_per_s / batch_tokens per s,
+    and a call takes S = latency_s. A request that finds no call of its layer in flight (chance
+    e^(−c·S) at c calls/s) goes at once, alone; one that finds one waits W = min(max_wait_ms, S)
+    and goes with the requests that arrive meanwhile, n = 1 + λ·W of them (at most
+    max_batch_tokens). So c = λ·e^(−c·S) + λ·(1 − e^(−c·S)) / n, solved by bisection
+    (c - f(c) grows with c), and a call carries tokens_per_s / c tokens.
+    """
+    r = cfg.batch_tokens
+    lam = tokens_per_s / r  # [L] requests/s
+    S = np.minimum(latency_s, 1e6)  # a saturated layer (inf) is always in flight
+    n = np.clip(1 + lam * np.minimum(cfg.max_wait_ms / 1e3, S), 1, max(cfg.max_batch_tokens / r, 1))
+    lo, hi = lam / n, lam.copy()  # [L] c lies between: all merged, none merged
+    for _ in range(40):
+        c = (lo + hi) / 2
+        p = np.exp(-c * S)  # chance no call is in flight
+        above = c > lam * (p + (1 - p) / n)
+        hi, lo = np.where(above, c, hi), np.where(above, lo, c)
+    c = (lo + hi) / 2
+    return np.divide(tokens_per_s, c, out=np.full_like(c, float(r)), where=c > 0)
 
 
 def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profile:
@@ -115,11 +152,16 @@ def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
 
 
 def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
-    """rate: [N] rows/s routed to each expert -> its cost on `lay` (`profile` then `evaluate`).
+    """rate: [N] rows/s routed to each expert -> its cost on `lay` (`profile` then `evaluate`),
+    with the micro-batcher's merging (`merged_tokens`) iterated to a fixed point.
 
     An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
-    x, calls = rows_per_call(cfg, m, rate)
-    return evaluate(cfg, profile(cfg, m, lay, x), calls)
+    tokens, b = layer_tokens(m, rate), None
+    for _ in range(_MERGE_ROUNDS if cfg.max_wait_ms > 0 else 1):
+        x, calls = rows_per_call(cfg, m, rate, b)
+        cost = evaluate(cfg, profile(cfg, m, lay, x), calls)
+        b = merged_tokens(cfg, tokens, cost.latency_s)
+    return cost
 
 
 def load_s(cfg: CostConfig, m: ModelShape) -> float:

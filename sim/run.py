@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cost import Profile, evaluate, profile, rows_per_call
+from .cost import Profile, evaluate, layer_tokens, merged_tokens, profile, rows_per_call
 from .load import load_source
 from .policies import Fleet
 from .scenario import Scenario, load_scenario
@@ -74,10 +74,12 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
 
 
 class _Costed:
-    """A fleet's cost profile and the layout version it was made for."""
+    """A fleet's cost profile, the layout version it was made for, and its last latency [L]
+    (the micro-batcher merges requests by how long the calls take)."""
 
     profile: Profile | None = None
     version = -1
+    latency: np.ndarray | float = 0.0
 
 
 def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndarray], start: int,
@@ -85,13 +87,18 @@ def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndar
     """Step `fleet` through periods start.. of `rates` [n, N] and cost each: the profile is made
     again only when the layout or the pattern of rows per call changed (`same` false)."""
     x, calls, same = pattern
+    merging = sc.cost.max_wait_ms > 0
     latency = np.empty((len(rates), sc.model.layers))  # [n, L]
     for i, rate in enumerate(rates):
         fleet.step((start + i + 1) * sc.autoscaling.period_s, rate)  # t: the end of the period
-        if costed.profile is None or not same[i] or costed.version != fleet.version:
-            costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, x[i]), fleet.version
-        cost = evaluate(sc.cost, costed.profile, calls[i])
-        latency[i] = cost.latency_s
+        xi, ci = x[i], calls[i]
+        if merging:  # calls merged by the last period's latency: the pattern moves each period
+            b = merged_tokens(sc.cost, layer_tokens(sc.model, rate), costed.latency)
+            xi, ci = rows_per_call(sc.cost, sc.model, rate, b)
+        if merging or costed.profile is None or not same[i] or costed.version != fleet.version:
+            costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, xi), fleet.version
+        cost = evaluate(sc.cost, costed.profile, ci)
+        latency[i] = costed.latency = cost.latency_s
         mean = cost.host_rows.mean()
         r["imbalance"][start + i] = cost.host_rows.max() / mean if mean > 0 else 1.0
         r["hosts"][start + i] = len(fleet.capacity)
