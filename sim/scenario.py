@@ -81,13 +81,14 @@ class FleetConfig:
 @dataclass
 class CostConfig:
     """The cost model's parameters (sim/cost.py). The defaults describe this repository's 2-core
-    development VM serving float32 experts: `call_overhead_s` and `net_latency_s` are fitted by
-    bench/sim_calibrate.py (bench/RESULTS.md), `load_gbps` is bench/load.py's figure, and
+    development VM serving float32 experts: `call_overhead_s` (to the hot expert's rows/s) and
+    `net_latency_s` (to the light p50) are fitted by bench/sim_calibrate.py (bench/RESULTS.md),
+    the micro-batcher's defaults are the router's, `load_gbps` is bench/load.py's figure, and
     `tflops`, `hbm_gbps` and `net_gbps` are nominal (tiny experts never reach them there)."""
 
     tflops: float = 0.02  # per host: matmul throughput, TFLOP/s
     hbm_gbps: float = 5.0  # per host: weight-read bandwidth, GB/s
-    call_overhead_s: float = 6e-3  # per host call (one layer's rows on one host)
+    call_overhead_s: float = 3.7e-3  # per host call (one layer's rows on one host)
     net_latency_s: float = 5e-3  # router <-> host round trip, plus the router's own work
     net_gbps: float = 1.0  # router <-> host bandwidth, both ways together
     activation_bytes: float = 4.0  # bytes per hidden-state element on the wire
