@@ -121,8 +121,9 @@ class Fleet:
                                          self.sc.hosts.count, cfg.consolidate_spare)
         if hosts:
             plan, self.draining = placement.drain(self._dict(self.load), self.capacity, self.placement, hosts)
-            self.planner.reset(plan.placement)
-            self._schedule(t, _added(plan))
+            if self.draining:
+                self.planner.reset(plan.placement)
+                self._schedule(t, _added(plan))
 
     # ---- helpers ---------------------------------------------------------------------------
 
