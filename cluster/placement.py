@@ -7,6 +7,9 @@ one with few moves (`apply_counts`, `rebalance`), or packs one afresh (`plan_fro
 `rebalance` is never less balanced than a plan from scratch (per-host max/mean, `imbalance`,
 within _TOLERANCE), and a knob trades balance against moves (`max_moves`, `min_gain`).
 Two replicas of one expert never share a host, and no host holds more than its capacity.
+`Planner` is `apply_counts` for callers that plan every period at scale (the simulator): it
+keeps its placement between calls. `hosts_to_drain` and `drain` empty lightly used hosts
+(consolidation), keeping every expert's replica count.
 
 It does not know about slots' indices, weights, GPUs, the routing table or the clock: a plan is
 a list of adds and removes, and the executor decides when and how to carry them out. It does
