@@ -49,6 +49,9 @@ class AutoscalingConfig:
     # Rebalance's balance-vs-moves knob when a call does not set it (see admin.proto):
     rebalance_max_moves: int = 0  # most replicas moved per rebalance; 0 = no limit
     rebalance_min_gain: float = 0.0  # least drop in per-host max/mean worth one move
+    # Consolidation (placement.hosts_to_drain, placement.drain): empty lightly used hosts to retire
+    consolidate_max_moves: int = 0  # most replicas migrated per period to empty hosts; 0 = never
+    consolidate_spare: float = 0.2  # share of the staying hosts' slots left free after a drain
 
     def __post_init__(self):
         # every comparison with NaN is false, so a NaN fails its check too
@@ -61,6 +64,8 @@ class AutoscalingConfig:
         _check(self.period_s > 0, "autoscaling.period_s must be > 0")
         _check(self.rebalance_max_moves >= 0, "autoscaling.rebalance_max_moves must be >= 0")
         _check(self.rebalance_min_gain >= 0, "autoscaling.rebalance_min_gain must be >= 0")
+        _check(self.consolidate_max_moves >= 0, "autoscaling.consolidate_max_moves must be >= 0")
+        _check(0 <= self.consolidate_spare < 1, "autoscaling.consolidate_spare must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -454,7 +454,25 @@ class Controller:
         for h in retire[:max(0, idle - m.spec.hosts.spare)]:  # the spares stay
             log.info("retiring idle host %s", h)
             ray.kill(self._hosts.pop(h).handle)
+        if m.autoscaling.consolidate_max_moves:
+            await self._consolidate(m)
         self._save()
+
+    async def _consolidate(self, m: ModelRecord) -> None:
+        """Empty the lightly used hosts `placement.hosts_to_drain` names, then retire them."""
+        a, capacity = m.autoscaling, self._exec.capacity(m)
+        held = {h: len(self._hosts[h].slots) for h in capacity}
+        hosts = placement.hosts_to_drain(held, capacity, a.consolidate_max_moves, m.spec.hosts.count,
+                                         a.consolidate_spare)
+        if not hosts:
+            return
+        serving = {h: n for h, n in capacity.items() if held[h]}  # not onto idle (spare) hosts
+        plan, emptied = placement.drain(dict(m.load), serving, m.placement(), hosts)
+        await self._exec.execute(m, plan.moves)
+        held = {h: len(self._hosts[h].slots) for h in capacity if h in self._hosts}
+        for h in autoscale.retirable(emptied, held, m.spec.hosts.count):
+            log.info("retiring drained host %s", h)
+            ray.kill(self._hosts.pop(h).handle)
 
     async def _poll_routers(self) -> None:
         """Collect per-expert rows and request latencies from every router since last poll."""

@@ -7,6 +7,9 @@ one with few moves (`apply_counts`, `rebalance`), or packs one afresh (`plan_fro
 `rebalance` is never less balanced than a plan from scratch (per-host max/mean, `imbalance`,
 within _TOLERANCE), and a knob trades balance against moves (`max_moves`, `min_gain`).
 Two replicas of one expert never share a host, and no host holds more than its capacity.
+`Planner` is `apply_counts` for callers that plan every period at scale (the simulator): it
+keeps its placement between calls. `hosts_to_drain` and `drain` empty lightly used hosts
+(consolidation), keeping every expert's replica count.
 
 It does not know about slots' indices, weights, GPUs, the routing table or the clock: a plan is
 a list of adds and removes, and the executor decides when and how to carry them out. It does
@@ -24,9 +27,12 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = [
     "Key", "Placement", "Move", "PlacementPlan", "initial_placement", "host_loads",
-    "replica_loads", "imbalance", "replicate", "apply_counts", "plan_from_scratch", "rebalance",
+    "replica_loads", "imbalance", "replicate", "apply_counts", "Planner", "plan_from_scratch",
+    "rebalance", "hosts_to_drain", "drain",
 ]
 
 _SLACK = 0.01  # rebalance stops migrating once the hottest host is within 1% of `_floor`
@@ -147,6 +153,8 @@ class _Fleet:
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
         self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
+        self.log: list[tuple[Key, str, int]] | None = None  # see `adopt`
+        self._by_share: dict[str, list[tuple[float, Key]]] = {}  # see `by_share`
         held, load = self.held, self.load
         for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
             hs = placement[k]
@@ -163,15 +171,31 @@ class _Fleet:
         else:
             self.moved = sum(map(len, self.placement.values()))
 
+    @classmethod
+    def adopt(cls, capacity: dict[str, int], hosts: list[str], placement: Placement,
+              held: dict[str, set[Key]], load: dict[str, float], share) -> _Fleet:
+        """A fleet over state the caller keeps (`Planner`), changed in place, each change logged
+        in `log` as (K, H, index of H in placement[K] before a remove; -1 for an add)."""
+        fleet = cls.__new__(cls)
+        fleet.capacity, fleet.share, fleet.origin, fleet.moved = capacity, share, set(), 0
+        fleet.placement, fleet.hosts, fleet.held, fleet.load = placement, hosts, held, load
+        fleet._heap, fleet.log, fleet._by_share = None, [], {}
+        return fleet
+
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
         self.moved += -1 if (k, h) in self.origin else 1
         self.held[h].add(k)
         self.load[h] += self.share[k]
         self._changed(h)
+        if self.log is not None:
+            self.log.append((k, h, -1))
 
     def remove(self, k: Key, h: str) -> None:
-        self.placement[k].remove(h)
+        i = self.placement[k].index(h)
+        del self.placement[k][i]
+        if self.log is not None:
+            self.log.append((k, h, i))
         if not self.placement[k]:
             del self.placement[k]
         self.moved += 1 if (k, h) in self.origin else -1
@@ -179,7 +203,14 @@ class _Fleet:
         self.load[h] -= self.share[k]
         self._changed(h)
 
+    def by_share(self, h: str) -> list[tuple[float, Key]]:
+        """H's keys as (share, K), sorted; cached until H changes."""
+        if h not in self._by_share:
+            self._by_share[h] = sorted((self.share[k], k) for k in self.held[h])
+        return self._by_share[h]
+
     def _changed(self, h: str) -> None:
+        self._by_share.pop(h, None)
         if self._heap is not None:  # the old entry of h goes stale; coolest() drops it
             heapq.heappush(self._heap, (self.load[h], len(self.held[h]), h))
 
@@ -255,15 +286,23 @@ def apply_counts(
 def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Placement,
                   counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
+    before = {k: len(current.get(k, ())) for k in counts}
+    unplaced = _plan_counts(fleet, before, counts, firsts_first)
+    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+
+
+def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
+                 firsts_first: bool) -> list[Key]:
+    """`apply_counts`' steps on `fleet` (before[K]: replicas K has there now) -> unplaced."""
     for k in sorted(counts):
-        for _ in range(len(current.get(k, ())) - counts[k]):
+        for _ in range(before[k] - counts[k]):
             fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
-    pending = [k for k in sorted(counts) for _ in range(counts[k] - len(current.get(k, ())))]
+    pending = [k for k in sorted(counts) for _ in range(counts[k] - before[k])]
     pending.sort(key=lambda k: -fleet.share[k])  # stable: ties keep key order
     if firsts_first:
-        seen, firsts, rest = set(fleet.placement), [], []
+        seen, firsts, rest = set(), [], []
         for k in pending:
-            (rest if k in seen else firsts).append(k)
+            (rest if k in fleet.placement or k in seen else firsts).append(k)
             seen.add(k)
         pending = firsts + rest
     unplaced = []
@@ -273,30 +312,240 @@ def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Pla
             unplaced.append(k)
         else:
             fleet.add(k, h)
-    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+    return unplaced
 
 
 def _make_room(fleet: _Fleet, k: Key) -> str | None:
     """When every free slot is on an H holding K: move some R `b` from an H without K into
     such a free slot, and return the H it left (now free for K); None when no such pair exists.
-    Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts."""
+    Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts
+    (ties: the smallest (b, from H, to H)); per pair of hosts, `_best_move` finds it."""
     free = [h for h in fleet.hosts if fleet.free(h) > 0]
     best = None
     for src in fleet.hosts:
         if k in fleet.held[src] or fleet.capacity.get(src, 0) <= 0:
             continue
-        for b in sorted(fleet.held[src]):
-            for dst in free:
-                if b not in fleet.held[dst]:
-                    s_b = fleet.share[b]
-                    peak = max(fleet.load[dst] + s_b, fleet.load[src] - s_b + fleet.share[k])
-                    best = min(best or (peak, b, src, dst), (peak, b, src, dst))
+        for dst in free:
+            move = _best_move(fleet, k, src, dst)
+            if move is not None and (best is None or move < best):
+                best = move
     if best is None:
         return None
     _, b, src, dst = best
     fleet.remove(b, src)
     fleet.add(b, dst)
     return src
+
+
+def _best_move(fleet: _Fleet, k: Key, src: str, dst: str) -> tuple[float, Key, str, str] | None:
+    """min over R b on src not on dst of (peak, b, src, dst), peak = the hotter of the two once
+    b moves (and K takes its slot): O(log R) by bisection, as peak(share of b) falls then rises.
+
+    src's R sorted by (share, b): dst's load + share grows along them, src's load - share +
+    share[K] shrinks (float rounding keeps both monotone). The minimum over the R not on dst is
+    at the first such R on either side of where they cross; equal peaks around it are scanned
+    for the smallest b."""
+    order = fleet.by_share(src)
+    l_dst, l_src, s_k, held = fleet.load[dst], fleet.load[src], fleet.share[k], fleet.held[dst]
+
+    def peak(i: int) -> float:
+        s = order[i][0]
+        return max(l_dst + s, l_src - s + s_k)
+
+    lo, hi = 0, len(order)
+    while lo < hi:  # the first i where dst's side is the hotter
+        mid = (lo + hi) // 2
+        s = order[mid][0]
+        lo, hi = (lo, mid) if l_dst + s >= l_src - s + s_k else (mid + 1, hi)
+    left, right = lo - 1, lo
+    while left >= 0 and order[left][1] in held:
+        left -= 1
+    while right < len(order) and order[right][1] in held:
+        right += 1
+    sides = [peak(i) for i in (left, right) if 0 <= i < len(order)]
+    if not sides:
+        return None
+    m, found = min(sides), []
+    for i, step in ((left, -1), (right, 1)):
+        while 0 <= i < len(order) and peak(i) <= m:
+            if order[i][1] not in held:
+                found.append(order[i][1])
+            i += step
+    return m, min(found), src, dst
+
+
+# ---------------------------------------------------------------------------- consolidation
+
+def hosts_to_drain(host_replicas: dict[str, int], capacity: dict[str, int], max_moves: int,
+                   min_hosts: int, spare: float) -> list[str]:
+    """Which lightly used hosts to empty now, so that they can be retired: O(H).
+
+    host_replicas[H] = replicas H holds now; capacity[H] slots. Hosts holding replicas, fewest
+    first (fewest moves per host freed), while their replicas total at most max_moves, at
+    least min_hosts hosts with replicas stay, and the hosts that stay keep at least `spare` (a
+    share) of their slots free once they hold every replica. Empty hosts are left to
+    `autoscale.retirable`.
+    """
+    live = sorted((n, h) for h, n in host_replicas.items() if n > 0 and capacity.get(h, 0) > 0)
+    total = sum(n for n, _ in live)
+    slots = sum(capacity[h] for _, h in live)
+    out, moves = [], 0
+    for n, h in live:
+        slots -= capacity[h]
+        if (moves + n > max_moves or len(live) - len(out) - 1 < min_hosts
+                or total > (1 - spare) * slots):
+            break
+        out.append(h)
+        moves += n
+    return out
+
+
+def drain(load: dict[Key, float], capacity: dict[str, int], current: Placement,
+          hosts: list[str]) -> tuple[PlacementPlan, list[str]]:
+    """Move every replica off `hosts` -> (the plan, the hosts it empties).
+
+    load[K] tokens/s; capacity[H] slots; current K -> [H]. Host by host, each replica, heaviest
+    first, goes to the least-loaded H with a free slot that does not hold K and is not being
+    drained (as `apply_counts` places a new one). A host whose replicas do not all find room
+    keeps them all: a half-drained host saves nothing. Counts are unchanged; moves are the net
+    change from `current` (each replica moved is one remove and one add).
+    """
+    closed = set(hosts)
+    fleet = _Fleet({h: 0 if h in closed else c for h, c in capacity.items()}, current,
+                   _shares(load, current, {}))
+    emptied = []
+    for src in hosts:
+        added = []
+        for k in sorted(fleet.held.get(src, ()), key=lambda k: (-fleet.share[k], k)):
+            dst = fleet.coolest(k)  # src holds K, so it is never picked
+            if dst is None:
+                break
+            fleet.add(k, dst)
+            added.append((k, dst))
+        if len(added) < len(fleet.held.get(src, ())):
+            for k, dst in added:
+                fleet.remove(k, dst)
+            continue
+        for k, _ in added:
+            fleet.remove(k, src)
+        emptied.append(src)
+    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), []), emptied
+
+
+# ---------------------------------------------------------------------------- planning every period
+
+class _Shares:
+    """share[K] for a fleet, read from an array over the planner's keys (no dict of N floats)."""
+
+    def __init__(self, index: dict[Key, int], share: np.ndarray):
+        self.index, self.array = index, share
+
+    def __getitem__(self, k: Key) -> float:
+        return float(self.array[self.index[k]])
+
+
+class Planner:
+    """`apply_counts` for a caller that plans every period at scale (the simulator).
+
+    It keeps its placement between calls and takes the load as an array, so a call costs
+    O(changes) in Python plus O(R) in numpy, where `apply_counts` costs O(R) in Python. Each call
+    returns what `apply_counts(load, capacity, planner.placement, counts)` would (the same steps,
+    `_plan_counts`, on the same host loads summed in the same order) and adopts that plan.
+
+    keys: every K, sorted (load[n] is keys[n]'s tokens/s); capacity: H -> slots, the caller's
+    own dict (hosts it adds or retires count from the next call); current: K -> [H].
+    """
+
+    def __init__(self, keys: list[Key], capacity: dict[str, int], current: Placement):
+        if list(keys) != sorted(keys):
+            raise ValueError("Planner keys must be sorted")
+        self.keys, self.capacity = list(keys), capacity
+        self.index = {k: n for n, k in enumerate(self.keys)}
+        self.reset(current)
+
+    def reset(self, current: Placement) -> None:
+        """Adopt a placement planned elsewhere (`rebalance`, `plan_from_scratch`): O(R)."""
+        self.placement: Placement = {k: list(hs) for k, hs in current.items() if hs}
+        self.held: dict[str, set[Key]] = {}
+        self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
+        self._hid: dict[str, int] = {}
+        width = max(map(len, self.placement.values()), default=1)
+        self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
+        for k in list(self.placement):
+            self._sync(k)
+        self._log: list[tuple[Key, str, int]] = []
+
+    def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
+        """load: [N] tokens/s; counts K -> target replicas -> the plan, now the planner's own.
+        Its `placement` is the planner's (changed by the next call: copy it to keep it)."""
+        if any(c < 0 for c in counts.values()):
+            raise ValueError(f"replica counts must be >= 0: {counts}")
+        plan = self._attempt(load, counts, firsts_first=False)
+        if any(k not in self.placement for k in plan.unplaced):
+            self.undo()
+            plan = self._attempt(load, counts, firsts_first=True)
+        return plan
+
+    def undo(self) -> None:
+        """Take back the last `apply_counts` (the caller will not carry it out)."""
+        for k, h, i in reversed(self._log):
+            if i < 0:
+                self.placement[k].pop()
+                if not self.placement[k]:
+                    del self.placement[k]
+                self.held[h].discard(k)
+            else:
+                self.placement.setdefault(k, []).insert(i, h)
+                self.held[h].add(k)
+        for k in {k for k, _, _ in self._log}:
+            self._sync(k)
+        self._log = []
+
+    def replicas(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> (key [R], an index into keys; host [R], an index into `hosts`), K by K."""
+        valid = self.at >= 0
+        return np.nonzero(valid)[0], self.at[valid]
+
+    def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
+        count = (self.at >= 0).sum(axis=1)  # [N] replicas now
+        before = {k: int(count[self.index[k]]) for k in counts}
+        count[[self.index[k] for k in counts]] = list(counts.values())
+        share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
+        hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
+        for h in hosts:
+            self._host(h)
+        valid = self.at >= 0  # row by row: K in sorted order, each K's H in list order, as _Fleet sums
+        sums = np.bincount(self.at[valid], np.broadcast_to(share[:, None], self.at.shape)[valid],
+                           minlength=len(self.hosts)).tolist()
+        loads = {h: sums[self._hid[h]] for h in hosts}
+        fleet = _Fleet.adopt(self.capacity, hosts, self.placement, self.held, loads,
+                             _Shares(self.index, share))
+        unplaced = _plan_counts(fleet, before, counts, firsts_first)
+        self._log = fleet.log
+        touched = sorted({k for k, _, _ in fleet.log})
+        was = {k: [self.hosts[i] for i in self.at[self.index[k]] if i >= 0] for k in touched}
+        for k in touched:
+            self._sync(k)
+        now = {k: self.placement[k] for k in touched if k in self.placement}
+        return PlacementPlan(self.placement, _diff({k: v for k, v in was.items() if v}, now), unplaced)
+
+    def _host(self, h: str) -> int:
+        if h not in self._hid:
+            self._hid[h] = len(self.hosts)
+            self.hosts.append(h)
+            self.held.setdefault(h, set())
+        return self._hid[h]
+
+    def _sync(self, k: Key) -> None:
+        """Row K of `at` (and `held`) from placement[K]."""
+        hs = self.placement.get(k, [])
+        if len(hs) > self.at.shape[1]:
+            self.at = np.pad(self.at, ((0, 0), (0, len(hs) - self.at.shape[1])), constant_values=-1)
+        row = self.at[self.index[k]]
+        row[:] = -1
+        row[:len(hs)] = [self._host(h) for h in hs]
+        for h in hs:
+            self.held[h].add(k)
 
 
 def plan_from_scratch(

@@ -1,8 +1,10 @@
 """The cost model: what one period of load costs on a given placement. Pure numpy.
 
-Per layer call (a batch of `batch_tokens` tokens, `calls_l` = tokens/s into layer l / batch_tokens
-calls per second), a replica r of expert k on host h gets n_r = rows_k / (replicas_k · calls_l)
-rows on average, and takes (roofline)
+Clients send requests of `batch_tokens` tokens; the router's micro-batcher merges those that
+arrive while a call of their layer is in flight (`merged_tokens`), so a layer call carries b_l
+tokens and layer l gets calls_l = tokens/s into layer l / b_l calls per second. A replica r of
+expert k on host h gets n_r = rows_k / (replicas_k · calls_l) rows per call on average, and
+takes (roofline)
 
     t_r = max(n_r · flops_per_row / tflops,  (1 − e^(−n_r)) · expert_bytes / hbm_gbps)
 
@@ -17,6 +19,8 @@ infinite at ρ_h >= 1. A layer call waits for its slowest host:
 
     latency_l = net_latency_s + max_h (s_hl + W_h)
 
+The per-(host, layer) terms depend on the placement and on the rows per call only, not on the
+rate's scale: `profile` computes them once (O(R)), `evaluate` then costs a period in O(H · L).
 A replica being loaded serves nothing for expert_bytes / load_gbps seconds (`load_s`). It
 knows nothing of policies, time or where load comes from.
 
@@ -33,7 +37,10 @@ from moefleet.cluster.placement import Placement
 
 from .scenario import CostConfig, ModelShape
 
-__all__ = ["Layout", "PeriodCost", "layout", "period_cost", "load_s", "expert_rows_per_s"]
+_MERGE_ROUNDS = 8  # period_cost: latency -> merged calls -> latency ..., to a fixed point
+
+__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "layer_tokens", "merged_tokens",
+           "profile", "evaluate", "period_cost", "load_s", "expert_rows_per_s"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,23 @@ class Layout:
 
 @dataclass(frozen=True)
 class PeriodCost:
-    """Per period t of the batch (no leading dimension when one period was given)."""
+    """One period's cost."""
 
-    latency_s: np.ndarray  # [T, L] mean latency of one call of each layer (inf: a host saturated)
-    host_rows: np.ndarray  # [T, H] rows/s each host serves
-    utilisation: np.ndarray  # [T, H] busy share of each host
+    latency_s: np.ndarray  # [L] mean latency of one call of each layer (inf: a host saturated)
+    host_rows: np.ndarray  # [H] rows/s each host serves
+    utilisation: np.ndarray  # [H] busy share of each host
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one call of each layer costs each host, for one layout and one pattern of rows per
+    call (which the rate's scale leaves alone): per (host, layer), each [H, L]."""
+
+    busy: np.ndarray  # expected s per layer call: hit · call_overhead_s + work + wire
+    hit: np.ndarray  # chance a call of the layer reaches the host
+    rows: np.ndarray  # rows per call of the layer
+    called: np.ndarray  # bool: hit > 0
+    per_hit: np.ndarray  # busy / hit where called: the host's part of a call that reaches it
 
 
 def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
@@ -64,36 +83,85 @@ def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
     return Layout(key, host, np.bincount(key, minlength=m.layers * E), list(hosts))
 
 
-def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
-    """rate: [T, N] (or [N]) rows/s routed to each expert in each period -> its cost on `lay`.
+def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
+                  tokens_per_call: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """rate: [..., N] rows/s; tokens_per_call: [..., L] (default: cfg.batch_tokens, no merging)
+    -> (x [..., N] rows each expert gets per call of its layer, calls [..., L] calls/s per layer)."""
+    E = m.n_routed_experts
+    b = cfg.batch_tokens if tokens_per_call is None else tokens_per_call
+    calls = layer_tokens(m, rate) / b
+    per = np.repeat(calls, E, axis=-1)  # [..., N]
+    return np.divide(rate, per, out=np.zeros_like(rate), where=per > 0), calls
 
-    An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
-    if rate.ndim == 1:
-        c = period_cost(cfg, m, lay, rate[None])
-        return PeriodCost(c.latency_s[0], c.host_rows[0], c.utilisation[0])
-    T, L, E, H = len(rate), m.layers, m.n_routed_experts, len(lay.hosts)
-    calls = rate.reshape(T, L, E).sum(axis=2) / m.num_experts_per_tok / cfg.batch_tokens  # [T, L] per s
-    q = np.divide(rate, lay.count, out=np.zeros_like(rate), where=lay.count > 0)  # [T, N] per replica
-    per = np.repeat(calls, E, axis=1)  # [T, N]
-    n = np.divide(q, per, out=np.zeros_like(q), where=per > 0)  # [T, N] rows per call per replica
+
+def layer_tokens(m: ModelShape, rate: np.ndarray) -> np.ndarray:
+    """rate: [..., N] rows/s -> [..., L] tokens/s into each layer (a token is top-k rows)."""
+    return rate.reshape(*rate.shape[:-1], m.layers, m.n_routed_experts).sum(axis=-1) / m.num_experts_per_tok
+
+
+def merged_tokens(cfg: CostConfig, tokens_per_s: np.ndarray, latency_s: np.ndarray) -> np.ndarray:
+    """The router's micro-batcher: tokens_per_s, latency_s: [L] -> tokens per call of each layer.
+
+    Requests of batch_tokens arrive as a Poisson stream, λ = tokens_per_s / batch_tokens per s,
+    and a call takes S = latency_s. A request that finds no call of its layer in flight (chance
+    e^(−c·S) at c calls/s) goes at once, alone; one that finds one waits W = min(max_wait_ms, S)
+    and goes with the requests that arrive meanwhile, n = 1 + λ·W of them (at most
+    max_batch_tokens). So c = λ·e^(−c·S) + λ·(1 − e^(−c·S)) / n, solved by bisection
+    (c - f(c) grows with c), and a call carries tokens_per_s / c tokens.
+    """
+    r = cfg.batch_tokens
+    lam = tokens_per_s / r  # [L] requests/s
+    S = np.minimum(latency_s, 1e6)  # a saturated layer (inf) is always in flight
+    n = np.clip(1 + lam * np.minimum(cfg.max_wait_ms / 1e3, S), 1, max(cfg.max_batch_tokens / r, 1))
+    lo, hi = lam / n, lam.copy()  # [L] c lies between: all merged, none merged
+    for _ in range(40):
+        c = (lo + hi) / 2
+        p = np.exp(-c * S)  # chance no call is in flight
+        above = c > lam * (p + (1 - p) / n)
+        hi, lo = np.where(above, c, hi), np.where(above, lo, c)
+    c = (lo + hi) / 2
+    return np.divide(tokens_per_s, c, out=np.full_like(c, float(r)), where=c > 0)
+
+
+def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profile:
+    """x: [N] rows per call of each expert's layer (`rows_per_call`) -> its Profile on `lay`."""
+    L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
+    n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)  # [N] rows per replica
     t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
-                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [T, N] s per call
-    idx = (np.arange(T)[:, None] * (H * L) + lay.host * L + lay.key // E).ravel()  # [T·R]
-    work = np.bincount(idx, weights=t[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
-    rows = np.bincount(idx, weights=n[:, lay.key].ravel(), minlength=T * H * L).reshape(T, H, L)
-    hit = -np.expm1(-rows)  # [T, H, L] chance a call reaches the host
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [N] s per call
+    idx = lay.host * L + lay.key // E  # [R] (host, layer) cell
+    work = np.bincount(idx, weights=t[lay.key], minlength=H * L).reshape(H, L)
+    rows = np.bincount(idx, weights=n[lay.key], minlength=H * L).reshape(H, L)
+    hit = -np.expm1(-rows)  # [H, L]
     wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
-    busy = hit * cfg.call_overhead_s + work + wire  # [T, H, L] expected s per layer call
-    rho = (calls[:, None, :] * busy).sum(axis=2)  # [T, H]
-    host_calls = (calls[:, None, :] * hit).sum(axis=2)  # [T, H] calls/s that reach the host
+    busy = hit * cfg.call_overhead_s + work + wire
+    called = hit > 0
+    per_hit = np.divide(busy, hit, out=np.zeros_like(busy), where=called)
+    return Profile(busy, hit, rows, called, per_hit)
+
+
+def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
+    """calls: [L] calls/s of each layer -> the period's cost: O(H · L), not O(replicas)."""
+    rho = prof.busy @ calls  # [H]
+    host_calls = prof.hit @ calls  # [H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [T, H] M/D/1
-        s = np.where(hit > 0, busy / np.maximum(hit, 1e-300) + wait[:, :, None], 0.0)  # [T, H, L]
-    latency = cfg.net_latency_s + s.max(axis=1, initial=0.0)  # [T, L]
-    hidx = (np.arange(T)[:, None] * H + lay.host).ravel()
-    host_rows = np.bincount(hidx, weights=q[:, lay.key].ravel(), minlength=T * H).reshape(T, H)
-    return PeriodCost(latency, host_rows, rho)
+        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [H] M/D/1
+    s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)  # [H, L]
+    return PeriodCost(cfg.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
+
+
+def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:
+    """rate: [N] rows/s routed to each expert -> its cost on `lay` (`profile` then `evaluate`),
+    with the micro-batcher's merging (`merged_tokens`) iterated to a fixed point.
+
+    An expert with no replica drops its rows (they are counted nowhere; policies keep one)."""
+    tokens, b = layer_tokens(m, rate), None
+    for _ in range(_MERGE_ROUNDS if cfg.max_wait_ms > 0 else 1):
+        x, calls = rows_per_call(cfg, m, rate, b)
+        cost = evaluate(cfg, profile(cfg, m, lay, x), calls)
+        b = merged_tokens(cfg, tokens, cost.latency_s)
+    return cost
 
 
 def load_s(cfg: CostConfig, m: ModelShape) -> float:

@@ -24,44 +24,52 @@ import numpy as np
 from moefleet.cluster import autoscale, placement
 from moefleet.cluster.placement import Placement, PlacementPlan
 
-from .cost import Layout, layout, load_s
+from .cost import Layout, load_s
 from .scenario import PolicyConfig, Scenario
 
 __all__ = ["Fleet"]
 
 
 class Fleet:
-    """One policy's simulated fleet: its placement, hosts, timers and counters."""
+    """One policy's simulated fleet: its planner (the placement planned last), the layout that
+    serves, hosts, timers and counters."""
 
     def __init__(self, sc: Scenario, pol: PolicyConfig, first_hour: np.ndarray):
         self.sc, self.pol = sc, pol
         E = sc.model.n_routed_experts
         self.keys = [(L, e) for L in range(sc.model.layers) for e in range(E)]
         self.capacity = {self._host_id(i): sc.hosts.slots for i in range(sc.hosts.count)}
+        self.planner = placement.Planner(self.keys, self.capacity, {})  # shares self.capacity
         self._next_host = sc.hosts.count
         self.load: np.ndarray | None = None  # [N] smoothed rows/s, what placement plans for
         self.state = autoscale.ExpertState.empty(len(self.keys))
         self.empty_since: dict[str, float] = {}
         self.target = np.full(len(self.keys), sc.autoscaling.min_replicas, dtype=np.int64)  # [N]
-        self.ready_at, self.last_plan = 0.0, 0.0
-        self.pending: Placement | None = None
+        self.ready_at, self.last_plan, self.loading = 0.0, 0.0, False
+        self.draining: list[str] = []  # hosts a consolidation is emptying: they retire once it serves
         self.adds = 0  # replicas loaded after bring-up
+        self.version = 0  # counts the layouts that served: the cost model's profile is per layout
         if pol.kind == "autoscale":
-            counts = dict.fromkeys(self.keys, sc.autoscaling.min_replicas)
-            plan = self._fit({k: 0.0 for k in self.keys}, {}, counts)
+            self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
         else:
             plan = placement.plan_from_scratch(self._dict(first_hour), self.capacity, self._replicas(),
                                                max_replicas=len(self.capacity))
-        self._set(plan.placement)
+            self.planner.reset(plan.placement)
+        self._set()
+
+    @property
+    def placement(self) -> Placement:
+        """The placement planned last (it serves once its replicas are loaded)."""
+        return self.planner.placement
 
     # ---- one period ------------------------------------------------------------------------
 
     def step(self, t: float, rate: np.ndarray) -> None:
         """rate: [N] rows/s measured over the period that ends at t."""
         self.load = autoscale.smooth_load(rate, self.load)
-        if self.pending is not None and t >= self.ready_at:
-            self._set(self.pending)
-            self.pending = None
+        if self.loading and t >= self.ready_at:
+            self.loading = False
+            self._serve()
         if t < self.ready_at:
             return  # the executor is still loading the last plan
         kind, every = self.pol.kind, self.pol.replan_every_s
@@ -70,7 +78,8 @@ class Fleet:
             plan = placement.plan_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
                                                max_replicas=len(self.capacity))
             adds = [h for k, hs in plan.placement.items() for h in set(hs) - set(self.placement.get(k, ()))]
-            self._schedule(t, plan.placement, adds)
+            self.planner.reset(plan.placement)
+            self._schedule(t, adds)
         elif kind == "autoscale":
             self._autoscale(t, rate)
 
@@ -86,50 +95,81 @@ class Fleet:
         for h in retire:
             del self.capacity[h]
         if retire:
-            self._set(self.placement)
+            self._set()
         every = self.pol.rebalance_every_s
         if every and t - self.last_plan >= every:
             self.last_plan = t
             plan = placement.rebalance(self._dict(self.load), self.capacity, self.placement,
                                        max_replicas=len(self.capacity))
-            self.target = np.bincount(layout(plan.placement, sorted(self.capacity), self.sc.model).key,
-                                      minlength=len(self.keys))
-            self._schedule(t, plan.placement, _added(plan))
+            self.planner.reset(plan.placement)
+            self.target = (self.planner.at >= 0).sum(axis=1)
+            self._schedule(t, _added(plan))
             return
         short = {self.keys[i]: int(self.target[i]) for i in np.flatnonzero(self.target != count)}
         if short:
-            plan = self._fit(self._dict(self.load), self.placement, short)
+            plan = self._fit(self.load, short)
             if plan is not None:
-                self._schedule(t, plan.placement, _added(plan))
+                self._schedule(t, _added(plan))
+        if cfg.consolidate_max_moves and not self.loading:
+            self._consolidate(t)
+
+    def _consolidate(self, t: float) -> None:
+        """What the Controller's `_consolidate` does: empty the hosts `hosts_to_drain` names;
+        they retire (`autoscale.retirable`) once their replicas serve elsewhere."""
+        cfg = self.sc.autoscaling
+        hosts = placement.hosts_to_drain(self._host_replicas(), self.capacity, cfg.consolidate_max_moves,
+                                         self.sc.hosts.count, cfg.consolidate_spare)
+        if hosts:
+            plan, self.draining = placement.drain(self._dict(self.load), self.capacity, self.placement, hosts)
+            if self.draining:
+                self.planner.reset(plan.placement)
+                self._schedule(t, _added(plan))
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _fit(self, load: dict, current: Placement, counts: dict) -> PlacementPlan | None:
+    def _fit(self, load: np.ndarray, counts: dict) -> PlacementPlan | None:
         """The executor's `apply`: plan the counts, starting hosts while replicas find no slot;
         None (nothing changes) when even hosts.max_count hosts cannot hold them."""
         while True:
-            plan = placement.apply_counts(load, self.capacity, current, counts)
+            plan = self.planner.apply_counts(load, counts)
             if not plan.unplaced:
                 return plan
+            self.planner.undo()
             if len(self.capacity) >= self.sc.hosts.max_count:
                 return None
             self.capacity[self._host_id(self._next_host)] = self.sc.hosts.slots
             self._next_host += 1
 
-    def _schedule(self, t: float, new: Placement, added_on: list[str]) -> None:
-        """Load `new`'s added replicas, one host each in `added_on` (each host loads one after
-        another); `new` serves once all are in."""
+    def _schedule(self, t: float, added_on: list[str]) -> None:
+        """Load the planner's new replicas, one host each in `added_on` (each host loads one
+        after another); the new placement serves once all are in."""
         per_host = Counter(added_on)
         if not per_host:
-            self._set(new)
+            self._serve()
             return
         self.adds += sum(per_host.values())
-        self.pending = new
+        self.loading = True
         self.ready_at = t + max(per_host.values()) * load_s(self.sc.cost, self.sc.model)
 
-    def _set(self, new: Placement) -> None:
-        self.placement = new
-        self.layout: Layout = layout(new, sorted(self.capacity), self.sc.model)
+    def _serve(self) -> None:
+        """The planned placement serves; the hosts it drained retire."""
+        self._set()
+        if self.draining:
+            gone = autoscale.retirable(self.draining, self._host_replicas(), self.sc.hosts.count)
+            for h in gone:
+                del self.capacity[h]
+            self.draining = []
+            if gone:
+                self._set()
+
+    def _set(self) -> None:
+        """The planner's placement serves, on the hosts of `capacity`."""
+        hosts = sorted(self.capacity)
+        index = {h: i for i, h in enumerate(hosts)}
+        remap = np.array([index.get(h, -1) for h in self.planner.hosts] or [0], dtype=np.int64)
+        key, host = self.planner.replicas()
+        self.layout = Layout(key, remap[host], np.bincount(key, minlength=len(self.keys)), hosts)
+        self.version += 1
 
     def _host_replicas(self) -> dict[str, int]:
         held = np.bincount(self.layout.host, minlength=len(self.layout.hosts)).tolist()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cost import period_cost
+from .cost import Profile, evaluate, layer_tokens, merged_tokens, profile, rows_per_call
 from .load import load_source
 from .policies import Fleet
 from .scenario import Scenario, load_scenario
@@ -22,6 +22,7 @@ from .scenario import Scenario, load_scenario
 __all__ = ["Series", "Summary", "simulate", "summarise", "table", "run"]
 
 _CHUNK = 256  # periods of load drawn at once
+_SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
 
 
 @dataclass
@@ -53,12 +54,18 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     hour = min(P, max(1, int(3600 / sc.autoscaling.period_s)))
     first = sum(src.chunk(s, min(_CHUNK, hour - s)).sum(axis=0) for s in range(0, hour, _CHUNK)) / hour
     fleets = [Fleet(sc, p, first) for p in sc.policies]
+    costed = {p.name: _Costed() for p in sc.policies}
     rec = {p.name: {f: np.zeros(P) for f in Series.__dataclass_fields__} for p in sc.policies}
-    bar = _bar(P, progress)
+    bar, last = _bar(P, progress), None
     for start in range(0, P, _CHUNK):
         rates = src.chunk(start, min(_CHUNK, P - start))  # [n, N]
+        x, calls = rows_per_call(sc.cost, sc.model, rates)  # [n, N], [n, L]
+        prev = np.concatenate([x[:1] if last is None else last, x[:-1]])  # [n, N] the period before
+        same = (np.abs(x - prev) <= _SAME * np.abs(prev)).all(axis=1)  # [n]
+        last = x[-1:]
         for fleet in fleets:
-            _run_chunk(sc, fleet, rec[fleet.pol.name], start, rates)
+            _run_chunk(sc, fleet, costed[fleet.pol.name], rec[fleet.pol.name], start, rates,
+                       (x, calls, same))
         if bar is not None:
             bar.update(len(rates))
     if bar is not None:
@@ -66,14 +73,32 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     return {name: Series(**r) for name, r in rec.items()}
 
 
-def _run_chunk(sc: Scenario, fleet: Fleet, r: dict[str, np.ndarray], start: int, rates: np.ndarray) -> None:
-    """Step `fleet` through periods start.. of `rates` [n, N], costing each period on its own
-    (one period's arrays stay in cache; batching periods measured slower)."""
+class _Costed:
+    """A fleet's cost profile, the layout version it was made for, and its last latency [L]
+    (the micro-batcher merges requests by how long the calls take)."""
+
+    profile: Profile | None = None
+    version = -1
+    latency: np.ndarray | float = 0.0
+
+
+def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndarray], start: int,
+               rates: np.ndarray, pattern: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Step `fleet` through periods start.. of `rates` [n, N] and cost each: the profile is made
+    again only when the layout or the pattern of rows per call changed (`same` false)."""
+    x, calls, same = pattern
+    merging = sc.cost.max_wait_ms > 0
     latency = np.empty((len(rates), sc.model.layers))  # [n, L]
     for i, rate in enumerate(rates):
         fleet.step((start + i + 1) * sc.autoscaling.period_s, rate)  # t: the end of the period
-        cost = period_cost(sc.cost, sc.model, fleet.layout, rate)
-        latency[i] = cost.latency_s
+        xi, ci = x[i], calls[i]
+        if merging:  # calls merged by the last period's latency: the pattern moves each period
+            b = merged_tokens(sc.cost, layer_tokens(sc.model, rate), costed.latency)
+            xi, ci = rows_per_call(sc.cost, sc.model, rate, b)
+        if merging or costed.profile is None or not same[i] or costed.version != fleet.version:
+            costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, xi), fleet.version
+        cost = evaluate(sc.cost, costed.profile, ci)
+        latency[i] = costed.latency = cost.latency_s
         mean = cost.host_rows.mean()
         r["imbalance"][start + i] = cost.host_rows.max() / mean if mean > 0 else 1.0
         r["hosts"][start + i] = len(fleet.capacity)

@@ -81,25 +81,30 @@ class FleetConfig:
 @dataclass
 class CostConfig:
     """The cost model's parameters (sim/cost.py). The defaults describe this repository's 2-core
-    development VM serving float32 experts: `call_overhead_s` and `net_latency_s` are fitted by
-    bench/sim_calibrate.py (bench/RESULTS.md), `load_gbps` is bench/load.py's figure, and
+    development VM serving float32 experts: `call_overhead_s` (to the hot expert's rows/s) and
+    `net_latency_s` (to the light p50) are fitted by bench/sim_calibrate.py (bench/RESULTS.md),
+    the micro-batcher's defaults are the router's, `load_gbps` is bench/load.py's figure, and
     `tflops`, `hbm_gbps` and `net_gbps` are nominal (tiny experts never reach them there)."""
 
     tflops: float = 0.02  # per host: matmul throughput, TFLOP/s
     hbm_gbps: float = 5.0  # per host: weight-read bandwidth, GB/s
-    call_overhead_s: float = 6e-3  # per host call (one layer's rows on one host)
+    call_overhead_s: float = 3.7e-3  # per host call (one layer's rows on one host)
     net_latency_s: float = 5e-3  # router <-> host round trip, plus the router's own work
     net_gbps: float = 1.0  # router <-> host bandwidth, both ways together
     activation_bytes: float = 4.0  # bytes per hidden-state element on the wire
     load_gbps: float = 1.0  # weight loading into a slot (the slot serves nothing meanwhile)
-    batch_tokens: int = 16  # tokens per layer call (a request, or the router's micro-batch)
+    batch_tokens: int = 16  # tokens per request: one client's call of one layer
+    max_batch_tokens: int = 8192  # the router's micro-batcher (router.max_batch_tokens) merges
+    max_wait_ms: float = 1.0  # requests for up to this long (router.max_wait_ms); 0: never
 
     def __post_init__(self):
         for name in ("tflops", "hbm_gbps", "net_gbps", "activation_bytes", "load_gbps"):
             _check(getattr(self, name) > 0, f"cost.{name} must be > 0")
         for name in ("call_overhead_s", "net_latency_s"):
             _check(getattr(self, name) >= 0, f"cost.{name} must be >= 0")
-        _check(self.batch_tokens >= 1, "cost.batch_tokens must be >= 1")
+        _check(self.batch_tokens >= 1 and self.max_batch_tokens >= 1,
+               "cost.batch_tokens and cost.max_batch_tokens must be >= 1")
+        _check(self.max_wait_ms >= 0, "cost.max_wait_ms must be >= 0")
 
 
 @dataclass

@@ -6,7 +6,8 @@ replicas on distinct hosts within capacity and its moves turn the current placem
 under Zipf load `rebalance` stays within 5% of a from-scratch pack while moving fewer replicas;
 over seeded random loads and sizes it is never less balanced than one (within TOLERANCE); a
 replica whose only free slot is beside itself still finds room; max_moves and min_gain trade
-balance for moves.
+balance for moves. `Planner`, kept between calls, plans exactly as `apply_counts`. Consolidation
+drains the least-held hosts within its bounds and keeps every expert's replica count.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from moefleet.cluster.placement import (
     Move,
     Placement,
     PlacementPlan,
+    Planner,
     apply_counts,
+    drain,
     host_loads,
+    hosts_to_drain,
     imbalance,
     initial_placement,
     plan_from_scratch,
@@ -455,3 +459,80 @@ def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
             fleet.remove(*rng.choice(held))
         elif (h := plain(fleet, k)) is not None:
             fleet.add(k, h)
+
+
+# ---------------------------------------------------------------------------- Planner
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_planner_kept_between_calls_plans_exactly_as_apply_counts_does(seed: int) -> None:
+    """`Planner` is a fast path of `apply_counts` (its placement kept, load as an array): over a
+    random walk of loads, count changes, hosts added and retired, tight slots (so that
+    `_make_room`, the firsts-first retry and `undo` run too), each of its plans equals the
+    function's from the same placement: same placement, same moves, same unplaced."""
+    np = pytest.importorskip("numpy")
+    rng = random.Random(seed)
+    layers, n = rng.randint(1, 3), rng.randint(4, 12)
+    keys = [(L, e) for L in range(layers) for e in range(n)]
+    capacity = {h: rng.randint(2, 6) for h in _hosts(rng.randint(2, 5))}
+    planner = Planner(keys, capacity, {})
+    for step in range(40):
+        load = {k: rng.choice([0.0, 1.0, rng.random() * 100]) for k in keys}
+        counts = {k: rng.randint(0 if step else 1, 3) for k in rng.sample(keys, rng.randint(1, len(keys)))}
+        if step and rng.random() < 0.2:
+            capacity[f"x{step}"] = rng.randint(1, 4)
+        empty = [h for h in capacity if not any(h in hs for hs in planner.placement.values())]
+        if empty and len(capacity) > 2 and rng.random() < 0.2:
+            del capacity[rng.choice(empty)]
+        before = {k: list(hs) for k, hs in planner.placement.items()}
+        want = apply_counts(load, capacity, before, counts)
+        got = planner.apply_counts(np.array([load[k] for k in keys]), counts)
+        assert (got.placement, got.moves, got.unplaced) == (want.placement, want.moves, want.unplaced)
+        if rng.random() < 0.3:
+            planner.undo()
+            assert planner.placement == before
+
+
+# ---------------------------------------------------------------------------- consolidation
+
+def test_hosts_to_drain_takes_the_least_held_hosts_within_moves_spare_and_min_hosts() -> None:
+    capacity = dict.fromkeys(_hosts(4), 10)
+    held = {"h0": 6, "h1": 2, "h2": 3, "h3": 0}  # 11 replicas; h3 is empty (retirable's business)
+    # h1 then h2: 11 replicas left on h0's 10 slots would not fit, so only h1 (on h0+h2: 20 slots)
+    assert hosts_to_drain(held, capacity, max_moves=100, min_hosts=1, spare=0.0) == ["h1"]
+    assert hosts_to_drain(held, capacity, max_moves=1, min_hosts=1, spare=0.0) == []  # h1 needs 2
+    assert hosts_to_drain(held, capacity, max_moves=100, min_hosts=2, spare=0.0) == ["h1"]
+    assert hosts_to_drain(held, capacity, max_moves=100, min_hosts=3, spare=0.0) == []
+    assert hosts_to_drain(held, capacity, max_moves=100, min_hosts=1, spare=0.5) == []  # 11 > 10
+    many = dict.fromkeys(_hosts(4), 40)
+    assert hosts_to_drain({"h0": 9, "h1": 2, "h2": 3, "h3": 1}, many, 100, 1, 0.0) == ["h3", "h1", "h2"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_drain_empties_hosts_within_slots_keeping_every_count(seed: int) -> None:
+    """Over random fleets: the drained hosts end empty (or, when their replicas cannot all move,
+    untouched), no host goes over its slots, no two replicas of a K share a host, every K keeps
+    its replica count, and the moves turn the current placement into the plan."""
+    rng = random.Random(seed)
+    load = _zipf_load(rng, 2, 16, 1.0)
+    capacity = dict.fromkeys(_hosts(rng.randint(4, 8)), rng.randint(12, 20))
+    held: Counter = Counter()
+    current = {}
+    for k in load:  # replicas on distinct hosts with a free slot, low-numbered hosts less often
+        free = [h for h in capacity if held[h] < capacity[h]]
+        free.sort(key=lambda h: -rng.random() * (int(h[1:]) + 1) ** 2)
+        current[k] = free[:rng.randint(1, 2)]
+        held.update(current[k])
+    hosts = hosts_to_drain(dict(held), capacity, max_moves=rng.randint(5, 40), min_hosts=1, spare=0.0)
+    plan, emptied = drain(load, capacity, current, hosts)
+    _check_plan(plan, capacity, current, {k: len(hs) for k, hs in current.items()})
+    after = Counter(h for hs in plan.placement.values() for h in hs)
+    assert all(after[h] == 0 for h in emptied) and set(emptied) <= set(hosts)
+    assert all(after[h] == held[h] for h in set(hosts) - set(emptied))
+    assert sum(mv.op == "add" for mv in plan.moves) == sum(held[h] for h in emptied)
+
+
+def test_drain_keeps_a_host_whose_replicas_cannot_all_move() -> None:
+    # h0 holds e0, e1; h1 holds e0 and has 1 free slot: e1 fits there, e0 cannot (h1 holds it)
+    current = {(0, 0): ["h0", "h1"], (0, 1): ["h0"]}
+    plan, emptied = drain({(0, 0): 1.0, (0, 1): 1.0}, {"h0": 2, "h1": 2}, current, ["h0"])
+    assert emptied == [] and plan.moves == [] and plan.placement == current

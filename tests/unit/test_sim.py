@@ -1,5 +1,6 @@
-"""moefleet.sim: the cost model against hand-computed cases, the load generator's Gini against
-its target, trace replay against a hand-made trace, the policies' invariants, scenario errors."""
+"""moefleet.sim: the cost model (and its micro-batcher) against hand-computed cases, the load
+generator's Gini against its target, trace replay against a hand-made trace, the policies'
+invariants (consolidation's too), scenario errors."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from moefleet.sim import (
     layout,
     load_s,
     load_scenario,
+    merged_tokens,
     period_cost,
     popularity_profile,
     read_trace,
@@ -36,7 +38,8 @@ _HAND = {"name": "hand", "model": {"layers": 1, "n_routed_experts": 2, "num_expe
                                    "hidden_size": 1000, "moe_intermediate_size": 1000, "bytes_per_param": 1},
          "hosts": {"count": 2, "slots": 2},
          "cost": {"tflops": 1, "hbm_gbps": 1, "call_overhead_s": 1e-3, "net_latency_s": 5e-4,
-                  "net_gbps": 1, "activation_bytes": 4, "load_gbps": 1, "batch_tokens": 100}}
+                  "net_gbps": 1, "activation_bytes": 4, "load_gbps": 1, "batch_tokens": 100,
+                  "max_wait_ms": 0}}
 
 
 def _cost(placement, rate, **cost):
@@ -70,6 +73,23 @@ def test_a_second_replica_halves_each_hosts_rows_and_a_saturated_host_is_infinit
     busy = 1e-3 + 3e-3 + 0.4e-3  # 50 rows per call each
     assert two.utilisation[0] == pytest.approx(100 * busy)
     assert math.isinf(_cost({(0, 0): ["a"], (0, 1): ["b"]}, [30000.0, 0.0]).latency_s[0])  # rho 1.44
+
+
+def test_the_micro_batcher_merges_requests_that_find_a_call_in_flight():
+    def merged(tokens_per_s, latency_s, **cost):
+        sc = Scenario.from_dict({**_HAND, "cost": {**_HAND["cost"], "batch_tokens": 16, **cost}})
+        return merged_tokens(sc.cost, np.array([tokens_per_s]), np.array([latency_s]))[0]
+
+    # 100 requests/s of 16 tokens; a saturated layer always has a call in flight, so each call
+    # carries 1 + 100/s × 10 ms = 2 requests; max_wait_ms 0 (or no load) never merges
+    assert merged(1600.0, math.inf, max_wait_ms=10) == pytest.approx(32)
+    assert merged(1600.0, math.inf, max_wait_ms=0) == 16 and merged(0.0, 0.01, max_wait_ms=10) == 16
+    assert merged(1600.0, math.inf, max_wait_ms=100) == pytest.approx(16 * 11)
+    assert merged(1600.0, math.inf, max_wait_ms=100, max_batch_tokens=64) == pytest.approx(64)
+    # 5 ms calls: in flight part of the time; c = λ (e^(-cS) + (1 - e^(-cS)) / n) holds
+    b = merged(1600.0, 0.005, max_wait_ms=10)
+    c, lam, n = 1600.0 / b, 100.0, 1 + 100 * 0.005
+    assert 16 < b < 24 and c == pytest.approx(lam * (math.exp(-c * 0.005) + (1 - math.exp(-c * 0.005)) / n))
 
 
 def test_load_time_and_roofline_throughput():
@@ -199,3 +219,33 @@ def test_simulate_command_prints_the_table_and_writes_the_plots(tmp_path):
     bad.write_text("name: bad\ncost: {load_gbps: -1}\n")
     r = CliRunner().invoke(main, ["simulate", str(bad)])
     assert r.exit_code == 1 and "cost.load_gbps must be > 0" in r.output
+
+
+def test_consolidation_drains_hosts_as_load_falls_and_keeps_the_invariants():
+    """Load falls from its peak (t = 0) to its trough: without consolidation the hosts started
+    for the peak stay (none empties by itself); with it, lightly used hosts are drained and
+    retired while no host goes over its slots and every expert keeps a replica."""
+    base = {"name": "fall", "duration_s": 12 * 3600, "model": {"layers": 2, "n_routed_experts": 8},
+            "hosts": {"count": 2, "max_count": 8, "slots": 12},
+            "load": {"tokens_per_s": 6000, "peak_hour": 0, "trough_ratio": 0.1, "poisson": False},
+            "autoscaling": {"target_tokens_per_s": 300, "max_replicas": 6, "upscale_delay_s": 60,
+                            "downscale_delay_s": 120, "period_s": 60, "host_idle_s": 300},
+            "policies": [{"name": "m", "kind": "autoscale"}]}
+    ends = {}
+    for moves in (0, 24):
+        a = {**base["autoscaling"], "consolidate_max_moves": moves}
+        sc = Scenario.from_dict({**base, "autoscaling": a})
+        rates = Generated(sc).chunk(0, sc.periods)
+        f = Fleet(sc, sc.policies[0], rates[0])
+        peak = 0
+        for i, rate in enumerate(rates):
+            f.step((i + 1) * 60.0, rate)
+            held = {}
+            for hs in f.placement.values():
+                for h in hs:
+                    held[h] = held.get(h, 0) + 1
+            assert all(held[h] <= f.capacity[h] for h in held) and set(f.placement) == set(f.keys)
+            peak = max(peak, len(f.capacity))
+        ends[moves] = (peak, len(f.capacity))
+    assert ends[0][1] == ends[0][0] >= 5  # the peak's hosts stay
+    assert ends[24][1] <= 3  # 16 experts at ~1 replica each fit 2 hosts of 12 slots, with spare

@@ -186,7 +186,8 @@ def test_wrongly_typed_moe_field_is_named() -> None:
 
 AUTOSCALING = {"enabled": True, "target_tokens_per_s": 1500.5, "min_replicas": 2, "max_replicas": 6,
                "upscale_delay_s": 0.5, "downscale_delay_s": 45.0, "smoothing": 0.25, "period_s": 2.0,
-               "host_idle_s": 90.0, "rebalance_max_moves": 40, "rebalance_min_gain": 0.002}
+               "host_idle_s": 90.0, "rebalance_max_moves": 40, "rebalance_min_gain": 0.002,
+               "consolidate_max_moves": 64, "consolidate_spare": 0.25}
 
 
 def test_autoscaling_block_loads_field_for_field(tmp_path: Path) -> None:
