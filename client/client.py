@@ -4,7 +4,8 @@
 
 Speaks the Open Inference Protocol (any OIP server with moefleet's conventions answers it),
 retries on UNAVAILABLE with backoff within a per-call deadline (a router that restarts is
-back within seconds), and spreads calls round-robin over several routers when the address
+back within seconds) and on an overload refusal after the time the router asks for (gRPC's
+`grpc-retry-pushback-ms`), and spreads calls round-robin over several routers when the address
 lists them ("10.0.0.1:50051,10.0.0.2:50051") or names them all (a `dns:///` name): a call
 whose router is gone is retried on another. The admin calls send
 the admin token, when one is given, as `authorization: Bearer <token>` metadata. With
@@ -45,7 +46,8 @@ class Client:
                  tls_cert: bytes | None = None, tls_key: bytes | None = None):
         """address: HOST:PORT, several of them separated by commas, or any gRPC target name.
         A call that gets UNAVAILABLE is tried again up to `retries` times, after backoff_s,
-        then twice as long each time (at most 1 s), never past its deadline.
+        then twice as long each time (at most 1 s), never past its deadline; one refused for
+        overload, after the pushback the router sends (at most 1 s).
         tls_ca: PEM of the CA to trust (default: the system's); tls_cert, tls_key: PEM."""
         target = _target(address)
         if tls or tls_ca is not None or tls_cert is not None:
@@ -138,12 +140,24 @@ class Client:
             try:
                 return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as e:
-                pause = min(self._backoff_s * 2**attempt, _MAX_BACKOFF_S)
-                if (e.code() != grpc.StatusCode.UNAVAILABLE or not retry or attempt == self._retries
+                pause = _pause(e, self._backoff_s * 2**attempt)
+                if (pause is None or not retry or attempt == self._retries
                         or (deadline is not None and time.monotonic() + pause >= deadline)):
                     raise
                 time.sleep(pause)
         raise AssertionError("unreachable")
+
+
+def _pause(e: grpc.RpcError, backoff_s: float) -> float | None:
+    """How long to wait before trying a failed call again, or None if it should not be:
+    UNAVAILABLE after backoff_s, an overload refusal after the router's pushback (capped)."""
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return min(backoff_s, _MAX_BACKOFF_S)
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        pushback = dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+        if pushback is not None and pushback.isdigit():
+            return min(int(pushback) / 1e3, _MAX_BACKOFF_S)
+    return None
 
 
 def _target(address: str) -> str:

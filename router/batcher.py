@@ -13,7 +13,8 @@ The rate is measured only on batches at least half of `max_batch_tokens`: a key 
 never fill that far is not overloaded (its callers wait for at most about one batch), and
 small batches, whose time is mostly fixed per-call cost, would make its queue look slow. So
 under overload the excess is refused within the time it takes to look, and admitted requests
-wait about `max_queue_delay_s` at most, rather than piling up in a queue.
+wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
+(`Overloaded`) says how long the caller should wait before it tries again.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import ResourceExhausted
+from .errors import Overloaded
 
 __all__ = ["MicroBatcher"]
 
@@ -39,6 +40,7 @@ RunBatch = Callable[[Hashable, torch.Tensor], Awaitable[tuple[torch.Tensor, Any]
 
 
 _RATE_SMOOTHING = 0.3  # weight of the newest batch in a key's tokens/s estimate
+_MIN_PUSHBACK_S = 0.05  # the least time a refused caller is told to wait before it retries
 
 
 @dataclass
@@ -84,15 +86,16 @@ class MicroBatcher:
     async def submit(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """x: [T, H] -> (y [T, H], meta)."""
         n = x.shape[0]
-        if self._outstanding_tokens + n > self.max_queue_tokens:
-            raise ResourceExhausted(
-                f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
-                f"limit {self.max_queue_tokens})")
         q = self._queues.setdefault(key, _Queue())
+        if self._outstanding_tokens + n > self.max_queue_tokens:
+            raise Overloaded(
+                f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
+                f"limit {self.max_queue_tokens})", max(q.wait_s(), _MIN_PUSHBACK_S))
         if q.in_flight and q.wait_s() > self.max_queue_delay_s:
-            raise ResourceExhausted(
+            raise Overloaded(
                 f"router is overloaded: the work queued ahead would take {q.wait_s() * 1e3:.0f} ms, "
-                f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later")
+                f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later",
+                max(q.wait_s() - self.max_queue_delay_s, _MIN_PUSHBACK_S))
         fut = asyncio.get_running_loop().create_future()
         q.items.append((x, fut))
         q.tokens += n

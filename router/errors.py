@@ -15,6 +15,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
+    "Overloaded",
     "Unavailable",
     "DeadlineExceeded",
     "Unauthenticated",
@@ -45,6 +46,15 @@ class NotFound(MoefleetError):
 
 class ResourceExhausted(MoefleetError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class Overloaded(ResourceExhausted):
+    """Refused for now, under load: the same call may succeed after `retry_after_s`, which
+    the status carries as gRPC's `grpc-retry-pushback-ms` trailer."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(MoefleetError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
 
-from .errors import DeadlineExceeded, InvalidArgument, MoefleetError, message_of
+from .errors import DeadlineExceeded, InvalidArgument, MoefleetError, Overloaded, message_of
 from .wire import DTYPES, MODEL_VERSION, TENSOR_NAME, check_version, decode_infer, encode_infer
 
 __all__ = ["InferenceServicer", "ErrorInterceptor", "serve_grpc", "ServerLimits", "TlsConfig",
@@ -99,6 +100,10 @@ def _guarded(inner: Callable[[Any, Any], Any], method: str):
         await _refuse_undecodable(request, context, method)
         try:
             return await inner(request, context)
+        except Overloaded as e:  # says when to come back, as gRPC's retry pushback
+            pushback = (("grpc-retry-pushback-ms", str(math.ceil(e.retry_after_s * 1e3))),)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(message_of(e)),
+                                trailing_metadata=pushback)
         except MoefleetError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), _details(message_of(e)))
         except (asyncio.TimeoutError, TimeoutError):

@@ -1,22 +1,29 @@
 """The Python client against routers that stop and come back: it retries UNAVAILABLE with
 backoff within the call's deadline, reconnects soon to a router that listens again, and moves
-to another router of those its address lists. Plain gRPC servers on 127.0.0.1 stand in for
-routers (ServerReady only)."""
+to another router of those its address lists (plain gRPC servers on 127.0.0.1 stand in for
+routers, ServerReady only). An overload refusal carries gRPC's retry pushback, which the
+client honours (the real servicer and interceptor over a router that refuses)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 import pytest
+import torch
 
 from moefleet.client import Client
 from moefleet.client.client import _target
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
+from moefleet.router.errors import Overloaded, ResourceExhausted
+from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
 
 pytestmark = pytest.mark.unit
 
@@ -97,3 +104,74 @@ def test_target_lists_ipv4_routers_and_refuses_a_list_of_names() -> None:
     assert _target("10.0.0.1:1, 10.0.0.2:2") == "ipv4:10.0.0.1:1,10.0.0.2:2"
     with pytest.raises(ValueError, match="dns:///"):
         _target("a.example:1,b.example:2")
+
+
+# ---- overload refusals ------------------------------------------------------------------
+
+
+class _Refusing:
+    """What the servicer delegates to: refuses the first `refusals` calls as overloaded (or, with
+    `for_good`, as too large), then answers x + 1."""
+
+    def __init__(self, refusals: int, for_good: bool = False):
+        self.refusals, self.for_good, self.calls = refusals, for_good, 0
+
+    async def submit(self, model, layer, x):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            if self.for_good:
+                raise ResourceExhausted("too many tokens")
+            raise Overloaded("router is overloaded; retry later", retry_after_s=0.2)
+        return x + 1, 7
+
+    def ready(self):
+        return True
+
+    def model_names(self):
+        return ["m"]
+
+    def metadata(self, model):
+        return 4, torch.float32
+
+
+@contextmanager
+def _serving(router) -> Iterator[str]:
+    """The real servicer and error interceptor over `router`, on a loop of its own."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=8)
+    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(router, 64),
+                  pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
+    server, port, _ = asyncio.run_coroutine_threadsafe(
+        serve_grpc(servicers, "127.0.0.1", 0, limits), loop).result(10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_an_overload_refusal_carries_a_pushback_and_the_client_retries_after_it() -> None:
+    router = _Refusing(refusals=2)
+    x = torch.randn(3, 4)
+    with _serving(router) as address, Client(address) as c:
+        t0 = time.monotonic()
+        y, version = c.infer_with_version("m", 0, x, timeout_s=10)
+        waited = time.monotonic() - t0
+        torch.testing.assert_close(y, x + 1)
+        assert version == 7 and router.calls == 3
+        assert 0.4 <= waited < 3.0, "it waited the 200 ms pushback twice"
+        with Client(address, retries=0) as raw, pytest.raises(grpc.RpcError) as err:
+            router.calls = 0
+            raw.infer("m", 0, x)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "200"
+
+
+def test_a_refusal_without_pushback_is_not_retried() -> None:
+    router = _Refusing(refusals=1, for_good=True)
+    with _serving(router) as address, Client(address) as c, pytest.raises(grpc.RpcError) as err:
+        c.infer("m", 0, torch.randn(3, 4), timeout_s=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and router.calls == 1
