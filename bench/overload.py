@@ -14,6 +14,7 @@ Requests are serialised once and sent as bytes, so the load generator stays chea
 admitted answer is checked against the in-process reference.
 
     .venv/bin/python bench/overload.py [--factor 10] [--seconds 10] [--intermediate-size I]
+        [--router max_concurrent_rpcs=16 max_queue_delay_s=0.1]
 
 `--intermediate-size` overrides the experts' size: with large experts the expert hosts are
 what saturates; with the demo's own (128) it is the router's intake of calls.
@@ -35,6 +36,7 @@ from pathlib import Path
 import grpc
 import ray
 import torch
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moefleet.cluster import service
@@ -190,11 +192,16 @@ def main() -> None:
     ap.add_argument("--factor", type=float, default=10.0, help="offered load / sustained rate")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long the overload lasts")
     ap.add_argument("--intermediate-size", type=int, default=None, help="the experts' size")
+    ap.add_argument("--router", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="router settings over the spec's, e.g. max_concurrent_rpcs=16")
     args = ap.parse_args()
     torch.set_num_threads(1)
     spec = load_spec(str(SPEC))
     if args.intermediate_size:
         spec.moe = dataclasses.replace(spec.moe, moe_intermediate_size=args.intermediate_size)
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.router)}
+    spec.router = dataclasses.replace(spec.router, **overrides)
+    print(f"router settings: {overrides or 'as in the spec'}")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              namespace=service.NAMESPACE)
     svc = service.start(spec, port=0, host="127.0.0.1")
