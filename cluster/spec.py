@@ -166,7 +166,7 @@ class RouterConfig:
     max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
     max_concurrent_rpcs: int = 128  # more calls at once get RESOURCE_EXHAUSTED from gRPC itself
     transport: str = "auto"  # router -> hosts: "grpc", "ray", or "auto" (gRPC up to grpc_max_bytes)
-    grpc_max_bytes: int = 4 << 20  # auto: a host's rows up to this size go over gRPC (bench/transport.py)
+    grpc_max_bytes: int = 2 << 20  # auto: a host's rows up to this size go over gRPC (bench/transport.py)
     num_cpus: float = 1
     num_gpus: float = 0  # a router with a GPU computes the gating there
     nodes_resource: str = ""  # besides the head's, a router on every node offering this resource
