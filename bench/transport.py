@@ -3,9 +3,8 @@ actors, with the same payload, for a sweep of [T, H]: where `router.grpc_max_byt
 
     caller  an async actor (as the Router is) that sends x [T, H] fp32 to the host and awaits
             an answer of the same size, by both paths, interleaved in rounds
-    host    a threaded actor (as RayExpertHost is) that answers both paths with its input:
-            `echo` as a Ray call (numpy through the object store), and the data-plane server
-            of experts/dataplane.py with the codec and secret the router uses
+    host    a threaded actor (as RayExpertHost is) that answers both paths with its input
+            (`bench/_hop.py`'s EchoHost: the codec and secret the router uses)
 
 No maths on either side: only what the transport costs. Prints the median of the per-round
 medians for each path and their ratio; the threshold is the largest payload where gRPC still
@@ -23,31 +22,15 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import ray
 import torch
+from _hop import SECRET, EchoHost, batch_of
 
-from moefleet.experts import dataplane
-from moefleet.router.dispatch import HostBatch
 from moefleet.router.transport import HostLink, Transport, call_ray
 
 SHAPES = [(1, 1024), (8, 256), (8, 1024), (64, 1024), (256, 1024), (512, 1024), (1024, 1024),
           (2048, 1024), (4096, 1024), (8, 4096), (64, 4096), (256, 4096), (512, 4096)]
 QUICK = [(8, 1024), (512, 1024)]
-
-
-class EchoHost:
-    """Answers both paths with its input (slot ids and counts are ignored)."""
-
-    def __init__(self, secret: str):
-        self._server, self.address = dataplane.serve(
-            lambda x, _s, _c: x, ray.util.get_node_ip_address(), secret)
-
-    def run(self, x: np.ndarray, dtype: str, slot_ids: list[int], counts: list[int]) -> tuple:
-        return x, dtype
-
-    def dataplane_address(self) -> str:
-        return self.address
 
 
 class Caller:
@@ -58,7 +41,7 @@ class Caller:
         out = []
         for t, h in shapes:
             x = torch.randn(t, h)
-            b = HostBatch(0, 0, t, torch.tensor([0]), torch.tensor([t]))
+            b = batch_of(x)
             paths = {"ray": lambda x=x, b=b: call_ray(host, x, b),
                      "grpc": lambda x=x, b=b: grpc_path(link, x, b)}
             for fn in paths.values():  # warm up both
@@ -100,11 +83,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=4.0, help="seconds per shape and path")
     args = ap.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    secret = "bench-secret"
-    host = ray.remote(max_concurrency=1)(EchoHost).options(num_cpus=1).remote(secret)
+    host = ray.remote(max_concurrency=1)(EchoHost).options(num_cpus=1).remote()
     caller = ray.remote(Caller).options(num_cpus=1).remote()
     address = ray.get(host.dataplane_address.remote())
-    rows = ray.get(caller.sweep.remote(host, address, secret, QUICK if args.quick else SHAPES,
+    rows = ray.get(caller.sweep.remote(host, address, SECRET, QUICK if args.quick else SHAPES,
                                        args.rounds, args.budget_s))
     print(f"{'[T, H] fp32':>14} {'bytes':>10} {'Ray call ms':>12} {'gRPC ms':>9} {'gRPC/Ray':>9}")
     for r in rows:
