@@ -67,7 +67,7 @@ class Transport:
             raise ValueError(f"transport {mode!r}: expected one of {MODES}")
         self.mode = mode
         self.grpc_max_bytes = grpc_max_bytes
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # address -> (channel, Run)
 
     def __call__(self, host: HostLink, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
         """Start the call now; the awaitable yields y [n, H] in x's dtype."""
@@ -81,19 +81,18 @@ class Transport:
         return self.mode == "grpc" or x.numel() * x.element_size() <= self.grpc_max_bytes
 
     def _grpc(self, host: HostLink, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
-        channel = self._channels.get(host.address)
-        if channel is None:
-            channel = self._channels[host.address] = grpc.aio.insecure_channel(
-                host.address, options=GRPC_OPTIONS)
-        call = channel.unary_unary(RUN_METHOD)(encode_request(x, b.slot_ids, b.counts),
-                                              metadata=((SECRET_KEY, host.secret),))
+        if host.address not in self._channels:
+            channel = grpc.aio.insecure_channel(host.address, options=GRPC_OPTIONS)
+            self._channels[host.address] = channel, channel.unary_unary(RUN_METHOD)
+        run = self._channels[host.address][1]
+        call = run(encode_request(x, b.slot_ids, b.counts), metadata=((SECRET_KEY, host.secret),))
         return _receive_grpc(call, host.address, x.dtype, tuple(x.shape))
 
     async def keep(self, addresses: Iterable[str]) -> None:
         """Close the channels of hosts no installed state lists any more."""
         keep = set(addresses)
         for address in [a for a in self._channels if a not in keep]:
-            await self._channels.pop(address).close()
+            await self._channels.pop(address)[0].close()
 
     async def close(self) -> None:
         await self.keep(())
