@@ -138,8 +138,8 @@ class Router:
 
     async def install(self, state: dict[str, Any]) -> int:
         self._engine.install(state_from_controller(state))
-        await self._transport.keep(h.address for n in self._engine.model_names()
-                                   for h in self._engine.state(n).hosts)
+        self._transport.keep(h.address for n in self._engine.model_names()
+                             for h in self._engine.state(n).hosts)
         return state["version"]
 
     async def wait_drained(self, model: str, version: int, timeout_s: float) -> bool:

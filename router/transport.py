@@ -19,6 +19,7 @@ only on the Ray path, so the gRPC path runs (and is tested) without it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from .errors import HostGone, MoefleetError, Unavailable
 __all__ = ["HostLink", "Transport", "host_links", "MODES"]
 
 MODES = ("auto", "grpc", "ray")
+_CLOSE_GRACE_S = 30.0  # a dropped host's channel: calls of older versions still draining on it
 _GONE = {grpc.StatusCode.UNAVAILABLE}  # the host's port refused or dropped the call
 
 
@@ -68,6 +70,7 @@ class Transport:
         self.mode = mode
         self.grpc_max_bytes = grpc_max_bytes
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}  # address -> (channel, Run)
+        self._closing: set[asyncio.Future] = set()
 
     def __call__(self, host: HostLink, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
         """Start the call now; the awaitable yields y [n, H] in x's dtype."""
@@ -88,14 +91,20 @@ class Transport:
         call = run(encode_request(x, b.slot_ids, b.counts), metadata=((SECRET_KEY, host.secret),))
         return _receive_grpc(call, host.address, x.dtype, tuple(x.shape))
 
-    async def keep(self, addresses: Iterable[str]) -> None:
-        """Close the channels of hosts no installed state lists any more."""
+    def keep(self, addresses: Iterable[str], grace_s: float | None = _CLOSE_GRACE_S) -> None:
+        """Close the channels of hosts no installed state lists any more. Calls still in flight
+        on one (requests of an older version, draining) get grace_s to finish; a later call to
+        the same address opens a new channel."""
         keep = set(addresses)
         for address in [a for a in self._channels if a not in keep]:
-            await self._channels.pop(address)[0].close()
+            closing = asyncio.ensure_future(self._channels.pop(address)[0].close(grace_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        await self.keep(())
+        """Close every channel now (the router has stopped serving)."""
+        self.keep((), grace_s=None)
+        await asyncio.gather(*self._closing)
 
 
 async def _receive_grpc(call: Any, address: str, dtype: torch.dtype,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import secrets
+import time
 
 import grpc
 import pytest
@@ -147,6 +148,28 @@ def test_grpc_transport_with_a_wrong_secret_is_unavailable_not_host_gone(served)
 
     with pytest.raises(Unavailable, match="UNAUTHENTICATED"):
         asyncio.run(go())
+
+
+def test_a_call_in_flight_on_a_dropped_hosts_channel_still_completes():
+    server, address = serve(lambda x, _s, _c: (time.sleep(0.3), x)[1], "127.0.0.1", "s")  # slow echo
+    link, x = HostLink(None, address, "s"), torch.randn(3, H)
+
+    async def go():
+        t = Transport("grpc")
+        try:
+            call = asyncio.ensure_future(t(link, x, _batch([0], [3])))
+            await asyncio.sleep(0.1)
+            t.keep([])  # a new version no longer lists this host: its channel closes with grace
+            first = await call
+            return first, await t(link, x, _batch([0], [3]))  # a new channel if called again
+        finally:
+            await t.close()
+
+    try:
+        first, again = asyncio.run(go())
+    finally:
+        server.stop(0)
+    assert torch.equal(first, x) and torch.equal(again, x)
 
 
 @pytest.mark.parametrize(("mode", "rows", "address", "want"), [
