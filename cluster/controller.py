@@ -531,12 +531,14 @@ class Controller:
                       for h in self._hosts.values()],
             "routers": {n: self._router_addresses.get(n, "") for n in self._routers},
             "policy": {n: policy_to_plain(p) for n, p in self._policy.items()},
+            "dataplane_secret": self._exec.dataplane_secret,  # the live hosts check it
         })
 
     async def _restore_journal(self) -> None:
         state = self._journal.load()
         if state is None:
             return
+        self._exec.dataplane_secret = state.get("dataplane_secret", self._exec.dataplane_secret)
         for h in state["hosts"]:
             try:
                 handle = ray.get_actor(h["id"], namespace=NAMESPACE)

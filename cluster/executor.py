@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ class Executor:
         self._save = save
         self._metrics = metrics
         self.loaded: dict[str, int] = {}  # model -> replicas loaded so far (for progress)
+        self.dataplane_secret = secrets.token_urlsafe(32)  # hosts' and routers' only (journalled)
 
     def model_state(self, m: ModelRecord) -> dict[str, Any]:
         """What a router needs for one version: spec, gates, shared experts, replicas by host
@@ -60,6 +62,8 @@ class Executor:
             "layers": {L: {"gate": m.gate(L), "shared": m.shared[L]} for L in m.experts},
             "replicas": replicas,
             "hosts": [self.hosts[h].handle for h in host_ids], "host_ids": host_ids,
+            "dataplane": [self.hosts[h].info.get("dataplane", "") for h in host_ids],
+            "dataplane_secret": self.dataplane_secret,
         }
 
     async def apply(self, m: ModelRecord, counts: dict[Key, int],
@@ -247,7 +251,8 @@ class Executor:
         m.next_host += 1
         self._save()  # a Controller restarted mid-start never reuses the name (it ends the host)
         log.info("starting expert host %s", host_id)
-        handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s)
+        handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s,
+                                        self.dataplane_secret)
         log.info("expert host %s is up on node %s", host_id, info.get("node_ip"))
         self.hosts[host_id] = HostRecord(host_id, m.name, handle, info)
         self._save()

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from moefleet.experts import dataplane
 from moefleet.experts.host import ExpertHost
 from moefleet.router.errors import ResourceExhausted
 
@@ -32,7 +33,17 @@ def host_name(model: str, index: int) -> str:
 class RayExpertHost(ExpertHost):
     """ExpertHost as it runs in Ray: it also says which node it is on, and loads weights on a
     thread of their own (concurrency group "load"), so requests do not queue behind a load.
-    A load writes only a slot no published version routes to yet."""
+    A load writes only a slot no published version routes to yet.
+
+    Given the service's data-plane secret, it also serves `compute` on a gRPC data-plane port
+    of the node's own IP (experts/dataplane.py); `info()["dataplane"]` is its HOST:PORT."""
+
+    def __init__(self, *args: Any, dataplane_secret: str = "", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._dataplane, self._dataplane_address = None, ""
+        if dataplane_secret:
+            self._dataplane, self._dataplane_address = dataplane.serve(
+                self.compute, ray.util.get_node_ip_address(), dataplane_secret)
 
     @ray.method(concurrency_group="load")
     def load(self, slot: int, layer: int, expert: int, weights: Any) -> None:
@@ -45,7 +56,8 @@ class RayExpertHost(ExpertHost):
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {**super().info(), "node_id": ctx.get_node_id(),
-                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "dataplane": self._dataplane_address}
 
 
 def no_room(hc: HostsConfig) -> str | None:
@@ -72,8 +84,10 @@ def no_room(hc: HostsConfig) -> str | None:
             f"{most}), and this Ray cluster cannot add nodes (it has no autoscaler)")
 
 
-async def start_host(host_id: str, hc: HostsConfig, timeout_s: float) -> tuple[Any, dict[str, Any]]:
-    """Start one named host actor and wait until it answers; (handle, info).
+async def start_host(host_id: str, hc: HostsConfig, timeout_s: float,
+                     dataplane_secret: str = "") -> tuple[Any, dict[str, Any]]:
+    """Start one named host actor and wait until it answers; (handle, info). With a
+    `dataplane_secret` it also serves the gRPC data plane, refusing calls without that secret.
 
     Hosts are detached: the Controller starts them, and they must outlive a restart of the
     Controller (an owned actor dies with its owner). The Controller ends them on shutdown.
@@ -81,7 +95,8 @@ async def start_host(host_id: str, hc: HostsConfig, timeout_s: float) -> tuple[A
     handle = ray.remote(concurrency_groups={"load": 1})(RayExpertHost).options(
         name=host_id, namespace=NAMESPACE, num_cpus=hc.num_cpus, num_gpus=hc.num_gpus,
         resources=dict(hc.resources), lifetime="detached",
-    ).remote(host_id, hc.slots, hc.num_cpus, "auto", hc.kernel_backend)
+    ).remote(host_id, hc.slots, hc.num_cpus, "auto", hc.kernel_backend,
+             dataplane_secret=dataplane_secret)
     try:
         info = await asyncio.wait_for(handle.info.remote(), timeout_s)
     except asyncio.TimeoutError:

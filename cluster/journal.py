@@ -28,9 +28,10 @@ class Journal:
         self.path = self.dir / "registry.msgpack"
 
     def save(self, state: dict[str, Any]) -> None:
-        """Write the snapshot to a temporary file, fsync it, then rename it into place."""
+        """Write the snapshot to a temporary file, fsync it, then rename it into place. Only
+        the owner may read it: it holds the data plane's internal secret."""
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(msgpack.packb({"format": _FORMAT, "state": state}, use_bin_type=True))
             f.flush()
             os.fsync(f.fileno())

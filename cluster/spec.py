@@ -167,7 +167,8 @@ class RouterConfig:
     max_request_tokens: int = 65536
     max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
     max_concurrent_rpcs: int = 128  # more calls at once get RESOURCE_EXHAUSTED from gRPC itself
-    transport: str = "ray"
+    transport: str = "auto"  # router -> hosts: "grpc", "ray", or "auto" (gRPC up to grpc_max_bytes)
+    grpc_max_bytes: int = 2 << 20  # auto: a host's rows up to this size go over gRPC (bench/transport.py)
     num_cpus: float = 1
     num_gpus: float = 0  # a router with a GPU computes the gating there
     nodes_resource: str = ""  # besides the head's, a router on every node offering this resource
@@ -182,7 +183,8 @@ class RouterConfig:
         _check(0 <= self.restore_wait_s < math.inf, "router.restore_wait_s must be >= 0 and finite")
         for name in ("max_queue_tokens", "max_request_tokens", "max_message_mb", "max_concurrent_rpcs"):
             _check(getattr(self, name) >= 1, f"router.{name} must be >= 1")
-        _check(self.transport == "ray", "router.transport: only 'ray' is implemented")
+        _check(self.transport in ("auto", "grpc", "ray"), "router.transport must be auto, grpc or ray")
+        _check(self.grpc_max_bytes >= 0, "router.grpc_max_bytes must be >= 0")
 
 
 @dataclass

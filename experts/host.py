@@ -23,7 +23,7 @@ import torch
 from .hf_config import CheckpointError
 from .kernels import grouped_swiglu
 from .reference import ExpertWeights
-from .weights import DTYPES, source_from
+from .weights import source_from
 
 __all__ = ["ExpertHost", "to_wire", "from_wire"]
 
@@ -105,16 +105,21 @@ class ExpertHost:
     # ---- compute -----------------------------------------------------------------------
 
     def run(self, x: np.ndarray, dtype: str, slot_ids: list[int], counts: list[int]) -> tuple:
-        """x: [N, H] rows sorted by slot; slot_ids[i] receives counts[i] rows -> y: [N, H]."""
+        """The Ray call: `compute` on wire arrays (see `to_wire`) -> y as a wire array."""
+        return to_wire(self.compute(from_wire(x, dtype), slot_ids, counts))
+
+    def compute(self, x: torch.Tensor, slot_ids: list[int], counts: list[int]) -> torch.Tensor:
+        """x: [N, H] rows sorted by slot; slot_ids[i] receives counts[i] rows -> y: [N, H] in
+        x's dtype, on the CPU."""
         missing = [s for s in slot_ids if s not in self.slots]
         if missing:
             raise LookupError(f"host {self.host_id}: slot(s) {missing} hold no expert")
-        xt = from_wire(x, dtype).to(self.device, self.w13.dtype)  # [N, H]
+        xt = x.to(self.device, self.w13.dtype)  # [N, H]
         per_slot = torch.zeros(self.num_slots, dtype=torch.long)
         per_slot[torch.as_tensor(slot_ids, dtype=torch.long)] = torch.as_tensor(counts, dtype=torch.long)
         offsets = torch.cat([per_slot.new_zeros(1), per_slot.cumsum(0)]).to(self.device)  # [S+1]
         y = grouped_swiglu(xt, self.w13, self.w2, offsets, backend=self.kernel_backend)
-        return to_wire(y.to(DTYPES[dtype]))
+        return y.to("cpu", x.dtype)
 
     def info(self) -> dict[str, Any]:
         return {"id": self.host_id, "device": str(self.device), "slots_total": self.num_slots,

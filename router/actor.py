@@ -2,7 +2,8 @@
 
 It takes each model's state (one routing-table version) from the Controller, serves the
 Open Inference Protocol and the admin API on one port, merges concurrent requests per layer
-(micro-batching) and fans each batch out to the expert hosts: one Ray call per host.
+(micro-batching) and fans each batch out to the expert hosts: one call per host, over Ray or
+the host's gRPC data plane (router/transport.py).
 
 For the Controller it installs new versions, says when older versions have drained, reports
 per-expert load and request latencies, and tells it when a host is gone.
@@ -21,25 +22,23 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
 
 from moefleet.cluster.admin import AdminServicer
 from moefleet.cluster.metrics import RouterMetrics
 from moefleet.cluster.spec import MoEConfig, RouterConfig
-from moefleet.experts.host import from_wire, to_wire
 from moefleet.experts.weights import DTYPES
 from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .batcher import MicroBatcher
-from .dispatch import HostBatch, LayerTable
+from .dispatch import LayerTable
 from .engine import Engine, LayerState, ModelState
-from .errors import HostGone, InvalidArgument, MoefleetError, Unavailable
+from .errors import InvalidArgument
 from .servicer import InferenceServicer, ServerLimits, TlsConfig, serve_grpc
+from .transport import Transport, host_links
 
 __all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
 
@@ -69,26 +68,8 @@ def state_from_controller(d: dict[str, Any]) -> ModelState:
                       parts.get("shared"))
         for L, parts in d["layers"].items()
     }
-    return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, d["hosts"],
+    return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, host_links(d),
                       d["host_ids"])
-
-
-def _call_host(handle: Any, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
-    """Issue the Ray call now (so every host works while the router computes the shared
-    experts); the returned awaitable collects and decodes the answer."""
-    arr, dtype = to_wire(x)
-    return _receive(handle.run.remote(arr, dtype, b.slot_ids.tolist(), b.counts.tolist()))
-
-
-async def _receive(ref: ray.ObjectRef) -> torch.Tensor:
-    try:
-        y, y_dtype = await ref
-    except RayActorError as e:  # the engine retries the rows on other replicas
-        raise HostGone(f"expert host is gone: {e}") from e
-    except RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        raise (cause if isinstance(cause, MoefleetError) else Unavailable(str(cause))) from e
-    return from_wire(y, y_dtype)
 
 
 def memory_bound(cfg: RouterConfig, models: list[MoEConfig]) -> int:
@@ -112,7 +93,8 @@ class Router:
         self._name, self._host = name, host
         self._token = token
         self._tls = tls
-        self._engine = Engine(_call_host, device, on_host_gone=self._host_gone,
+        self._transport = Transport(cfg.transport, cfg.grpc_max_bytes)
+        self._engine = Engine(self._transport, device, on_host_gone=self._host_gone,
                               restore_wait_s=cfg.restore_wait_s)
         self._latency: dict[str, list[float]] = defaultdict(list)
         self._metrics = RouterMetrics()
@@ -192,12 +174,15 @@ class Router:
             self._trimmer.cancel()
         if self._server is not None:
             await self._server.stop(grace_s)
+        await self._transport.close()
 
     # ---- what the Controller calls -------------------------------------------------------
 
     async def install(self, state: dict[str, Any]) -> int:
         """Install a version (an older one than installed is ignored); the version served."""
         self._engine.install(state_from_controller(state))
+        self._transport.keep(h.address for n in self._engine.model_names()
+                             for h in self._engine.state(n).hosts)
         return self._engine.state(state["spec"].name).version
 
     async def wait_drained(self, model: str, version: int, timeout_s: float) -> bool:

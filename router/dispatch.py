@@ -3,7 +3,7 @@
     plan     sort the T·K pairs by expert, split each expert's rows over its replicas
              (least-loaded host first), group them per host and per slot (the host's
              kernel layout)
-    combine  out[T, H] = Σ_k topk_w · y, with index_add_, in fp32
+    combine  out[T, H] = Σ_k topk_w · y, with index_add_, in fp32, scaling y in place
 
 Pure tensor functions over a `LayerTable` (one layer of the routing table). No Ray, no grpc,
 no knowledge of how experts compute; no Python loop over tokens.
@@ -151,10 +151,11 @@ def combine(
     y: torch.Tensor, p: Plan, topk_w: torch.Tensor, num_tokens: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y: [N, H] expert outputs in plan order; topk_w: [T, K] -> out [T, H] fp32
-    (added into `out` when given, e.g. already holding the shared experts' output)."""
+    (added into `out` when given, e.g. already holding the shared experts' output).
+    An fp32 y is scaled in place (it is the caller's scratch buffer): no [N, H] temporary."""
     k = topk_w.shape[1]
     if out is None:
         out = torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
     w = topk_w.reshape(-1)[p.order.to(topk_w.device)].to(y.device)  # [N]
-    out.index_add_(0, p.tokens(k).to(y.device), y.float() * w[:, None])
+    out.index_add_(0, p.tokens(k).to(y.device), y.float().mul_(w[:, None]))
     return out

@@ -24,6 +24,7 @@ the router's check. It does no maths and imports no grpc.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -89,14 +90,15 @@ class InferCall:
 
 
 def decode_infer(request: pb.ModelInferRequest, max_tokens: int | None = None) -> InferCall:
-    """Validate and unpack a request; `x` is a fresh CPU tensor [T, H] of the sent dtype.
+    """Validate and unpack a request; `x` is a CPU tensor [T, H] of the sent dtype that reads
+    the request's bytes in place (no copy): read-only, never to be written to.
     A declared T over `max_tokens` is refused before the data is read."""
     check_version(request.model_name, request.model_version)
     for i, out in enumerate(request.outputs):
         if out.name != TENSOR_NAME:
             raise InvalidArgument(f"outputs[{i}].name: the only output is '{TENSOR_NAME}', "
                                   f"got {quote(out.name)}")
-    x = _decode_tensor(request.inputs, request.raw_input_contents, "input", max_tokens)
+    x = _decode_tensor(request.inputs, request.raw_input_contents, "input", max_tokens, copy=False)
     params = _values_of(request.parameters)
     params.pop(LAYER_PARAM, None)
     return InferCall(
@@ -164,8 +166,9 @@ def _bytes_of(t: torch.Tensor) -> bytes:
 
 
 def _decode_tensor(metas: Sequence, raws: Sequence[bytes], kind: str,
-                   max_tokens: int | None = None) -> torch.Tensor:
-    """The single `hidden_states` tensor of `inputs` or `outputs` (kind = input / output)."""
+                   max_tokens: int | None = None, copy: bool = True) -> torch.Tensor:
+    """The single `hidden_states` tensor of `inputs` or `outputs` (kind = input / output);
+    raw bytes are copied into a writable tensor unless `copy` is False."""
     if len(metas) != 1:
         raise InvalidArgument(
             f"{kind}s: expected exactly one tensor named '{TENSOR_NAME}', got {len(metas)}"
@@ -182,7 +185,7 @@ def _decode_tensor(metas: Sequence, raws: Sequence[bytes], kind: str,
         return _from_contents(meta.contents, dtype, t, h, where, raw_field)
     if meta.HasField("contents"):
         raise InvalidArgument(f"{where}.contents: data sent both here and in {raw_field}")
-    return _from_raw(raws, dtype, t, h, raw_field)
+    return _from_raw(raws, dtype, t, h, raw_field, copy)
 
 
 def _dtype_of(datatype: str, where: str) -> WireDtype:
@@ -200,7 +203,8 @@ def _shape_of(shape: Sequence[int], where: str) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _from_raw(raws: Sequence[bytes], dtype: WireDtype, t: int, h: int, where: str) -> torch.Tensor:
+def _from_raw(raws: Sequence[bytes], dtype: WireDtype, t: int, h: int, where: str,
+              copy: bool) -> torch.Tensor:
     if len(raws) != 1:
         raise InvalidArgument(f"{where}: expected one entry (one tensor), got {len(raws)}")
     data = raws[0]
@@ -212,7 +216,11 @@ def _from_raw(raws: Sequence[bytes], dtype: WireDtype, t: int, h: int, where: st
         )
     if expected == 0:
         return torch.empty((t, h), dtype=dtype.torch_dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype.torch_dtype).view(t, h)  # [T, H]
+    if copy:
+        return torch.frombuffer(bytearray(data), dtype=dtype.torch_dtype).view(t, h)  # [T, H]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
+        return torch.frombuffer(data, dtype=dtype.torch_dtype).view(t, h)  # [T, H], shares data
 
 
 def _from_contents(

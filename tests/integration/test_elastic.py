@@ -84,8 +84,10 @@ def test_scale_add_remove_rebalance_under_load_lose_nothing(running):
             assert len({r.host for r in e.replicas}) == len(e.replicas)
 
 
-def test_killed_host_loses_nothing_when_every_expert_has_two_replicas(running):
-    spec, svc = running("mixtral", hosts={"count": 3, "slots": 12})
+@pytest.mark.slow  # ~15 s each
+@pytest.mark.parametrize("transport", ["grpc", "ray"])
+def test_killed_host_loses_nothing_when_every_expert_has_two_replicas(running, transport):
+    spec, svc = running("mixtral", hosts={"count": 3, "slots": 12}, router={"transport": transport})
     ref = VersionedReference(spec)
     with Client(svc.address, retries=0) as c:
         for layer in spec.layers:

@@ -1,8 +1,11 @@
 """Host and router actors on a local Ray cluster agree with the in-process reference layer,
-for every gating family, through the Router actor and through gRPC."""
+for every gating family (on the default transport, auto), and for one family on each of the
+router's transports to its hosts (Ray calls, gRPC data plane), through the Router actor and
+through gRPC."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import ray
 import torch
@@ -10,6 +13,7 @@ import torch
 from moefleet.client import Client
 from moefleet.cluster import service
 from moefleet.cluster.model import Reference
+from moefleet.experts.dataplane import RUN_METHOD, SECRET_KEY, encode_request
 from moefleet.experts.host import ExpertHost
 from moefleet.experts.weights import RandomSource
 from tests.specs import FAMILIES, family_spec
@@ -17,9 +21,13 @@ from tests.specs import FAMILIES, family_spec
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+_RUNS = [(f, "auto") for f in sorted(FAMILIES)] + [("mixtral", "ray"), ("mixtral", "grpc")]
+
+
+@pytest.fixture(scope="module", params=_RUNS, ids=[f"{f}-{t}" for f, t in _RUNS])
 def running(request, ray_session):
-    spec = family_spec(request.param)
+    family, transport = request.param
+    spec = family_spec(family, router={"transport": transport})
     svc = service.start(spec, port=0)
     yield spec, svc, Reference(spec)
     svc.shutdown()
@@ -63,6 +71,18 @@ def test_hosts_hold_every_expert_once(running):
         assert all(len(e["replicas"]) == 1 for e in layer["experts"])
     used = sum(h["slots_used"] for h in status["hosts"])
     assert used == len(spec.layers) * spec.moe.n_routed_experts
+
+
+def test_hosts_serve_the_data_plane_on_the_node_ip_and_refuse_calls_without_the_secret(running):
+    spec, svc, _ = running
+    for handle in svc.hosts.values():
+        info = ray.get(handle.info.remote())
+        ip, port = info["dataplane"].rsplit(":", 1)
+        assert ip == info["node_ip"] != "0.0.0.0" and int(port) > 0
+        data = encode_request(torch.ones(1, spec.moe.hidden_size), torch.tensor([0]), torch.tensor([1]))
+        with grpc.insecure_channel(info["dataplane"]) as ch, pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(RUN_METHOD)(data, metadata=((SECRET_KEY, "guess"),), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_host_loads_weights_through_the_object_store(ray_session):

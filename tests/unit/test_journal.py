@@ -119,3 +119,10 @@ def test_a_model_records_snapshot_survives_the_journal(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.save({"models": {spec.name: plain}})
     assert journal.load() == {"models": {spec.name: plain}}
+
+
+def test_only_the_owner_may_read_the_snapshot_it_holds_the_data_plane_secret(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.save({**_state(seed=4), "dataplane_secret": "s3cret"})
+    assert journal.path.stat().st_mode & 0o777 == 0o600
+    assert journal.load()["dataplane_secret"] == "s3cret"

@@ -141,6 +141,7 @@ BAD_SPEC = [
     (dict(hosts={"count": 0}), "hosts"),
     (dict(hosts={"gpus": 1}), "gpus"),
     (dict(router={"transport": "http"}), "router.transport"),
+    (dict(router={"grpc_max_bytes": -1}), "router.grpc_max_bytes"),
     (dict(router={"max_wait_ms": -1}), "router.max_wait_ms"),
     (dict(router={"max_batch_tokens": 0}), "router.max_batch_tokens"),
     (dict(hosts=[1, 2]), "hosts"),
