@@ -25,6 +25,7 @@ import bisect
 import dataclasses
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,10 +147,9 @@ class _Fleet:
     def __init__(self, capacity: dict[str, int], placement: Placement, share: dict[Key, float],
                  origin: Placement | None = None):
         self.capacity, self.share = capacity, share
-        self.origin = {(k, h) for k, hs in (origin or {}).items() for h in hs}
-        self.moved = 0  # replicas added plus removed since `origin`
+        self.origin: Placement = origin or {}  # K -> [H] that `moved` counts from
         self.placement: Placement = {}
-        self.hosts = sorted(set(capacity) | {h for hs in placement.values() for h in hs})
+        self.hosts = sorted(set(capacity).union(*placement.values()))
         self.held: dict[str, set[Key]] = {h: set() for h in self.hosts}  # H -> keys it holds
         self.load = dict.fromkeys(self.hosts, 0.0)                       # H -> tokens/s
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
@@ -158,18 +158,16 @@ class _Fleet:
         held, load = self.held, self.load
         for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
             hs = placement[k]
+            if not hs:
+                continue
             if len(hs) > 1 and len(set(hs)) != len(hs):
                 raise ValueError(f"expert {k} has two replicas on one host: {hs}")
-            if hs:
-                self.placement[k] = list(hs)
+            self.placement[k] = list(hs)
             s = share[k]
             for h in hs:
                 held[h].add(k)
                 load[h] += s
-        if self.origin:  # as add() counts them
-            self.moved = len(self.origin ^ {(k, h) for k, hs in self.placement.items() for h in hs})
-        else:
-            self.moved = sum(map(len, self.placement.values()))
+        self.moved = _moved(self.origin, self.placement)  # replicas added plus removed since origin
 
     @classmethod
     def adopt(cls, capacity: dict[str, int], hosts: list[str], placement: Placement,
@@ -177,14 +175,14 @@ class _Fleet:
         """A fleet over state the caller keeps (`Planner`), changed in place, each change logged
         in `log` as (K, H, index of H in placement[K] before a remove; -1 for an add)."""
         fleet = cls.__new__(cls)
-        fleet.capacity, fleet.share, fleet.origin, fleet.moved = capacity, share, set(), 0
+        fleet.capacity, fleet.share, fleet.origin, fleet.moved = capacity, share, {}, 0
         fleet.placement, fleet.hosts, fleet.held, fleet.load = placement, hosts, held, load
         fleet._heap, fleet.log, fleet._by_share = None, [], {}
         return fleet
 
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
-        self.moved += -1 if (k, h) in self.origin else 1
+        self.moved += -1 if h in self.origin.get(k, ()) else 1
         self.held[h].add(k)
         self.load[h] += self.share[k]
         self._changed(h)
@@ -198,7 +196,7 @@ class _Fleet:
             self.log.append((k, h, i))
         if not self.placement[k]:
             del self.placement[k]
-        self.moved += 1 if (k, h) in self.origin else -1
+        self.moved += 1 if h in self.origin.get(k, ()) else -1
         self.held[h].discard(k)
         self.load[h] -= self.share[k]
         self._changed(h)
@@ -244,20 +242,36 @@ class _Fleet:
         return max(self.hosts, key=lambda h: (self.load[h], h))
 
 
+def _moved(origin: Placement, placement: Placement) -> int:
+    """How many (K, H) pairs are in one placement and not the other (R added plus removed)."""
+    was = origin.get
+    moved = sum(len(set(was(k, ())).symmetric_difference(hs))
+                for k, hs in placement.items() if was(k) != hs)
+    return moved + sum(len(set(hs)) for k, hs in origin.items() if k not in placement)
+
+
 def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]) -> dict[Key, float]:
     """K -> tokens/s of one R once K has counts[K] replicas (else as many as it has now)."""
-    keys = set(load) | set(placement) | set(counts)
-    count = {k: counts.get(k, len(placement.get(k, ()))) for k in keys}
-    return {k: load.get(k, 0.0) / c if c else 0.0 for k, c in count.items()}
+    out, in_load, in_counts = {}, load.get, counts.get
+    for k in load.keys() | placement.keys() | counts.keys():
+        c = in_counts(k)
+        if c is None:
+            c = len(placement.get(k, ()))
+        out[k] = in_load(k, 0.0) / c if c else 0.0
+    return out
 
 
 def _diff(current: Placement, placement: Placement) -> list[Move]:
     """The net moves, removes first (each add then finds its slot free)."""
-    changed = [k for k in set(current) | set(placement) if current.get(k) != placement.get(k)]
-    removes = [Move("remove", k, h) for k in sorted(changed)
-               for h in sorted(set(current.get(k, ())) - set(placement.get(k, ())))]
-    adds = [Move("add", k, h) for k in sorted(changed)
-            for h in sorted(set(placement.get(k, ())) - set(current.get(k, ())))]
+    was = current.get
+    changed = [k for k, hs in placement.items() if was(k) != hs]
+    changed += [k for k in current if k not in placement]
+    changed.sort()
+    removes, adds, empty = [], [], ()
+    for k in changed:
+        old, new = current.get(k, empty), placement.get(k, empty)
+        removes += [Move("remove", k, h) for h in sorted(set(old).difference(new))]
+        adds += [Move("add", k, h) for h in sorted(set(new).difference(old))]
     return removes + adds
 
 
@@ -591,10 +605,12 @@ def rebalance(
     if kept != counts and sum(kept.values()) == num_replicas and all(
             min_replicas <= c <= cap for c in kept.values()):
         starts.append(PlacementPlan(current, [], []))
-    paths = [_Path(full, capacity, current, s) for s in starts]
-    scratch = _Path(full, capacity, {}, apply_counts(full, capacity, {}, counts))
+    paths = [_Path(full, capacity, current, s.placement, s.unplaced) for s in starts]
+    packed = apply_counts(full, capacity, {}, counts)
+    scratch = _Path(full, capacity, {}, packed.placement, packed.unplaced)
     for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
-        paths.append(_Path(full, capacity, current, _relabel(scratch.plan(i, {}), capacity, current)))
+        relabelled = _relabel(scratch.placement_at(i), capacity, current)
+        paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced))
     plans = [(p, i) for p in paths for i in range(len(p.scores))]
     scores = [p.scores[i] for p, i in plans]
     best, pick = _choose(scores, None, 0.0), _choose(scores, max_moves, min_gain)
@@ -631,23 +647,25 @@ def _choose(scores: list[tuple[int, float, int]], max_moves: int | None,
 
 
 class _Path:
-    """The local search from `start`, step by step: scores[i] = (unplaced, imbalance, moves
-    from the origin) after i steps, and `plan(i, current)` the plan then.
+    """The local search from `start` (its R that found no host: `unplaced`), step by step:
+    scores[i] = (unplaced, imbalance, moves from the origin) after i steps, and
+    `plan(i, current)` the plan then.
 
     At most one step per R, while the step leaves both hosts below the hottest H's load and
     that load is more than _SLACK above `_floor`.
     """
 
     def __init__(self, load: dict[Key, float], capacity: dict[str, int], origin: Placement,
-                 start: PlacementPlan):
-        self.start, self.capacity, self.share = start, capacity, _shares(load, start.placement, {})
-        fleet = _Fleet(capacity, start.placement, self.share, origin)
+                 start: Placement, unplaced: list[Key]):
+        self.start, self.unplaced, self.capacity = start, unplaced, capacity
+        self.share = _shares(load, start, {})
+        fleet = _Fleet(capacity, start, self.share, origin)
         usable = sum(1 for h in fleet.hosts if capacity.get(h, 0) > 0) or len(fleet.hosts)
         mean = sum(fleet.load.values()) / max(usable, 1)
         good_enough = (1 + _SLACK) * _floor(fleet)
         self.steps: list[list[tuple[Key, str, str]]] = []
         self.scores = [self._score(fleet, mean)]
-        for _ in range(sum(len(hs) for hs in start.placement.values())):
+        for _ in range(sum(len(hs) for hs in start.values())):
             if fleet.load[fleet.hottest()] <= good_enough:
                 break
             trades = _relieve_hottest(fleet)
@@ -655,46 +673,51 @@ class _Path:
                 break
             self.steps.append(trades)
             self.scores.append(self._score(fleet, mean))
+        self.end = fleet.placement  # the placement after every step
 
     def _score(self, fleet: _Fleet, mean: float) -> tuple[int, float, int]:
         peak = fleet.load[fleet.hottest()] if fleet.hosts else 0.0
-        return len(self.start.unplaced), peak / mean if mean > 0 else 1.0, fleet.moved
+        return len(self.unplaced), peak / mean if mean > 0 else 1.0, fleet.moved
 
     def plan(self, i: int, current: Placement) -> PlacementPlan:
-        fleet = _Fleet(self.capacity, self.start.placement, self.share)
+        placement = self.placement_at(i)
+        return PlacementPlan(placement, _diff(current, placement), self.unplaced)
+
+    def placement_at(self, i: int) -> Placement:
+        """A copy of the placement after i steps (as a `_Fleet` that replays them holds it)."""
+        if i == 0:
+            return {k: list(self.start[k]) for k in sorted(self.start) if self.start[k]}
+        if i == len(self.steps):
+            return {k: list(hs) for k, hs in self.end.items()}
+        fleet = _Fleet(self.capacity, self.start, self.share)
         for trades in self.steps[:i]:
             _trade(fleet, trades)
-        return PlacementPlan(fleet.placement, _diff(current, fleet.placement), self.start.unplaced)
+        return fleet.placement
 
 
-def _relabel(plan: PlacementPlan, capacity: dict[str, int], current: Placement) -> PlacementPlan:
-    """The same plan with its hosts' contents permuted onto the hosts that hold most of them now.
+def _relabel(placement: Placement, capacity: dict[str, int], current: Placement) -> Placement:
+    """The same placement with its hosts' contents permuted onto the hosts that hold most of
+    them now.
 
     Greedy matching on (R already in place) per (planned H, current H), largest first, a host's
-    contents only going to a host with the slots for them. Moves are from `current`.
+    contents only going to a host with the slots for them.
     """
-    held: dict[str, set[Key]] = {h: set() for h in capacity}
-    for k, hs in plan.placement.items():
-        for h in hs:
-            held.setdefault(h, set()).add(k)
-    overlap: dict[tuple[str, str], int] = {}
-    for src, keys in held.items():
-        for k in keys:
-            for dst in current.get(k, ()):
-                if dst in capacity:
-                    overlap[(src, dst)] = overlap.get((src, dst), 0) + 1
+    held = dict.fromkeys(capacity, 0)  # planned H -> its R, hosts beyond capacity as they come
+    for h, n in Counter(h for hs in placement.values() for h in hs).items():
+        held[h] = held.get(h, 0) + n
+    overlap = Counter((src, dst) for k, hs in placement.items()
+                      for dst in current.get(k, ()) if dst in capacity for src in hs)
     to: dict[str, str] = {}
     taken: set[str] = set()
     pairs = sorted(overlap, key=lambda p: (-overlap[p], p))
-    pairs += [(s, d) for s in sorted(held, key=lambda s: -len(held[s])) for d in sorted(capacity)]
+    pairs += [(s, d) for s in sorted(held, key=lambda s: -held[s]) for d in sorted(capacity)]
     for src, dst in pairs:
-        if src not in to and dst not in taken and len(held[src]) <= capacity[dst]:
+        if src not in to and dst not in taken and held[src] <= capacity[dst]:
             to[src] = dst
             taken.add(dst)
     if len(to) < len(held):  # the contents do not fit a permutation: keep the plan's hosts
-        to = {h: h for h in held}
-    placement = {k: [to[h] for h in hs] for k, hs in plan.placement.items()}
-    return PlacementPlan(placement, _diff(current, placement), plan.unplaced)
+        return placement
+    return {k: [to[h] for h in hs] for k, hs in placement.items()}
 
 
 def _floor(fleet: _Fleet) -> float:
