@@ -183,9 +183,12 @@ class _Fleet:
     def add(self, k: Key, h: str) -> None:
         self.placement.setdefault(k, []).append(h)
         self.moved += -1 if h in self.origin.get(k, ()) else 1
-        self.held[h].add(k)
-        self.load[h] += self.share[k]
-        self._changed(h)
+        held = self.held[h]
+        held.add(k)
+        self.load[h] = load = self.load[h] + self.share[k]
+        self._by_share.pop(h, None)  # what _changed does, inline: the planner's inner loop
+        if self._heap is not None:
+            heapq.heappush(self._heap, (load, len(held), h))
         if self.log is not None:
             self.log.append((k, h, -1))
 
@@ -224,6 +227,15 @@ class _Fleet:
         if self._heap is None:
             self._heap = [(self.load[h], len(self.held[h]), h) for h in self.hosts]
             heapq.heapify(self._heap)
+        heap, loads, held, capacity = self._heap, self.load, self.held, self.capacity
+        while heap:  # the common case first: the top entry, once valid, does not hold K
+            load, n, h = heap[0]
+            if load != loads[h] or n != len(held[h]) or capacity.get(h, 0) <= n:
+                heapq.heappop(heap)
+            elif k in held[h]:
+                break
+            else:
+                return h
         skipped, best = [], None
         while self._heap:
             entry = heapq.heappop(self._heap)
@@ -483,10 +495,17 @@ class Planner:
         self.held: dict[str, set[Key]] = {}
         self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
         self._hid: dict[str, int] = {}
+        rows, cols, ids, host = [], [], [], self._host
+        for k, hs in self.placement.items():  # what _sync does, key by key
+            n = self.index[k]
+            for j, h in enumerate(hs):
+                rows.append(n)
+                cols.append(j)
+                ids.append(host(h))
+                self.held[h].add(k)
         width = max(map(len, self.placement.values()), default=1)
         self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
-        for k in list(self.placement):
-            self._sync(k)
+        self.at[rows, cols] = ids
         self._log: list[tuple[Key, str, int]] = []
 
     def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
