@@ -275,6 +275,8 @@ def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]
 
 def _diff(current: Placement, placement: Placement) -> list[Move]:
     """The net moves, removes first (each add then finds its slot free)."""
+    if not current:  # a plan from scratch: every R is an add
+        return [Move("add", k, h) for k in sorted(placement) for h in sorted(set(placement[k]))]
     was = current.get
     changed = [k for k, hs in placement.items() if was(k) != hs]
     changed += [k for k in current if k not in placement]
@@ -506,6 +508,8 @@ class Planner:
         width = max(map(len, self.placement.values()), default=1)
         self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
         self.at[rows, cols] = ids
+        self.count = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.keys))  # [N] R of K
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()`, until `at` changes
         self._log: list[tuple[Key, str, int]] = []
 
     def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
@@ -535,21 +539,25 @@ class Planner:
         self._log = []
 
     def replicas(self) -> tuple[np.ndarray, np.ndarray]:
-        """-> (key [R], an index into keys; host [R], an index into `hosts`), K by K."""
-        valid = self.at >= 0
-        return np.nonzero(valid)[0], self.at[valid]
+        """-> (key [R], an index into keys; host [R], an index into `hosts`), K by K (read-only
+        arrays, made again only after a change)."""
+        if self._flat is None:
+            valid = self.at >= 0
+            self._flat = (np.nonzero(valid)[0], self.at[valid])
+            for a in self._flat:
+                a.flags.writeable = False
+        return self._flat
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
-        count = (self.at >= 0).sum(axis=1)  # [N] replicas now
+        count = self.count.copy()  # [N] replicas now
         before = {k: int(count[self.index[k]]) for k in counts}
         count[[self.index[k] for k in counts]] = list(counts.values())
         share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
         hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
         for h in hosts:
             self._host(h)
-        valid = self.at >= 0  # row by row: K in sorted order, each K's H in list order, as _Fleet sums
-        sums = np.bincount(self.at[valid], np.broadcast_to(share[:, None], self.at.shape)[valid],
-                           minlength=len(self.hosts)).tolist()
+        key, host = self.replicas()  # K in sorted order, each K's H in list order, as _Fleet sums
+        sums = np.bincount(host, share[key], minlength=len(self.hosts)).tolist()
         loads = {h: sums[self._hid[h]] for h in hosts}
         fleet = _Fleet.adopt(self.capacity, hosts, self.placement, self.held, loads,
                              _Shares(self.index, share))
@@ -574,9 +582,11 @@ class Planner:
         hs = self.placement.get(k, [])
         if len(hs) > self.at.shape[1]:
             self.at = np.pad(self.at, ((0, 0), (0, len(hs) - self.at.shape[1])), constant_values=-1)
-        row = self.at[self.index[k]]
+        n = self.index[k]
+        row = self.at[n]
         row[:] = -1
         row[:len(hs)] = [self._host(h) for h in hs]
+        self.count[n], self._flat = len(hs), None
         for h in hs:
             self.held[h].add(k)
 
