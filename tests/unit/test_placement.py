@@ -441,7 +441,7 @@ def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
     """The heap with lazy deletion is a fast path of `min` over the hosts with a free slot
     that do not hold K, by (load, replicas, id); a random walk of adds and removes holds the
     two together."""
-    from moefleet.cluster.placement import _Fleet
+    from moefleet.cluster.planning import _Fleet
 
     def plain(fleet, k):
         ok = [h for h in fleet.hosts if fleet.free(h) > 0 and k not in fleet.held[h]]
