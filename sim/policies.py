@@ -49,6 +49,8 @@ class Fleet:
         self.draining: list[str] = []  # hosts a consolidation is emptying: they retire once it serves
         self.adds = 0  # replicas loaded after bring-up
         self.version = 0  # counts the layouts that served: the cost model's profile is per layout
+        self._held: dict[str, int] = {}  # `_host_replicas`, for (version, hosts) `_held_for`
+        self._held_for: tuple | None = None
         if pol.kind == "autoscale":
             self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
         else:
@@ -102,7 +104,7 @@ class Fleet:
             plan = placement.rebalance(self._dict(self.load), self.capacity, self.placement,
                                        max_replicas=len(self.capacity))
             self.planner.reset(plan.placement)
-            self.target = (self.planner.at >= 0).sum(axis=1)
+            self.target = self.planner.count.copy()
             self._schedule(t, _added(plan))
             return
         short = {self.keys[i]: int(self.target[i]) for i in np.flatnonzero(self.target != count)}
@@ -172,8 +174,14 @@ class Fleet:
         self.version += 1
 
     def _host_replicas(self) -> dict[str, int]:
-        held = np.bincount(self.layout.host, minlength=len(self.layout.hosts)).tolist()
-        return {**dict.fromkeys(self.capacity, 0), **dict(zip(self.layout.hosts, held, strict=True))}
+        """H -> replicas it serves, over the hosts of `capacity` (made again once either changed)."""
+        key = (self.version, tuple(self.capacity))
+        if self._held_for != key:
+            hosts = self.layout.hosts
+            held = np.bincount(self.layout.host, minlength=len(hosts)).tolist()
+            self._held = {**dict.fromkeys(self.capacity, 0), **dict(zip(hosts, held, strict=True))}
+            self._held_for = key
+        return dict(self._held)
 
     def _replicas(self) -> int:
         return self.pol.replicas or self.sc.hosts.count * self.sc.hosts.slots

@@ -437,11 +437,31 @@ def test_a_shortfall_drops_extra_replicas_never_an_experts_only_one() -> None:
     assert set(plan.placement) == set(load) and sorted(plan.unplaced) == [(0, 0), (0, 1)]
     assert set(rebalance(load, capacity, plan.placement, 6, max_replicas=2).placement) == set(load)
 
+@pytest.mark.parametrize("seed", range(8))
+def test_a_search_path_gives_its_first_and_last_plans_as_a_replay_of_its_steps_would(seed: int) -> None:
+    """`_Path.placement_at` skips the replay for step 0 and the last step: both equal (order
+    of keys and hosts included) a fresh `_Fleet` that replays the steps, and the moves counted
+    along the search are the (K, H) pairs that differ from the origin."""
+    from moefleet.cluster.planning import _Fleet
+    from moefleet.cluster.rebalance import _Path, _trade
+
+    load, capacity, current, num = _random_case(random.Random(seed))
+    counts = replicate(load, num, 1, len(capacity))
+    start = apply_counts(load, capacity, current, counts)
+    path = _Path(load, capacity, current, start.placement, start.unplaced)
+    for i in {0, len(path.steps) // 2, len(path.steps)}:
+        fleet = _Fleet(capacity, start.placement, path.share)
+        for trades in path.steps[:i]:
+            _trade(fleet, trades)
+        assert list(path.placement_at(i).items()) == list(fleet.placement.items())
+        assert path.scores[i][2] == len(_pairs(current) ^ _pairs(fleet.placement))
+
+
 def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
     """The heap with lazy deletion is a fast path of `min` over the hosts with a free slot
     that do not hold K, by (load, replicas, id); a random walk of adds and removes holds the
     two together."""
-    from moefleet.cluster.placement import _Fleet
+    from moefleet.cluster.planning import _Fleet
 
     def plain(fleet, k):
         ok = [h for h in fleet.hosts if fleet.free(h) > 0 and k not in fleet.held[h]]
@@ -487,9 +507,22 @@ def test_the_planner_kept_between_calls_plans_exactly_as_apply_counts_does(seed:
         want = apply_counts(load, capacity, before, counts)
         got = planner.apply_counts(np.array([load[k] for k in keys]), counts)
         assert (got.placement, got.moves, got.unplaced) == (want.placement, want.moves, want.unplaced)
+        _check_tables(planner, np)
         if rng.random() < 0.3:
             planner.undo()
             assert planner.placement == before
+            _check_tables(planner, np)
+        if rng.random() < 0.1:
+            planner.reset(want.placement)
+            _check_tables(planner, np)
+
+
+def _check_tables(planner: Planner, np) -> None:
+    """The planner's kept counts and flat replica arrays agree with its table `at`."""
+    valid = planner.at >= 0
+    assert planner.count.tolist() == valid.sum(axis=1).tolist()
+    key, host = planner.replicas()
+    assert key.tolist() == np.nonzero(valid)[0].tolist() and host.tolist() == planner.at[valid].tolist()
 
 
 # ---------------------------------------------------------------------------- consolidation

@@ -1,0 +1,143 @@
+"""`Planner`: `apply_counts` for a caller that plans every period at scale (the simulator),
+keeping its placement between calls and taking the load as an array.
+"""
+
+# Legend: K = (layer, expert id) key, H = host id, R = replica (one slot of one H holding one K).
+#   load[K] = tokens/s routed to expert K; each of its replicas carries load[K] / replicas of K.
+
+from __future__ import annotations
+
+import numpy as np
+
+from .planning import Key, Placement, PlacementPlan, _diff, _Fleet, _plan_counts
+
+__all__ = ["Planner"]
+
+
+class _Shares:
+    """share[K] for a fleet, read from an array over the planner's keys (no dict of N floats)."""
+
+    def __init__(self, index: dict[Key, int], share: np.ndarray):
+        self.index, self.array = index, share
+
+    def __getitem__(self, k: Key) -> float:
+        return float(self.array[self.index[k]])
+
+
+class Planner:
+    """`apply_counts` for a caller that plans every period at scale (the simulator).
+
+    It keeps its placement between calls and takes the load as an array, so a call costs
+    O(changes) in Python plus O(R) in numpy, where `apply_counts` costs O(R) in Python. Each call
+    returns what `apply_counts(load, capacity, planner.placement, counts)` would (the same steps,
+    `_plan_counts`, on the same host loads summed in the same order) and adopts that plan.
+
+    keys: every K, sorted (load[n] is keys[n]'s tokens/s); capacity: H -> slots, the caller's
+    own dict (hosts it adds or retires count from the next call); current: K -> [H].
+    """
+
+    def __init__(self, keys: list[Key], capacity: dict[str, int], current: Placement):
+        if list(keys) != sorted(keys):
+            raise ValueError("Planner keys must be sorted")
+        self.keys, self.capacity = list(keys), capacity
+        self.index = {k: n for n, k in enumerate(self.keys)}
+        self.reset(current)
+
+    def reset(self, current: Placement) -> None:
+        """Adopt a placement planned elsewhere (`rebalance`, `plan_from_scratch`): O(R)."""
+        self.placement: Placement = {k: list(hs) for k, hs in current.items() if hs}
+        self.held: dict[str, set[Key]] = {}
+        self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
+        self._hid: dict[str, int] = {}
+        rows, cols, ids, host = [], [], [], self._host
+        for k, hs in self.placement.items():  # what _sync does, key by key
+            n = self.index[k]
+            for j, h in enumerate(hs):
+                rows.append(n)
+                cols.append(j)
+                ids.append(host(h))
+                self.held[h].add(k)
+        width = max(map(len, self.placement.values()), default=1)
+        self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
+        self.at[rows, cols] = ids
+        self.count = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.keys))  # [N] R of K
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()`, until `at` changes
+        self._log: list[tuple[Key, str, int]] = []
+
+    def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
+        """load: [N] tokens/s; counts K -> target replicas -> the plan, now the planner's own.
+        Its `placement` is the planner's (changed by the next call: copy it to keep it)."""
+        if any(c < 0 for c in counts.values()):
+            raise ValueError(f"replica counts must be >= 0: {counts}")
+        plan = self._attempt(load, counts, firsts_first=False)
+        if any(k not in self.placement for k in plan.unplaced):
+            self.undo()
+            plan = self._attempt(load, counts, firsts_first=True)
+        return plan
+
+    def undo(self) -> None:
+        """Take back the last `apply_counts` (the caller will not carry it out)."""
+        for k, h, i in reversed(self._log):
+            if i < 0:
+                self.placement[k].pop()
+                if not self.placement[k]:
+                    del self.placement[k]
+                self.held[h].discard(k)
+            else:
+                self.placement.setdefault(k, []).insert(i, h)
+                self.held[h].add(k)
+        for k in {k for k, _, _ in self._log}:
+            self._sync(k)
+        self._log = []
+
+    def replicas(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> (key [R], an index into keys; host [R], an index into `hosts`), K by K (read-only
+        arrays, made again only after a change)."""
+        if self._flat is None:
+            valid = self.at >= 0
+            self._flat = (np.nonzero(valid)[0], self.at[valid])
+            for a in self._flat:
+                a.flags.writeable = False
+        return self._flat
+
+    def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
+        count = self.count.copy()  # [N] replicas now
+        before = {k: int(count[self.index[k]]) for k in counts}
+        count[[self.index[k] for k in counts]] = list(counts.values())
+        share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
+        hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
+        for h in hosts:
+            self._host(h)
+        key, host = self.replicas()  # K in sorted order, each K's H in list order, as _Fleet sums
+        sums = np.bincount(host, share[key], minlength=len(self.hosts)).tolist()
+        loads = {h: sums[self._hid[h]] for h in hosts}
+        fleet = _Fleet.adopt(self.capacity, hosts, self.placement, self.held, loads,
+                             _Shares(self.index, share))
+        unplaced = _plan_counts(fleet, before, counts, firsts_first)
+        self._log = fleet.log
+        touched = sorted({k for k, _, _ in fleet.log})
+        was = {k: [self.hosts[i] for i in self.at[self.index[k]] if i >= 0] for k in touched}
+        for k in touched:
+            self._sync(k)
+        now = {k: self.placement[k] for k in touched if k in self.placement}
+        return PlacementPlan(self.placement, _diff({k: v for k, v in was.items() if v}, now), unplaced)
+
+    def _host(self, h: str) -> int:
+        if h not in self._hid:
+            self._hid[h] = len(self.hosts)
+            self.hosts.append(h)
+            self.held.setdefault(h, set())
+        return self._hid[h]
+
+    def _sync(self, k: Key) -> None:
+        """Row K of `at` (and `held`) from placement[K]."""
+        hs = self.placement.get(k, [])
+        if len(hs) > self.at.shape[1]:
+            self.at = np.pad(self.at, ((0, 0), (0, len(hs) - self.at.shape[1])), constant_values=-1)
+        n = self.index[k]
+        row = self.at[n]
+        row[:] = -1
+        row[:len(hs)] = [self._host(h) for h in hs]
+        self.count[n], self._flat = len(hs), None
+        for h in hs:
+            self.held[h].add(k)

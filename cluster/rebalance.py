@@ -1,0 +1,219 @@
+"""`rebalance`: the migration-aware replan, the plan with the fewest moves among the best
+balanced ones, found by a bounded local search from several starts (see its docstring).
+"""
+
+# Legend: K = (layer, expert id) key, H = host id, R = replica (one slot of one H holding one K).
+#   load[K] = tokens/s routed to expert K; each of its replicas carries load[K] / replicas of K.
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from collections import Counter
+
+from .planning import Key, Placement, PlacementPlan, _diff, _Fleet, _shares, apply_counts, replicate
+
+__all__ = ["rebalance"]
+
+_SLACK = 0.01  # rebalance stops migrating once the hottest host is within 1% of `_floor`
+_TOLERANCE = 0.005  # rebalance takes the fewest moves within 0.5% of the best max/mean
+
+
+def rebalance(
+    load: dict[Key, float], capacity: dict[str, int], current: Placement,
+    num_replicas: int | None = None, min_replicas: int = 1, max_replicas: int | None = None,
+    *, max_moves: int | None = None, min_gain: float = 0.0,
+) -> PlacementPlan:
+    """Migration-aware replan: the plan with the fewest moves among the best balanced ones.
+
+    load[K] tokens/s (a K in `current` but not in `load` counts as 0); capacity[H] slots;
+    current K -> [H]; num_replicas defaults to the replicas in `current`.
+    Candidates, each followed step by step: the new counts from `replicate` applied with
+    `apply_counts` then relieved by a bounded local search (one R moved off the hottest H, or
+    swapped for a lighter R, per step); the same search from `current` when its counts already
+    fit num_replicas; and a from-scratch pack, before and after the search, its hosts
+    relabelled to keep as many R in place as possible.
+    Choice: fewest unplaced R first; then, by default, the fewest moves whose `imbalance` is
+    within _TOLERANCE of the best. max_moves keeps only plans with that many moves or fewer
+    (ValueError when none has); min_gain > 0 instead takes the plan minimising imbalance +
+    min_gain * moves (a move must buy at least min_gain of max/mean). When a knob changed the
+    choice, `uncut` is the plan it would have been. moves are the net change from `current`.
+    """
+    full = {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
+    if num_replicas is None:
+        num_replicas = sum(len(hs) for hs in current.values())
+    counts = replicate(full, num_replicas, min_replicas, max_replicas)
+    starts = [apply_counts(full, capacity, current, counts)]
+    kept = {k: len(current.get(k, ())) for k in full}
+    cap = math.inf if max_replicas is None else max_replicas
+    if kept != counts and sum(kept.values()) == num_replicas and all(
+            min_replicas <= c <= cap for c in kept.values()):
+        starts.append(PlacementPlan(current, [], []))
+    paths = [_Path(full, capacity, current, s.placement, s.unplaced) for s in starts]
+    packed = apply_counts(full, capacity, {}, counts)
+    scratch = _Path(full, capacity, {}, packed.placement, packed.unplaced)
+    for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
+        relabelled = _relabel(scratch.placement_at(i), capacity, current)
+        paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced))
+    plans = [(p, i) for p in paths for i in range(len(p.scores))]
+    scores = [p.scores[i] for p, i in plans]
+    best, pick = _choose(scores, None, 0.0), _choose(scores, max_moves, min_gain)
+    if pick is None:
+        least = min(s[2] for s in scores)
+        raise ValueError(f"max_moves={max_moves} is below the {least} moves the fewest-move "
+                         f"plan for {num_replicas} replicas needs")
+    plan = plans[pick][0].plan(plans[pick][1], current)
+    if pick == best:
+        return plan
+    return dataclasses.replace(plan, uncut=plans[best][0].plan(plans[best][1], current))
+
+
+def _choose(scores: list[tuple[int, float, int]], max_moves: int | None,
+            min_gain: float) -> int | None:
+    """scores[i] = (unplaced, imbalance, moves) -> the index chosen (see `rebalance`)."""
+    fewest = min(s[0] for s in scores)
+    pool = [i for i, s in enumerate(scores)
+            if s[0] == fewest and (max_moves is None or s[2] <= max_moves)]
+    if not pool:
+        return None
+    if min_gain > 0:
+        return min(pool, key=lambda i: (scores[i][1] + min_gain * scores[i][2], scores[i][2]))
+    good = (1 + _TOLERANCE) * min(scores[i][1] for i in pool)
+    return min((i for i in pool if scores[i][1] <= good), key=lambda i: (scores[i][2], scores[i][1]))
+
+
+class _Path:
+    """The local search from `start` (its R that found no host: `unplaced`), step by step:
+    scores[i] = (unplaced, imbalance, moves from the origin) after i steps, and
+    `plan(i, current)` the plan then.
+
+    At most one step per R, while the step leaves both hosts below the hottest H's load and
+    that load is more than _SLACK above `_floor`.
+    """
+
+    def __init__(self, load: dict[Key, float], capacity: dict[str, int], origin: Placement,
+                 start: Placement, unplaced: list[Key]):
+        self.start, self.unplaced, self.capacity = start, unplaced, capacity
+        self.share = _shares(load, start, {})
+        fleet = _Fleet(capacity, start, self.share, origin)
+        usable = sum(1 for h in fleet.hosts if capacity.get(h, 0) > 0) or len(fleet.hosts)
+        mean = sum(fleet.load.values()) / max(usable, 1)
+        good_enough = (1 + _SLACK) * _floor(fleet)
+        self.steps: list[list[tuple[Key, str, str]]] = []
+        self.scores = [self._score(fleet, mean)]
+        for _ in range(sum(len(hs) for hs in start.values())):
+            if fleet.load[fleet.hottest()] <= good_enough:
+                break
+            trades = _relieve_hottest(fleet)
+            if not trades:
+                break
+            self.steps.append(trades)
+            self.scores.append(self._score(fleet, mean))
+        self.end = fleet.placement  # the placement after every step
+
+    def _score(self, fleet: _Fleet, mean: float) -> tuple[int, float, int]:
+        peak = fleet.load[fleet.hottest()] if fleet.hosts else 0.0
+        return len(self.unplaced), peak / mean if mean > 0 else 1.0, fleet.moved
+
+    def plan(self, i: int, current: Placement) -> PlacementPlan:
+        placement = self.placement_at(i)
+        return PlacementPlan(placement, _diff(current, placement), self.unplaced)
+
+    def placement_at(self, i: int) -> Placement:
+        """A copy of the placement after i steps (as a `_Fleet` that replays them holds it)."""
+        if i == 0:
+            return {k: list(self.start[k]) for k in sorted(self.start) if self.start[k]}
+        if i == len(self.steps):
+            return {k: list(hs) for k, hs in self.end.items()}
+        fleet = _Fleet(self.capacity, self.start, self.share)
+        for trades in self.steps[:i]:
+            _trade(fleet, trades)
+        return fleet.placement
+
+
+def _relabel(placement: Placement, capacity: dict[str, int], current: Placement) -> Placement:
+    """The same placement with its hosts' contents permuted onto the hosts that hold most of
+    them now.
+
+    Greedy matching on (R already in place) per (planned H, current H), largest first, a host's
+    contents only going to a host with the slots for them.
+    """
+    held = dict.fromkeys(capacity, 0)  # planned H -> its R, hosts beyond capacity as they come
+    for h, n in Counter(h for hs in placement.values() for h in hs).items():
+        held[h] = held.get(h, 0) + n
+    overlap = Counter((src, dst) for k, hs in placement.items()
+                      for dst in current.get(k, ()) if dst in capacity for src in hs)
+    to: dict[str, str] = {}
+    taken: set[str] = set()
+    pairs = sorted(overlap, key=lambda p: (-overlap[p], p))
+    pairs += [(s, d) for s in sorted(held, key=lambda s: -held[s]) for d in sorted(capacity)]
+    for src, dst in pairs:
+        if src not in to and dst not in taken and held[src] <= capacity[dst]:
+            to[src] = dst
+            taken.add(dst)
+    if len(to) < len(held):  # the contents do not fit a permutation: keep the plan's hosts
+        return placement
+    return {k: [to[h] for h in hs] for k, hs in placement.items()}
+
+
+def _floor(fleet: _Fleet) -> float:
+    """A lower bound on the hottest H for these replicas: the even share, or the heaviest R."""
+    usable = [h for h in fleet.hosts if fleet.capacity.get(h, 0) > 0] or fleet.hosts
+    even = sum(fleet.load.values()) / max(len(usable), 1)
+    return max([even] + [fleet.share[k] for k in fleet.placement])
+
+
+def _relieve_hottest(fleet: _Fleet) -> list[tuple[Key, str, str]]:
+    """Take the step off the hottest H that lowers its pair's peak most; its trades, [] if none.
+
+    A step moves one R to another H, or, when no single move helps, swaps one R of the hottest
+    H for a lighter R of another H (hosts full, or every move would overshoot).
+    """
+    hot = fleet.hottest()
+    steps = _single_moves(fleet, hot) or _swaps(fleet, hot)
+    if not steps:
+        return []
+    _, trades = min(steps)
+    _trade(fleet, trades)
+    return trades
+
+
+def _trade(fleet: _Fleet, trades: list[tuple[Key, str, str]]) -> None:
+    """Move each (K, from H, to H): all removes first, so a swap between full hosts fits."""
+    for k, src, _ in trades:
+        fleet.remove(k, src)
+    for k, _, dst in trades:
+        fleet.add(k, dst)
+
+
+_Step = tuple[float, list[tuple[Key, str, str]]]  # (the pair's new peak, [(K, from H, to H)])
+
+
+def _single_moves(fleet: _Fleet, hot: str) -> list[_Step]:
+    steps = []
+    for k in sorted(fleet.held[hot]):
+        dst = fleet.coolest(k)
+        if dst is not None:
+            steps.append((_peak(fleet, hot, dst, fleet.share[k]), [(k, hot, dst)]))
+    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+
+
+def _swaps(fleet: _Fleet, hot: str) -> list[_Step]:
+    """Per other H and R `a` on the hottest, the R `b` whose swap best evens the pair."""
+    steps = []
+    for h in fleet.hosts:
+        gap = fleet.load[hot] - fleet.load[h]  # the swap should shift about gap / 2
+        theirs = sorted((fleet.share[b], b) for b in fleet.held[h] - fleet.held[hot])
+        for a in sorted(fleet.held[hot] - fleet.held[h]):
+            i = bisect.bisect_left(theirs, (fleet.share[a] - gap / 2,))
+            for s_b, b in theirs[max(i - 1, 0): i + 1]:
+                d = fleet.share[a] - s_b
+                if 0 < d < gap:
+                    steps.append((_peak(fleet, hot, h, d), [(a, hot, h), (b, h, hot)]))
+    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+
+
+def _peak(fleet: _Fleet, src: str, dst: str, shift: float) -> float:
+    """The hotter of src and dst once `shift` tokens/s go from src to dst."""
+    return max(fleet.load[src] - shift, fleet.load[dst] + shift)
