@@ -274,14 +274,7 @@ class Engine:
             left = deadline - loop.time()
             if left <= 0:
                 raise self._unrestored(cur, layer, torch.tensor(experts), gone)
-            ev = asyncio.Event()
-            self._install_waiters.add(ev)
-            try:
-                await asyncio.wait_for(ev.wait(), left)
-            except asyncio.TimeoutError:
-                pass  # the loop condition decides
-            finally:
-                self._install_waiters.discard(ev)
+            await _woken(self._install_waiters, left)
         if layer not in now.layers or not _same_experts(st.layers[layer].gate,
                                                         now.layers[layer].gate, experts):
             raise Unavailable(f"expert(s) {experts} of layer {layer} were removed or replaced "
@@ -362,14 +355,7 @@ class Engine:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            ev = asyncio.Event()  # one per wait, so the engine is bound to no event loop
-            self._drain_waiters.add(ev)
-            try:
-                await asyncio.wait_for(ev.wait(), left)
-            except asyncio.TimeoutError:
-                pass  # the loop condition decides
-            finally:
-                self._drain_waiters.discard(ev)
+            await _woken(self._drain_waiters, left)
         return True
 
     # ---- per-expert load ---------------------------------------------------------------
@@ -407,6 +393,19 @@ def _to_device(shared: SharedExperts | None, device: torch.device) -> SharedExpe
 async def _pure(offload: bool, fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), on a worker thread when `offload`; fn must not touch the engine's state."""
     return await asyncio.to_thread(fn, *args) if offload else fn(*args)
+
+
+async def _woken(waiters: set[asyncio.Event], timeout_s: float) -> None:
+    """Wait, at most timeout_s, for the engine to set the event this adds to `waiters`; the
+    caller checks its condition again. One event per wait: the engine is bound to no loop."""
+    ev = asyncio.Event()
+    waiters.add(ev)
+    try:
+        await asyncio.wait_for(ev.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        waiters.discard(ev)
 
 
 def _same_experts(a: Gate, b: Gate, experts: list[int]) -> bool:
