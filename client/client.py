@@ -135,13 +135,14 @@ class Client:
 
     def _call(self, method, request, timeout_s: float | None, retry: bool = True):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for attempt in range(self._retries + 1 if retry else 1):
+        retries = self._retries if retry else 0
+        for attempt in range(retries + 1):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as e:
                 pause = _pause(e, self._backoff_s * 2**attempt)
-                if (pause is None or not retry or attempt == self._retries
+                if (pause is None or attempt == retries
                         or (deadline is not None and time.monotonic() + pause >= deadline)):
                     raise
                 time.sleep(pause)

@@ -182,7 +182,7 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
         return
     import ray
 
-    ended = _watch(svc)
+    ended = svc.watch(_signalled())
     if ended is None:  # a signal
         click.echo("moefleet: shutting down", err=True)
         svc.shutdown()
@@ -454,50 +454,11 @@ def _status_table(resp) -> str:
     return "\n".join(lines)
 
 
-_WATCH_PERIOD_S = 0.5
-
-
-def _watch(svc) -> str | None:
-    """Serve until SIGINT or SIGTERM (None), an admin Shutdown ("stopped ..."), or the service
-    being gone for good (why). The signal handler only records the signal: taking a lock
-    there (Event.set) can deadlock against the main thread waiting on that same lock."""
-    import ray
-    from ray.exceptions import ActorDiedError
-
+def _signalled() -> Callable[[], bool]:
+    """Record SIGINT and SIGTERM from now on; the result says whether one came. The handler
+    only records: taking a lock there (Event.set) can deadlock against the main thread waiting
+    on that same lock."""
     got: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: got.append(signum))
-    stopping = svc.controller.wait_stopping.remote()  # Ray carries it over a restart
-    while not got:
-        try:
-            done, _ = ray.wait([stopping], timeout=_WATCH_PERIOD_S)
-            if done:
-                ray.get(stopping)
-                return "stopped by an admin Shutdown call"
-            dead = [r for r, ok in zip(svc.routers, _alive(svc.routers), strict=True) if not ok]
-        except ActorDiedError:
-            return "the service's Controller is gone and cannot be restarted"
-        except Exception as e:  # Ray itself is gone
-            return f"the service is gone: {type(e).__name__}: {e}"
-        if dead and len(dead) == len(svc.routers):
-            return "every router is gone and cannot be restarted"
-    return None
-
-
-def _alive(actors: list) -> list[bool]:
-    """False for each actor Ray says is dead for good (a restarting one is alive)."""
-    import ray
-    from ray.exceptions import ActorDiedError
-
-    refs = [a.ready.remote() for a in actors]
-    ray.wait(refs, num_returns=len(refs), timeout=_WATCH_PERIOD_S)
-    out = []
-    for ref in refs:
-        try:
-            ray.get(ref, timeout=0)
-            out.append(True)
-        except ActorDiedError:
-            out.append(False)
-        except Exception:  # not answered yet, or restarting
-            out.append(True)
-    return out
+    return lambda: bool(got)

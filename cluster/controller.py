@@ -38,7 +38,7 @@ from moefleet.router.errors import (
 
 from . import autoscale, placement
 from .executor import Executor
-from .hosts import NAMESPACE, host_name
+from .hosts import NAMESPACE, end_orphans, no_room
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .model import check_source, expert_nbytes
@@ -60,6 +60,7 @@ __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
 _PING_TIMEOUT_S = 10.0
+_SPARE_RETRY_S = 30.0  # after a spare host could not start, wait this long before trying again
 
 
 class Controller:
@@ -78,7 +79,7 @@ class Controller:
         self._loop_task: asyncio.Task | None = None
         self._setup: asyncio.Task | None = None
         self._stopping: asyncio.Event | None = None
-        self._starting_spare: set[str] = set()  # models whose spare host is being started
+        self._spare_after: dict[str, float] = {}  # model -> when a spare may be started next
         self._last_poll = time.monotonic()
         self._metrics = ControllerMetrics()
         self._exec = Executor(self._hosts, self._routers, self._weights, self._save, self._metrics)
@@ -141,6 +142,8 @@ class Controller:
 
     async def shutdown(self) -> None:
         """End every host this Controller started (routers are ended by their owner)."""
+        if self._stopping is not None:
+            self._stopping.set()  # no spare host starts from now on
         if self._loop_task:
             self._loop_task.cancel()
         for rec in self._hosts.values():
@@ -421,23 +424,31 @@ class Controller:
 
     def _top_up_spares(self, m: ModelRecord) -> None:
         """Start one idle host in the background while m has fewer than hosts.spare of them
-        (and fewer than hosts.max_count hosts in all)."""
+        (and fewer than hosts.max_count hosts in all). Not under the lock: a restore after a
+        lost host must not wait for a spare to come up."""
         hosts = [rec for rec in self._hosts.values() if rec.model == m.name]
         idle = sum(1 for rec in hosts if not rec.slots)
-        if (m.name in self._starting_spare or idle >= m.spec.hosts.spare
+        if (time.monotonic() < self._spare_after.get(m.name, 0.0) or idle >= m.spec.hosts.spare
                 or len(hosts) >= m.spec.hosts.max_count or self._stopping.is_set()):
             return
-        self._starting_spare.add(m.name)
+        self._spare_after[m.name] = math.inf  # one start at a time
+        asyncio.get_running_loop().create_task(self._start_spare(m))
 
-        async def start() -> None:
-            try:
-                async with self._lock:
-                    await self._exec.start_host(m)
-            except Exception as e:
-                log.warning("%s: a spare host did not start: %s", m.name, message_of(e))
-            finally:
-                self._starting_spare.discard(m.name)
-        asyncio.get_running_loop().create_task(start())
+    async def _start_spare(self, m: ModelRecord) -> None:
+        retry = time.monotonic() + _SPARE_RETRY_S
+        try:
+            why = await asyncio.to_thread(no_room, m.spec.hosts)
+            if why is not None:
+                log.warning("%s: no spare host for now: %s", m.name, why)
+                return
+            host_id = await self._exec.start_host(m)
+            if self._stopping.is_set():  # shut down while it started
+                ray.kill(self._hosts.pop(host_id).handle, no_restart=True)
+            retry = 0.0
+        except Exception as e:
+            log.warning("%s: a spare host did not start: %s", m.name, message_of(e))
+        finally:
+            self._spare_after[m.name] = retry
 
     async def _autoscale(self, m: ModelRecord, now: float) -> None:
         snap = autoscale.Snapshot(
@@ -562,7 +573,7 @@ class Controller:
             for (L, e), w in weights.items():
                 self._weights[(name, L, e)] = ray.put(w)
             self._models[name] = m
-            _end_orphans(m, self._hosts)
+            end_orphans(m.name, m.next_host, self._hosts)
             await self._exec.publish(m)
         log.info("restored %d model(s) and %d host(s) from %s", len(self._models),
                  len(self._hosts), self._journal.path)
@@ -620,20 +631,6 @@ def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
     s = sorted(lat)
     pick = lambda q: s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]  # noqa: E731
     return {"p50_s": pick(0.5), "p99_s": pick(0.99), "requests_per_s": len(s) / elapsed_s}
-
-
-def _end_orphans(m: ModelRecord, hosts: dict[str, HostRecord]) -> None:
-    """End hosts of m that the journal does not know: started by an earlier incarnation of
-    the Controller that died before the host was up (they hold no published replica)."""
-    for i in range(m.next_host):
-        host_id = host_name(m.name, i)
-        if host_id in hosts:
-            continue
-        try:
-            ray.kill(ray.get_actor(host_id, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            continue  # none by that name (ended, or never started)
-        log.warning("ended expert host %s, started before a restart and not journalled", host_id)
 
 
 def _log_to_stderr() -> None:

@@ -133,7 +133,7 @@ class Executor:
                  idle: set[str]) -> tuple[list[placement.Move], list[placement.Move]]:
         """(adds their hosts have a free slot for now, at most per_host per host but any
         number on `idle` hosts; the rest)."""
-        free = {h: min(rec.free_slots(), per_host if per_host and h not in idle else rec.free_slots())
+        free = {h: rec.free_slots() if not per_host or h in idle else min(rec.free_slots(), per_host)
                 for h, rec in self.hosts.items()}
         now, later = [], []
         for mv in adds:

@@ -9,7 +9,9 @@ on a cluster that cannot add nodes (no autoscaler), `no_room` says so before any
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from collections.abc import Container
 from typing import Any
 
 import ray
@@ -20,14 +22,30 @@ from moefleet.router.errors import ResourceExhausted
 
 from .spec import HostsConfig
 
-__all__ = ["RayExpertHost", "start_host", "no_room", "host_name"]
+__all__ = ["RayExpertHost", "start_host", "no_room", "host_name", "end_orphans"]
 
+log = logging.getLogger(__name__)
 NAMESPACE = "moefleet"
 
 
 def host_name(model: str, index: int) -> str:
     """The actor name (and host id) of model's index-th host."""
     return f"{model}-host-{index}"
+
+
+def end_orphans(model: str, next_host: int, known: Container[str]) -> None:
+    """End the hosts of `model` numbered below next_host that are not `known`: started by an
+    earlier incarnation of the Controller that died before the host was up (they hold no
+    published replica)."""
+    for i in range(next_host):
+        host_id = host_name(model, i)
+        if host_id in known:
+            continue
+        try:
+            ray.kill(ray.get_actor(host_id, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            continue  # none by that name (ended, or never started)
+        log.warning("ended expert host %s, started before a restart and not journalled", host_id)
 
 
 class RayExpertHost(ExpertHost):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moefleet.router.actor import Router
@@ -39,6 +40,7 @@ CONTROLLER_NAME = "moefleet-controller"
 _ON_HEAD = {"node:__internal_head__": 0.001}
 ROUTER_NAME = "moefleet-router-{}"
 _PROGRESS_PERIOD_S = 0.25
+_WATCH_PERIOD_S = 0.5
 
 
 @dataclass
@@ -60,12 +62,46 @@ class Service:
         """The expert hosts now, by id (they change as the service scales)."""
         return ray.get(self.controller.hosts.remote())
 
+    def watch(self, stop: Callable[[], bool]) -> str | None:
+        """Block until `stop()` says so (None), an admin Shutdown ("stopped ..."), or the
+        service is gone for good (why), looking every half second."""
+        stopping = self.controller.wait_stopping.remote()  # Ray carries it over a restart
+        while not stop():
+            try:
+                done, _ = ray.wait([stopping], timeout=_WATCH_PERIOD_S)
+                if done:
+                    ray.get(stopping)
+                    return "stopped by an admin Shutdown call"
+                if not any(_alive(self.routers)):
+                    return "every router is gone and cannot be restarted"
+            except ActorDiedError:
+                return "the service's Controller is gone and cannot be restarted"
+            except Exception as e:  # Ray itself is gone
+                return f"the service is gone: {type(e).__name__}: {e}"
+        return None
+
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop the routers (draining in-flight requests), end the hosts, then the rest."""
         ray.get([r.stop.remote(grace_s) for r in self.routers])
         ray.get(self.controller.shutdown.remote())
         for actor in [*self.routers, self.controller]:
             ray.kill(actor, no_restart=True)
+
+
+def _alive(actors: list[Any]) -> list[bool]:
+    """False for each actor Ray says is dead for good (a restarting one is alive)."""
+    refs = [a.ready.remote() for a in actors]
+    ray.wait(refs, num_returns=len(refs), timeout=_WATCH_PERIOD_S)
+    out = []
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+            out.append(True)
+        except ActorDiedError:
+            out.append(False)
+        except Exception:  # not answered yet, or restarting
+            out.append(True)
+    return out
 
 
 def connect_ray(address: str = "local", num_cpus: int | None = None,
