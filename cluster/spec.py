@@ -166,7 +166,7 @@ class RouterConfig:
     max_queue_delay_s: float = 1.0  # refuse a request whose queue ahead would take longer
     max_request_tokens: int = 65536
     max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
-    max_concurrent_rpcs: int = 128  # more calls at once get RESOURCE_EXHAUSTED from gRPC itself
+    max_concurrent_rpcs: int = 128  # more ModelInfer calls open at once are refused on arrival
     transport: str = "auto"  # router -> hosts: "grpc", "ray", or "auto" (gRPC up to grpc_max_bytes)
     grpc_max_bytes: int = 2 << 20  # auto: a host's rows up to this size go over gRPC (bench/transport.py)
     num_cpus: float = 1

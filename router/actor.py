@@ -152,7 +152,8 @@ class Router:
         limits = ServerLimits(max_receive_bytes=receive_limit(self._cfg, models),
                               max_send_bytes=self._cfg.max_message_mb << 20,
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
-        self._server, bound, _ = await serve_grpc(servicers, self._host, port, limits, self._tls)
+        self._server, bound, _ = await serve_grpc(servicers, self._host, port, limits, self._tls,
+                                                  infer_refusal=self._batcher.refusal)
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
         return bound

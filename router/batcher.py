@@ -14,7 +14,8 @@ never fill that far is not overloaded (its callers wait for at most about one ba
 small batches, whose time is mostly fixed per-call cost, would make its queue look slow. So
 under overload the excess is refused within the time it takes to look, and admitted requests
 wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
-(`Overloaded`) says how long the caller should wait before it tries again.
+(`Overloaded`) says how long the caller should wait before it tries again. `refusal()` asks
+the same for a request not yet read (the gRPC door asks it before reading a call's payload).
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -87,21 +88,34 @@ class MicroBatcher:
         """x: [T, H] -> (y [T, H], meta)."""
         n = x.shape[0]
         q = self._queues.setdefault(key, _Queue())
-        if self._outstanding_tokens + n > self.max_queue_tokens:
-            raise Overloaded(
-                f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
-                f"limit {self.max_queue_tokens})", max(q.wait_s(), _MIN_PUSHBACK_S))
-        if q.in_flight and q.wait_s() > self.max_queue_delay_s:
-            raise Overloaded(
-                f"router is overloaded: the work queued ahead would take {q.wait_s() * 1e3:.0f} ms, "
-                f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later",
-                max(q.wait_s() - self.max_queue_delay_s, _MIN_PUSHBACK_S))
+        refusal = self._refusal(q, n)
+        if refusal is not None:
+            raise refusal
         fut = asyncio.get_running_loop().create_future()
         q.items.append((x, fut))
         q.tokens += n
         self._outstanding_tokens += n
         self._schedule(key, q)
         return await fut
+
+    def refusal(self) -> Overloaded | None:
+        """The refusal the smallest request would get now, whatever its key: for a check at the
+        door, before the request is read. None while the busiest key's queue is short."""
+        busy = [q for q in self._queues.values() if q.in_flight]
+        return self._refusal(max(busy, key=_Queue.wait_s), 1) if busy else None
+
+    def _refusal(self, q: _Queue, n: int) -> Overloaded | None:
+        """Why a request of `n` tokens for the key of `q` is refused now, or None."""
+        if self._outstanding_tokens + n > self.max_queue_tokens:
+            return Overloaded(
+                f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
+                f"limit {self.max_queue_tokens})", max(q.wait_s(), _MIN_PUSHBACK_S))
+        if q.in_flight and q.wait_s() > self.max_queue_delay_s:
+            return Overloaded(
+                f"router is overloaded: the work queued ahead would take {q.wait_s() * 1e3:.0f} ms, "
+                f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later",
+                max(q.wait_s() - self.max_queue_delay_s, _MIN_PUSHBACK_S))
+        return None
 
     def _schedule(self, key: Hashable, q: _Queue) -> None:
         if not q.items:

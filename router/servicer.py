@@ -28,8 +28,8 @@ from moefleet.protos import inference_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, InvalidArgument, MoefleetError, Overloaded, message_of
 from .wire import DTYPES, MODEL_VERSION, TENSOR_NAME, check_version, decode_infer, encode_infer
 
-__all__ = ["InferenceServicer", "ErrorInterceptor", "serve_grpc", "ServerLimits", "TlsConfig",
-           "SERVER_NAME"]
+__all__ = ["InferenceServicer", "ErrorInterceptor", "CallSlots", "serve_grpc", "ServerLimits",
+           "TlsConfig", "SERVER_NAME"]
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "moefleet"
@@ -37,12 +37,42 @@ _VERSION = version("moefleet")
 _DATATYPE_OF = {d.torch_dtype: d.datatype for d in DTYPES}
 
 
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+_UNGATED = "/grpc.health.v1.Health/"  # health checks stay cheap and always answered
+
+
+@dataclass
+class CallSlots:
+    """How many calls of one kind may be open at once. A call takes a slot when it arrives,
+    before its message is read, and gives it back when it ends; a call that finds none free
+    is refused at once with RESOURCE_EXHAUSTED and a retry pushback, its payload never read.
+
+    In place of gRPC's own `maximum_concurrent_rpcs`, which counts every method together: a
+    flood of inference calls would then refuse health checks and admin calls too."""
+
+    kind: str
+    limit: int
+    taken: int = 0
+    refusal: Callable[[], Overloaded | None] = lambda: None  # a further check at the door
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps `MoefleetError` (and timeouts) to gRPC statuses for every unary method, and an
-    undecodable request message to INVALID_ARGUMENT."""
+    undecodable request message to INVALID_ARGUMENT. With `limits`, admits unary calls
+    through `CallSlots`: ModelInfer calls share `max_concurrent_rpcs`, other calls (metadata,
+    admin) `max_other_rpcs`; health checks are not counted."""
 
-    def __init__(self):
+    def __init__(self, limits: ServerLimits | None = None,
+                 infer_refusal: Callable[[], Overloaded | None] | None = None):
+        """infer_refusal: asked as each ModelInfer call arrives, before its message is read;
+        the refusal it returns is the call's answer (the router's queue-delay check)."""
         self._wrapped: dict[str, Any] = {}  # method -> its guarded handler, made once
+        self.infer_slots = self.other_slots = None
+        if limits is not None:
+            self.infer_slots = CallSlots("inference", limits.max_concurrent_rpcs)
+            self.other_slots = CallSlots("metadata and admin", limits.max_other_rpcs)
+            if infer_refusal is not None:
+                self.infer_slots.refusal = infer_refusal
 
     async def intercept_service(self, continuation, details):
         method = details.method
@@ -51,19 +81,59 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:  # an unknown method: not kept, so no client can grow the dict
             return None
-        self._wrapped[method] = _guard(handler, method)
+        slots = (None if method.startswith(_UNGATED) else
+                 self.infer_slots if method == INFER_METHOD else self.other_slots)
+        self._wrapped[method] = _guard(handler, method, slots)
         return self._wrapped[method]
 
 
-def _guard(handler: Any, method: str) -> Any:
+def _guard(handler: Any, method: str, slots: CallSlots | None) -> Any:
+    deserialize = _tolerant(handler.request_deserializer)
+    if handler.unary_unary is not None and slots is not None:
+        # Served as a stream-unary handler: grpc.aio reads a unary call's message before its
+        # handler runs, a streaming one's only when the handler asks. So the slot check
+        # comes first, and a refused call costs no payload.
+        return grpc.stream_unary_rpc_method_handler(
+            _admitted(_guarded(handler.unary_unary, method), method, slots),
+            request_deserializer=deserialize, response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
         make, inner = grpc.unary_unary_rpc_method_handler, handler.unary_unary
     elif handler.unary_stream is not None:
         make, inner = grpc.unary_stream_rpc_method_handler, handler.unary_stream
     else:
         return handler
-    return make(_guarded(inner, method), request_deserializer=_tolerant(handler.request_deserializer),
+    return make(_guarded(inner, method), request_deserializer=deserialize,
                 response_serializer=handler.response_serializer)
+
+
+def _admitted(unary: Callable[[Any, Any], Any], method: str, slots: CallSlots):
+    async def call(requests, context: grpc.aio.ServicerContext):
+        if slots.taken >= slots.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"router is overloaded: {slots.taken} {slots.kind} calls open, the most it takes "
+                f"at once; retry later", trailing_metadata=_pushback(_SLOT_PUSHBACK_S))
+        refusal = slots.refusal()
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(message_of(refusal)),
+                                trailing_metadata=_pushback(refusal.retry_after_s))
+        slots.taken += 1
+        try:
+            async for request in requests:  # a unary call: its one message
+                return await unary(request, context)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} got no request message")
+        finally:
+            slots.taken -= 1
+
+    return call
+
+
+def _pushback(seconds: float) -> tuple[tuple[str, str], ...]:
+    """gRPC's retry pushback trailer: how long the caller should wait before trying again."""
+    return (("grpc-retry-pushback-ms", str(math.ceil(seconds * 1e3))),)
+
+
+_SLOT_PUSHBACK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -101,9 +171,8 @@ def _guarded(inner: Callable[[Any, Any], Any], method: str):
         try:
             return await inner(request, context)
         except Overloaded as e:  # says when to come back, as gRPC's retry pushback
-            pushback = (("grpc-retry-pushback-ms", str(math.ceil(e.retry_after_s * 1e3))),)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(message_of(e)),
-                                trailing_metadata=pushback)
+                                trailing_metadata=_pushback(e.retry_after_s))
         except MoefleetError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), _details(message_of(e)))
         except (asyncio.TimeoutError, TimeoutError):
@@ -196,13 +265,15 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What the gRPC server itself refuses before any handler runs: messages over
-    `max_receive_bytes`, and calls beyond `max_concurrent_rpcs` at once (both
-    RESOURCE_EXHAUSTED)."""
+    """What the server refuses before any handler code runs, all with RESOURCE_EXHAUSTED:
+    messages over `max_receive_bytes` (gRPC itself), ModelInfer calls beyond
+    `max_concurrent_rpcs` open at once, and other calls (metadata, admin) beyond
+    `max_other_rpcs` (`CallSlots`, in the interceptor)."""
 
     max_receive_bytes: int
     max_send_bytes: int
     max_concurrent_rpcs: int
+    max_other_rpcs: int = 32
 
 
 async def serve_grpc(
@@ -211,13 +282,14 @@ async def serve_grpc(
     port: int,
     limits: ServerLimits,
     tls: TlsConfig | None = None,
+    infer_refusal: Callable[[], Overloaded | None] | None = None,
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Start a grpc.aio server on the running loop with the given (add_fn, servicer,
-    full service name) triples, health checking and reflection. Returns the bound port."""
+    full service name) triples, health checking and reflection. Returns the bound port.
+    infer_refusal: see `ErrorInterceptor`."""
     opts = [("grpc.max_receive_message_length", limits.max_receive_bytes),
             ("grpc.max_send_message_length", limits.max_send_bytes)]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=opts,
-                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(limits, infer_refusal)], options=opts)
     names = []
     for add, servicer, name in servicers:
         add(servicer, server)

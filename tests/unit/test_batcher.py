@@ -338,3 +338,36 @@ def test_a_key_whose_batches_never_fill_half_of_max_batch_tokens_is_never_refuse
                 torch.testing.assert_close(y, _f(x))
 
     asyncio.run(main())
+
+
+def test_the_door_check_refuses_while_any_key_has_too_much_work_ahead_and_not_after() -> None:
+    async def main():
+        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=20, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        (x,) = _xs([10], seed=1)
+        assert b.refusal() is None  # idle
+        await b.submit("k", x)  # measures the key's rate
+        assert b.refusal() is None  # nothing in flight
+        tasks = [asyncio.create_task(b.submit("k", x)) for _ in range(3)]  # 30 tokens ahead
+        await _settle()
+        refusal = b.refusal()
+        assert refusal is not None and "max_queue_delay_s" in str(refusal)
+        assert refusal.retry_after_s >= 0.05
+        await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
+        assert b.refusal() is None and b.idle
+
+    asyncio.run(main())
+
+
+def test_the_door_check_refuses_a_full_queue() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=4)
+        first = asyncio.create_task(b.submit("L0", _xs([4], seed=2)[0]))
+        await run.started(1)
+        assert "queue is full" in str(b.refusal())
+        run.release.set()
+        await first
+        assert b.refusal() is None
+
+    _run(main())
