@@ -37,7 +37,8 @@ from .batcher import MicroBatcher
 from .dispatch import LayerTable
 from .engine import Engine, LayerState, ModelState
 from .errors import InvalidArgument
-from .servicer import InferenceServicer, ServerLimits, TlsConfig, serve_grpc
+from .intake import Intake, OnLoop
+from .servicer import InferenceServicer, ServerLimits, TlsConfig
 from .transport import Transport, host_links
 
 __all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
@@ -101,7 +102,7 @@ class Router:
         self._batcher = MicroBatcher(
             self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens,
             cfg.max_queue_delay_s)
-        self._server = None
+        self._intake = Intake()
         self._ready = False
         self._served_since_trim = False
         self._trimmer: asyncio.Task | None = None
@@ -141,9 +142,10 @@ class Router:
         """Take every model's state from the Controller, then listen. Returns the port."""
         for name in await self._controller.model_names.remote():
             await self.install(await self._controller.model_state.remote(name))
+        here = OnLoop(self, asyncio.get_running_loop())  # the servicer runs on the intake's loop
         servicers = [
             (inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-             InferenceServicer(self, self._cfg.max_request_tokens),
+             InferenceServicer(here, self._cfg.max_request_tokens),
              inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name),
             (admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self._controller, self._token),
              admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name),
@@ -152,8 +154,8 @@ class Router:
         limits = ServerLimits(max_receive_bytes=receive_limit(self._cfg, models),
                               max_send_bytes=self._cfg.max_message_mb << 20,
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
-        self._server, bound, _ = await serve_grpc(servicers, self._host, port, limits, self._tls,
-                                                  infer_refusal=self._batcher.refusal)
+        bound = await self._intake.start(servicers, self._host, port, limits, self._tls,
+                                         infer_refusal=self._batcher.refusal)
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
         return bound
@@ -173,8 +175,7 @@ class Router:
         self._ready, self._stopped = False, True
         if self._trimmer is not None:
             self._trimmer.cancel()
-        if self._server is not None:
-            await self._server.stop(grace_s)
+        await self._intake.stop(grace_s)
         await self._transport.close()
 
     # ---- what the Controller calls -------------------------------------------------------

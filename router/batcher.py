@@ -100,8 +100,9 @@ class MicroBatcher:
 
     def refusal(self) -> Overloaded | None:
         """The refusal the smallest request would get now, whatever its key: for a check at the
-        door, before the request is read. None while the busiest key's queue is short."""
-        busy = [q for q in self._queues.values() if q.in_flight]
+        door, before the request is read. None while the busiest key's queue is short. Safe
+        to call from another thread (the gRPC intake's): it reads a copy of the queues."""
+        busy = [q for q in list(self._queues.values()) if q.in_flight]
         return self._refusal(max(busy, key=_Queue.wait_s), 1) if busy else None
 
     def _refusal(self, q: _Queue, n: int) -> Overloaded | None:

@@ -1,0 +1,99 @@
+"""router/intake.py: the gRPC server on a loop of its own refuses calls at the door while the
+router's own loop is blocked, serves admitted calls through `OnLoop` on the router's loop, and
+ends its thread when stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from moefleet.protos import inference_pb2 as pb
+from moefleet.protos import inference_pb2_grpc as pb_grpc
+from moefleet.router.intake import Intake, OnLoop
+from moefleet.router.servicer import InferenceServicer, ServerLimits
+from moefleet.router.wire import request_for, tensor_from_response
+
+pytestmark = pytest.mark.unit
+
+SLOTS = 2
+BLOCK_S = 2.0  # how long the router's loop is blocked; refusals must come well within it
+
+
+class _Held:
+    """A router whose calls wait for `release`, on the loop that runs the test."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+        self.entered = 0
+        self.loop_thread = threading.get_ident()
+
+    async def submit(self, model, layer, x):
+        assert threading.get_ident() == self.loop_thread, "submit ran off the router's loop"
+        self.entered += 1
+        await self.release.wait()
+        return x + 1, 3
+
+    def ready(self):
+        return True
+
+    def model_names(self):
+        return ["m"]
+
+    def metadata(self, model):
+        return 4, torch.float32
+
+
+def _five_calls(address: str, x: torch.Tensor, out: list) -> None:
+    """From a thread: five calls, one after another; (status, when it came back) each."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(5):
+            try:
+                stub.ModelInfer(request_for("m", 0, x), timeout=30)
+                out.append((grpc.StatusCode.OK, time.monotonic()))
+            except grpc.RpcError as e:
+                out.append((e.code(), time.monotonic()))
+
+
+async def _scenario() -> None:
+    router = _Held()
+    intake = Intake()
+    limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=SLOTS)
+    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                  InferenceServicer(OnLoop(router, asyncio.get_running_loop()), 1024),
+                  pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
+    port = await intake.start(servicers, "127.0.0.1", 0, limits)
+    thread = intake._thread
+    address = f"127.0.0.1:{port}"
+    x = torch.randn(3, 4)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        held = [asyncio.ensure_future(stub.ModelInfer(request_for("m", 0, x), timeout=30))
+                for _ in range(SLOTS)]
+        while router.entered < SLOTS:
+            await asyncio.sleep(0.01)
+
+        got: list = []
+        caller = threading.Thread(target=_five_calls, args=(address, x, got))
+        caller.start()
+        time.sleep(BLOCK_S)  # the router's loop is blocked: only the intake's loop runs
+        unblocked = time.monotonic()
+        await asyncio.to_thread(caller.join, 30)
+        assert [code for code, _ in got] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
+        assert all(when < unblocked for _, when in got), "a refusal waited for the router's loop"
+
+        router.release.set()
+        for call in held:
+            torch.testing.assert_close(tensor_from_response(await call), x + 1)
+    await intake.stop(1.0)
+    assert not thread.is_alive()
+
+
+def test_the_door_refuses_while_the_router_loop_is_blocked_and_admitted_calls_run_on_it() -> None:
+    asyncio.run(_scenario())
