@@ -128,20 +128,22 @@ async def open_loop(call, load: Load, rate: float, seconds: float) -> Tally:
     return tally
 
 
-async def watch(channel, router, stop: asyncio.Event, period_s: float = 0.25) -> tuple[int, int, int]:
-    """(health checks SERVING, health checks in all, peak Router RSS) until `stop`."""
+async def watch(channel, router, stop: asyncio.Event, period_s: float = 0.25
+                ) -> tuple[int, list[float], int]:
+    """(health checks SERVING within 1 s, each check's time, peak Router RSS) until `stop`."""
     health = health_pb2_grpc.HealthStub(channel)
-    serving = checks = peak = 0
+    serving, times, peak = 0, [], 0
     while not stop.is_set():
-        checks += 1
+        t0 = time.perf_counter()
         try:
             r = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             serving += r.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             pass
+        times.append(time.perf_counter() - t0)
         peak = max(peak, await router.rss_bytes.remote())
         await asyncio.sleep(period_s)
-    return serving, checks, peak
+    return serving, times, peak
 
 
 async def run(address: str, router, spec, factor: float, seconds: float) -> None:
@@ -157,13 +159,15 @@ async def run(address: str, router, spec, factor: float, seconds: float) -> None
         over = await open_loop(call, load, factor * rate, seconds)
         stop.set()
         serving, checks, peak_rss = await watcher
-        await asyncio.sleep(5.0)
-        after_rss = await router.rss_bytes.remote()
+        after_rss = []
+        for wait_s in (5.0, 10.0):  # 5 s and 15 s after
+            await asyncio.sleep(wait_s)
+            after_rss.append(await router.rss_bytes.remote())
     _report(spec, base, rate, factor, over, serving, checks, idle_rss, peak_rss, after_rss)
 
 
-def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving: int, checks: int,
-            idle_rss: int, peak_rss: int, after_rss: int) -> None:
+def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving: int, checks: list[float],
+            idle_rss: int, peak_rss: int, after_rss: list[int]) -> None:
     mib = 1 << 20
     offered = len(over.ok_s) + len(over.refused_s) + sum(over.other.values())
     print(f"# bench/overload.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
@@ -177,9 +181,11 @@ def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving:
     print(f"refused       {len(over.refused_s):7d}   RESOURCE_EXHAUSTED after p50 "
           f"{_pct(over.refused_s, 0.5) * 1e3:.1f} ms, p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms")
     print(f"other         {over.other or 'none'}")
-    print(f"health        {serving}/{checks} checks SERVING during the overload")
+    print(f"health        {serving}/{len(checks)} checks SERVING within 1 s during the overload, "
+          f"p50 {_pct(checks, 0.5) * 1e3:.1f} ms, max {max(checks or [0]) * 1e3:.0f} ms")
     print(f"router RSS    idle {idle_rss / mib:.0f} MiB, peak {peak_rss / mib:.0f} MiB, "
-          f"5 s after {after_rss / mib:.0f} MiB (+{(after_rss - idle_rss) / mib:.0f} MiB)")
+          + ", ".join(f"{s} s after {r / mib:.0f} MiB (+{(r - idle_rss) / mib:.0f} MiB)"
+                      for s, r in zip((5, 15), after_rss, strict=True)))
     ratio = _pct(over.ok_s, 0.99) / _pct(base.ok_s, 0.99)
     print(f"ratio         admitted p99 / unloaded p99 = {ratio:.2f} (target <= 3); "
           f"refusal p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms (target <= 50)")

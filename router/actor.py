@@ -46,6 +46,8 @@ __all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
 log = logging.getLogger(__name__)
 _LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
 _TRIM_PERIOD_S = 1.0  # how often an idle router gives freed memory back to the OS
+_TRIM_SLACK_BYTES = 32 << 20  # ... after it served a request, or while its RSS is this much over idle
+_TRIM_BACKOFF = 4  # a trim that frees nothing doubles the period, up to 2**4 times
 _MESSAGE_OVERHEAD = 64 << 10  # a message's fields and framing besides its tensor bytes
 _WIRE_ITEMSIZE = 4  # FP32, the widest datatype a client may send
 _REBIND_ATTEMPTS, _REBIND_PAUSE_S = 20, 0.25  # a restarted router taking its port back
@@ -163,12 +165,19 @@ class Router:
     async def _trim_when_idle(self) -> None:
         """Give memory freed after a burst back to the OS. glibc keeps freed heap memory in
         its arenas, so without this the RSS stays at its peak after the load is gone."""
-        trim = _malloc_trim()
+        trim, idle_rss, futile = _malloc_trim(), self.rss_bytes(), 0
         while trim is not None:
-            await asyncio.sleep(_TRIM_PERIOD_S)
-            if self._served_since_trim and self._batcher.idle:
-                self._served_since_trim = False
-                trim(0)
+            await asyncio.sleep(_TRIM_PERIOD_S * 2 ** min(futile, _TRIM_BACKOFF))
+            # Refused calls are freed too, on the intake's thread and outside any request the
+            # batcher saw: an RSS over the idle level is a reason as well as a served request.
+            if not self._batcher.idle or not (
+                    self._served_since_trim or self.rss_bytes() > idle_rss + _TRIM_SLACK_BYTES):
+                continue
+            served, self._served_since_trim = self._served_since_trim, False
+            before = self.rss_bytes()
+            await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL; the loop runs on
+            freed = before - self.rss_bytes() >= _TRIM_SLACK_BYTES
+            futile = 0 if freed or served else futile + 1  # memory still in use: ask less often
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking requests, let in-flight ones finish within grace_s."""
