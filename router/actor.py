@@ -20,6 +20,7 @@ import ctypes.util
 import logging
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -45,6 +46,10 @@ __all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
 
 log = logging.getLogger(__name__)
 _LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The
+# gRPC intake's thread takes each call in over a few turns of its loop, each needing the GIL
+# back from the engine's thread: at 5 ms a turn, calls reached the door late under load.
+_GIL_SWITCH_S = 0.001
 _TRIM_PERIOD_S = 1.0  # how often an idle router gives freed memory back to the OS
 _TRIM_SLACK_BYTES = 32 << 20  # ... after it served a request, or while its RSS is this much over idle
 _TRIM_BACKOFF = 4  # a trim that frees nothing doubles the period, up to 2**4 times
@@ -91,6 +96,7 @@ class Router:
         """name: this router's actor name (the Controller keeps its address under it); host:
         the interface its gRPC server binds."""
         torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))  # not Ray's OMP default
+        sys.setswitchinterval(_GIL_SWITCH_S)
         self._controller = controller
         self._cfg = cfg
         self._name, self._host = name, host
