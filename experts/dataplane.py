@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import torch
 
 __all__ = ["RUN_METHOD", "SECRET_KEY", "GRPC_OPTIONS", "encode_request", "decode_request",
@@ -47,8 +48,8 @@ def encode_request(x: torch.Tensor, slot_ids: torch.Tensor, counts: torch.Tensor
     """x: [N, H] rows sorted by slot, slot_ids/counts: [M] -> one message (a single copy of x)."""
     x = x.detach().cpu().contiguous()
     head = _HEADER.pack(_MAGIC, _DTYPES.index(x.dtype), x.shape[0], x.shape[1], slot_ids.numel())
-    meta = torch.stack([slot_ids, counts]).to(torch.int32).contiguous()  # [2, M]
-    return b"".join((head, _bytes_of(meta), _bytes_of(x)))
+    meta = np.stack([slot_ids.cpu().numpy(), counts.cpu().numpy()]).astype(np.int32)  # [2, M]
+    return b"".join((head, meta.data, _bytes_of(x)))
 
 
 def decode_request(data: bytes) -> tuple[torch.Tensor, list[int], list[int]]:
