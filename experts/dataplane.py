@@ -103,14 +103,16 @@ def serve(run: RunFn, host: str, secret: str) -> tuple[grpc.Server, str]:
     if not secret:
         raise ValueError("the data plane needs a secret")
     server = grpc.server(ThreadPoolExecutor(_WORKERS), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((_handler(run, secret),))
+    service, method = RUN_METHOD.split("/")[1:]
+    # registered with the core: a call is matched to it there, not by a handler lookup per call
+    server.add_registered_method_handlers(service, {method: _handler(run, secret)})
     where = f"[{host}]" if ":" in host else host
     port = server.add_insecure_port(f"{where}:0")
     server.start()
     return server, f"{where}:{port}"
 
 
-def _handler(run: RunFn, secret: str) -> grpc.GenericRpcHandler:
+def _handler(run: RunFn, secret: str) -> grpc.RpcMethodHandler:
     key = secret.encode()
 
     def call(data: bytes, context: grpc.ServicerContext) -> bytes:
@@ -126,6 +128,4 @@ def _handler(run: RunFn, secret: str) -> grpc.GenericRpcHandler:
         except LookupError as e:  # a slot that holds no expert
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
-    method = grpc.unary_unary_rpc_method_handler(call)  # bytes in, bytes out
-    return grpc.method_handlers_generic_handler(
-        RUN_METHOD.split("/")[1], {RUN_METHOD.split("/")[2]: method})
+    return grpc.unary_unary_rpc_method_handler(call)  # bytes in, bytes out
