@@ -14,6 +14,11 @@ For T=1 and T=8 tokens on `deploy/examples/tiny.yaml` (H=256, E=16, K=4, one sha
 router's wire work and the transport) and the maths and dispatch steps: the event loop, the
 micro-batcher and the Router's other bookkeeping. Medians; the machine is shared and noisy.
 
+CPU per call: while the hops and the service are timed, each process's user + system CPU
+(Linux /proc) over those calls, divided by their number: what each actor (and this client)
+spends on one call, whether or not it is on the critical path. On a machine with fewer cores
+than busy processes, their sum bounds the latency from below (sum / cores).
+
     .venv/bin/python bench/anatomy.py
 
 # T = tokens, H = hidden, K = experts per token
@@ -22,6 +27,7 @@ micro-batcher and the Router's other bookkeeping. Medians; the machine is shared
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -98,36 +104,61 @@ def parts(t: int) -> dict[str, float]:
     } | {"(request bytes to host)": float(len(msg))}
 
 
-def _p50_us(address: str, model: str, t: int, hidden: int, n: int = 200) -> float:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(address: str, model: str, t: int, hidden: int, pids: dict[str, int],
+           n: int = 300) -> tuple[float, dict[str, float]]:
+    """-> (p50 µs of n calls, {process: CPU µs per call over those calls})."""
+    pids = {**pids, "client": os.getpid()}
     with Client(address) as c:
         x = torch.randn(t, hidden)
-        return median_us(lambda: c.infer(model, LAYER, x), n)
+        c.infer(model, LAYER, x)
+        before = {k: _cpu_s(p) for k, p in pids.items()}
+        p50 = median_us(lambda: c.infer(model, LAYER, x), n)
+        cpu = {k: (_cpu_s(p) - before[k]) / (n + 1) * 1e6 for k, p in pids.items()}
+    return p50, cpu
 
 
-def hops(hidden: int) -> dict[tuple[str, int], float]:
-    """(hop, T) -> p50 µs of the bare hops."""
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
+
+
+Timings = dict[tuple[str, int], tuple[float, dict[str, float]]]  # (path, T) -> (p50, CPU)
+
+
+def hops(hidden: int) -> Timings:
+    """(hop, T) -> p50 µs and CPU per call of the bare hops."""
     out = {}
     for mode in ("none", "ray", "grpc"):
         echo = ray.remote(EchoHost).options(num_cpus=0.5).remote()
         front = ray.remote(HopFront).options(num_cpus=0.5, max_concurrency=100).remote(echo, mode)
         port = ray.get(front.start.remote("127.0.0.1", 0, 64 << 20))
+        pids = {"front": _pid(front), "echo": _pid(echo)}
         for t in TOKENS:
-            out[(mode, t)] = _p50_us(f"127.0.0.1:{port}", "echo", t, hidden)
+            out[(mode, t)] = _timed(f"127.0.0.1:{port}", "echo", t, hidden, pids)
         ray.get(front.stop.remote())
         ray.kill(front)
         ray.kill(echo)
     return out
 
 
-def services() -> dict[tuple[str, int], float]:
+def services() -> Timings:
     out = {}
     for transport in ("ray", "grpc"):
         spec = load_spec(DEMO)
         spec = dataclasses.replace(spec, router=dataclasses.replace(spec.router, transport=transport))
         svc = service.start(spec, port=0)
         try:
+            pids = {"router": ray.get(svc.routers[0].pid.remote())}
+            for i, h in enumerate(sorted(svc.hosts.items())):
+                pids[f"host {i}"] = ray.get(h[1].info.remote())["pid"]
             for t in TOKENS:
-                out[(transport, t)] = _p50_us(svc.address, spec.name, t, spec.moe.hidden_size)
+                out[(transport, t)] = _timed(svc.address, spec.name, t, spec.moe.hidden_size, pids)
         finally:
             svc.shutdown()
     return out
@@ -140,9 +171,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=6, namespace=service.NAMESPACE, include_dashboard=False,
              log_to_driver=False)
     try:
-        hop, svc = hops(hidden), services()
+        hop_t, svc_t = hops(hidden), services()
     finally:
         ray.shutdown()
+    hop = {k: v[0] for k, v in hop_t.items()}
+    svc = {k: v[0] for k, v in svc_t.items()}
     print(f"| part (µs, p50) | {' | '.join(f'T={t}' for t in TOKENS)} |")
     print(f"|---|{'---:|' * len(TOKENS)}")
     for name in inproc[TOKENS[0]]:
@@ -158,6 +191,16 @@ def main() -> None:
               f"{' | '.join(f'{svc[(transport, t)]:.0f}' for t in TOKENS)} |")
         print(f"| rest: service − its bare hop − {' − '.join(BEYOND_HOP)} | "
               f"{' | '.join(f'{rest[t]:.0f}' for t in TOKENS)} |")
+    print(f"\n| CPU per call (µs) | {' | '.join(f'T={t}' for t in TOKENS)} |")
+    print(f"|---|{'---:|' * len(TOKENS)}")
+    for label, timings, key in (("client hop", hop_t, "none"), ("bare hop, Ray", hop_t, "ray"),
+                                ("bare hop, gRPC", hop_t, "grpc"),
+                                ("service, transport=ray", svc_t, "ray"),
+                                ("service, transport=grpc", svc_t, "grpc")):
+        for proc in [*timings[(key, TOKENS[0])][1], "all"]:
+            cells = [sum(timings[(key, t)][1].values()) if proc == "all"
+                     else timings[(key, t)][1][proc] for t in TOKENS]
+            print(f"| {label}: {proc} | {' | '.join(f'{c:.0f}' for c in cells)} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import torch
 
 __all__ = ["RUN_METHOD", "SECRET_KEY", "GRPC_OPTIONS", "encode_request", "decode_request",
@@ -47,8 +48,8 @@ def encode_request(x: torch.Tensor, slot_ids: torch.Tensor, counts: torch.Tensor
     """x: [N, H] rows sorted by slot, slot_ids/counts: [M] -> one message (a single copy of x)."""
     x = x.detach().cpu().contiguous()
     head = _HEADER.pack(_MAGIC, _DTYPES.index(x.dtype), x.shape[0], x.shape[1], slot_ids.numel())
-    meta = torch.stack([slot_ids, counts]).to(torch.int32).contiguous()  # [2, M]
-    return b"".join((head, _bytes_of(meta), _bytes_of(x)))
+    meta = np.stack([slot_ids.cpu().numpy(), counts.cpu().numpy()]).astype(np.int32)  # [2, M]
+    return b"".join((head, meta.data, _bytes_of(x)))
 
 
 def decode_request(data: bytes) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -102,14 +103,16 @@ def serve(run: RunFn, host: str, secret: str) -> tuple[grpc.Server, str]:
     if not secret:
         raise ValueError("the data plane needs a secret")
     server = grpc.server(ThreadPoolExecutor(_WORKERS), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((_handler(run, secret),))
+    service, method = RUN_METHOD.split("/")[1:]
+    # registered with the core: a call is matched to it there, not by a handler lookup per call
+    server.add_registered_method_handlers(service, {method: _handler(run, secret)})
     where = f"[{host}]" if ":" in host else host
     port = server.add_insecure_port(f"{where}:0")
     server.start()
     return server, f"{where}:{port}"
 
 
-def _handler(run: RunFn, secret: str) -> grpc.GenericRpcHandler:
+def _handler(run: RunFn, secret: str) -> grpc.RpcMethodHandler:
     key = secret.encode()
 
     def call(data: bytes, context: grpc.ServicerContext) -> bytes:
@@ -125,6 +128,4 @@ def _handler(run: RunFn, secret: str) -> grpc.GenericRpcHandler:
         except LookupError as e:  # a slot that holds no expert
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
-    method = grpc.unary_unary_rpc_method_handler(call)  # bytes in, bytes out
-    return grpc.method_handlers_generic_handler(
-        RUN_METHOD.split("/")[1], {RUN_METHOD.split("/")[2]: method})
+    return grpc.unary_unary_rpc_method_handler(call)  # bytes in, bytes out

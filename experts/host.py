@@ -11,6 +11,7 @@ Knows nothing of gating, routing tables or gRPC.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import socket
@@ -115,9 +116,10 @@ class ExpertHost:
         if missing:
             raise LookupError(f"host {self.host_id}: slot(s) {missing} hold no expert")
         xt = x.to(self.device, self.w13.dtype)  # [N, H]
-        per_slot = torch.zeros(self.num_slots, dtype=torch.long)
-        per_slot[torch.as_tensor(slot_ids, dtype=torch.long)] = torch.as_tensor(counts, dtype=torch.long)
-        offsets = torch.cat([per_slot.new_zeros(1), per_slot.cumsum(0)]).to(self.device)  # [S+1]
+        per_slot = [0] * self.num_slots  # rows of each slot: a few ints, cheaper than torch ops
+        for s, c in zip(slot_ids, counts, strict=True):
+            per_slot[s] = c
+        offsets = torch.tensor([0, *itertools.accumulate(per_slot)], device=self.device)  # [S+1]
         y = grouped_swiglu(xt, self.w13, self.w2, offsets, backend=self.kernel_backend)
         return y.to("cpu", x.dtype)
 

@@ -202,9 +202,9 @@ class Engine:
             jobs = [_Job(b.host, slice(b.start, b.end), rows[b.start:b.end], b) for b in p.batches]
             shared = lambda: _pure(big, self._shared, xd, ls.shared)  # noqa: E731
             out, failed = await self._run(st, jobs, y, gone, shared)
-            n = rows.shape[0]
-            failed = torch.cat([failed, torch.arange(n - p.deferred, n)])
-            if failed.numel():
+            if failed.numel() or p.deferred:
+                n = rows.shape[0]
+                failed = torch.cat([failed, torch.arange(n - p.deferred, n)])
                 await self._retry(st, layer, ids[p.order], failed, rows, y, gone, flight)
             out = await _pure(big, combine, y, p, topk_w, x.shape[0], out)
             return out.to(x.dtype).cpu(), st.version

@@ -52,6 +52,12 @@ class Gate:
         slot[order] = torch.arange(g.numel(), device=g.device) - starts[g[order]]
         object.__setattr__(self, "_slot_in_group", slot)
         object.__setattr__(self, "_group_shape", (counts.numel(), int(counts.max())))
+        # rows already in [G, S] order (HF's layout, while no expert was added or removed):
+        # the padded layout is then a view of the scores, no scatter needed
+        span = int(counts.max()) * counts.numel()
+        rows = torch.arange(g.numel(), device=g.device)
+        object.__setattr__(self, "_dense", span == g.numel() and torch.equal(
+            g * int(counts.max()) + slot, rows))
 
     @classmethod
     def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, n_group: int = 1) -> Gate:
@@ -89,8 +95,11 @@ def route(x: torch.Tensor, gate: Gate, cfg: MoEConfig) -> tuple[torch.Tensor, to
 def _mask_groups(choice: torch.Tensor, gate: Gate, cfg: MoEConfig) -> torch.Tensor:
     """Keep the topk_group best groups of each token; every other expert gets -inf, so a
     masked group is never picked, whatever the sign of the (biased) scores."""
-    grouped = choice.new_full((choice.shape[0], *gate._group_shape), float("-inf"))  # [T, G, S]
-    grouped[:, gate.group_ids, gate._slot_in_group] = choice
+    if gate._dense:
+        grouped = choice.reshape(choice.shape[0], *gate._group_shape)  # [T, G, S]
+    else:
+        grouped = choice.new_full((choice.shape[0], *gate._group_shape), float("-inf"))  # [T, G, S]
+        grouped[:, gate.group_ids, gate._slot_in_group] = choice
     if cfg.topk_method == "noaux_tc":
         top = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values  # [T, G, 2]
         group_score = top.nan_to_num(neginf=0.0).sum(-1)  # a group of one counts its one

@@ -86,7 +86,9 @@ class Transport:
     def _grpc(self, host: HostLink, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tensor]:
         if host.address not in self._channels:
             channel = grpc.aio.insecure_channel(host.address, options=GRPC_OPTIONS)
-            self._channels[host.address] = channel, channel.unary_unary(RUN_METHOD)
+            # a registered method: the channel resolves the method name once, not per call
+            self._channels[host.address] = channel, channel.unary_unary(
+                RUN_METHOD, _registered_method=True)
         run = self._channels[host.address][1]
         call = run(encode_request(x, b.slot_ids, b.counts), metadata=((SECRET_KEY, host.secret),))
         return _receive_grpc(call, host.address, x.dtype, tuple(x.shape))

@@ -11,11 +11,12 @@ the order, the combined output would differ from the per-pair loop written here.
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
 
-from moefleet.router.dispatch import LayerTable, Plan, combine, plan
+from moefleet.router.dispatch import LayerTable, Plan, combine, plan, plan_reference
 
 pytestmark = pytest.mark.unit
 
@@ -287,3 +288,43 @@ def test_deferred_rows_of_experts_without_a_replica_go_last_in_no_batch() -> Non
     batched = sum(b.end - b.start for b in p.batches)
     assert batched == 4 and max(b.end for b in p.batches) == 4
     assert sorted(flat[p.order[:4]].tolist()) == [0, 0, 1, 5]
+
+
+# ---- the numpy plan against its torch twin ---------------------------------------------------
+
+
+def _random_table(g: torch.Generator, experts: int, hosts: int) -> dict[int, list[tuple[int, int]]]:
+    """Random replicas: some experts absent or with none, slots unique per host, not contiguous."""
+    free = {h: torch.randperm(3 * experts, generator=g).tolist() for h in range(hosts)}
+    replicas = {}
+    for e in range(experts):
+        if torch.rand(1, generator=g) < 0.15:
+            continue  # not in the table at all
+        n = int(torch.randint(0, 4, (1,), generator=g))  # 0: listed with no replica
+        on = torch.randperm(hosts, generator=g)[:n].tolist()
+        replicas[e] = [(h, free[h].pop()) for h in on]
+    return replicas
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_numpy_plan_equals_the_torch_reference_element_for_element(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    experts, hosts = int(torch.randint(1, 20, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    table = LayerTable.from_replicas(_random_table(g, experts, hosts))
+    t, k = int(torch.randint(0, 70, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    ids = torch.randint(0, experts + 2, (t, k), generator=g)  # some past the table
+    for load in (None, torch.randint(0, 4, (hosts,), generator=g)):
+        want = plan_reference(ids, table, load, defer_missing=True)
+        got = plan(ids, table, load, defer_missing=True)
+        assert torch.equal(got.order, want.order) and got.deferred == want.deferred
+        assert got.order.dtype == want.order.dtype == torch.long
+        assert len(got.batches) == len(want.batches)
+        for a, b in zip(got.batches, want.batches, strict=True):
+            assert (a.host, a.start, a.end) == (b.host, b.start, b.end)
+            assert torch.equal(a.slot_ids, b.slot_ids) and torch.equal(a.counts, b.counts)
+            assert a.slot_ids.dtype == b.slot_ids.dtype and a.counts.dtype == b.counts.dtype
+        if want.deferred:
+            with pytest.raises(LookupError) as theirs:
+                plan_reference(ids, table, load)
+            with pytest.raises(LookupError, match=re.escape(str(theirs.value))):
+                plan(ids, table, load)

@@ -396,3 +396,26 @@ def test_empty_batch_routes_to_empty_outputs() -> None:
     cfg = _v3_cfg()
     w, ids = route(torch.randn(0, 8), _identity_gate(8, V3_BIAS, n_group=4), cfg)
     assert w.shape == (0, 2) and ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("method", ["group_limited_greedy", "noaux_tc"])
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_group_view_routes_exactly_as_the_scatter_into_groups(method: str, seed: int) -> None:
+    n, n_group, topk_group, k, h = 32, 8, 3, 6, 16
+    func = "sigmoid" if method == "noaux_tc" else "softmax"
+    cfg = _cfg(n, k, hidden_size=h, scoring_func=func, topk_method=method, n_group=n_group,
+               topk_group=topk_group, norm_topk_prob=True)
+    gate = _random_gate(n, h, n_group, biased=method == "noaux_tc", seed=seed)
+    assert gate._dense, "Gate.dense rows are in the padded [G, S] order"
+    scatter = Gate(gate.weight, gate.expert_ids, gate.group_ids, gate.bias)
+    object.__setattr__(scatter, "_dense", False)  # the general path, as for unequal groups
+    x = torch.randn(40, h, generator=torch.Generator().manual_seed(seed))
+    for got, want in zip(route(x, gate, cfg), route(x, scatter, cfg), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_rows_out_of_group_order_are_not_taken_for_the_dense_layout() -> None:
+    ids = torch.arange(8)
+    assert Gate(torch.randn(8, 4), ids, ids // 2)._dense
+    assert not Gate(torch.randn(8, 4), ids, torch.tensor([0, 1, 0, 1, 2, 3, 2, 3]))._dense
+    assert not Gate(torch.randn(7, 4), ids[:7], ids[:7] // 2)._dense  # last group has one
