@@ -87,11 +87,15 @@ def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
                   tokens_per_call: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """rate: [..., N] rows/s; tokens_per_call: [..., L] (default: cfg.batch_tokens, no merging)
     -> (x [..., N] rows each expert gets per call of its layer, calls [..., L] calls/s per layer)."""
-    E = m.n_routed_experts
     b = cfg.batch_tokens if tokens_per_call is None else tokens_per_call
     calls = layer_tokens(m, rate) / b
-    per = np.repeat(calls, E, axis=-1)  # [..., N]
-    return np.divide(rate, per, out=np.zeros_like(rate), where=per > 0), calls
+    r = rate.reshape(*rate.shape[:-1], m.layers, m.n_routed_experts)  # [..., L, E]
+    c = calls[..., None]  # [..., L, 1]
+    if (calls > 0).all():
+        x = r / c
+    else:  # a layer without calls: its experts get no rows
+        x = np.divide(r, c, out=np.zeros_like(r), where=c > 0)
+    return x.reshape(rate.shape), calls
 
 
 def layer_tokens(m: ModelShape, rate: np.ndarray) -> np.ndarray:

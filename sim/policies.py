@@ -66,9 +66,11 @@ class Fleet:
 
     # ---- one period ------------------------------------------------------------------------
 
-    def step(self, t: float, rate: np.ndarray) -> None:
-        """rate: [N] rows/s measured over the period that ends at t."""
-        self.load = autoscale.smooth_load(rate, self.load)
+    def step(self, t: float, rate: np.ndarray, load: np.ndarray | None = None) -> None:
+        """rate: [N] rows/s measured over the period that ends at t; load: [N] its
+        `autoscale.smooth_load` over the periods so far, when the caller has it (every fleet
+        of a run sees the same rates)."""
+        self.load = autoscale.smooth_load(rate, self.load) if load is None else load
         if self.loading and t >= self.ready_at:
             self.loading = False
             self._serve()
