@@ -211,11 +211,14 @@ class _Fleet:
         return best
 
     def hottest(self) -> str:
-        return max(self.hosts, key=lambda h: (self.load[h], h))
+        """The most loaded H (ties: the largest id); `load` holds every H of `hosts`."""
+        return max(zip(self.load.values(), self.load, strict=True))[1]
 
 
 def _moved(origin: Placement, placement: Placement) -> int:
     """How many (K, H) pairs are in one placement and not the other (R added plus removed)."""
+    if not origin:  # every R is new (a placement's lists hold distinct hosts, as _Fleet checks)
+        return sum(map(len, placement.values()))
     was = origin.get
     moved = sum(len(set(was(k, ())).symmetric_difference(hs))
                 for k, hs in placement.items() if was(k) != hs)
@@ -224,12 +227,10 @@ def _moved(origin: Placement, placement: Placement) -> int:
 
 def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]) -> dict[Key, float]:
     """K -> tokens/s of one R once K has counts[K] replicas (else as many as it has now)."""
-    out, in_load, in_counts = {}, load.get, counts.get
-    for k in load.keys() | placement.keys() | counts.keys():
-        c = in_counts(k)
-        if c is None:
-            c = len(placement.get(k, ()))
-        out[k] = in_load(k, 0.0) / c if c else 0.0
+    get = load.get
+    out = dict.fromkeys(load.keys() - placement.keys(), 0.0)  # no replica now
+    out.update({k: get(k, 0.0) / len(hs) if hs else 0.0 for k, hs in placement.items()})
+    out.update({k: get(k, 0.0) / c if c else 0.0 for k, c in counts.items()})
     return out
 
 
@@ -265,18 +266,20 @@ def apply_counts(
     """
     if any(c < 0 for c in counts.values()):
         raise ValueError(f"replica counts must be >= 0: {counts}")
-    plan = _apply_counts(load, capacity, current, counts, firsts_first=False)
-    if any(k not in plan.placement for k in plan.unplaced):
-        plan = _apply_counts(load, capacity, current, counts, firsts_first=True)
-    return plan
+    placement, unplaced = _counts_placement(load, capacity, current, counts)
+    return PlacementPlan(placement, _diff(current, placement), unplaced)
 
 
-def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Placement,
-                  counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
+def _counts_placement(load: dict[Key, float], capacity: dict[str, int], current: Placement,
+                      counts: dict[Key, int], firsts_first: bool = False) -> tuple[Placement, list[Key]]:
+    """`apply_counts`' placement and unplaced, without its moves; `firsts_first` as the
+    retry that `apply_counts` makes when a K would be left with no replica."""
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
     before = {k: len(current.get(k, ())) for k in counts}
     unplaced = _plan_counts(fleet, before, counts, firsts_first)
-    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+    if not firsts_first and any(k not in fleet.placement for k in unplaced):
+        return _counts_placement(load, capacity, current, counts, True)
+    return fleet.placement, unplaced
 
 
 def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],

@@ -12,7 +12,17 @@ import dataclasses
 import math
 from collections import Counter
 
-from .planning import Key, Placement, PlacementPlan, _diff, _Fleet, _shares, apply_counts, replicate
+from .planning import (
+    Key,
+    Placement,
+    PlacementPlan,
+    _counts_placement,
+    _diff,
+    _Fleet,
+    _shares,
+    apply_counts,
+    replicate,
+)
 
 __all__ = ["rebalance"]
 
@@ -51,8 +61,7 @@ def rebalance(
             min_replicas <= c <= cap for c in kept.values()):
         starts.append(PlacementPlan(current, [], []))
     paths = [_Path(full, capacity, current, s.placement, s.unplaced) for s in starts]
-    packed = apply_counts(full, capacity, {}, counts)
-    scratch = _Path(full, capacity, {}, packed.placement, packed.unplaced)
+    scratch = _Path(full, capacity, {}, *_counts_placement(full, capacity, {}, counts))
     for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
         relabelled = _relabel(scratch.placement_at(i), capacity, current)
         paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced))
@@ -101,19 +110,21 @@ class _Path:
         mean = sum(fleet.load.values()) / max(usable, 1)
         good_enough = (1 + _SLACK) * _floor(fleet)
         self.steps: list[list[tuple[Key, str, str]]] = []
-        self.scores = [self._score(fleet, mean)]
+        hot = fleet.hottest() if fleet.hosts else None
+        self.scores = [self._score(fleet, hot, mean)]
         for _ in range(sum(len(hs) for hs in start.values())):
-            if fleet.load[fleet.hottest()] <= good_enough:
+            if fleet.load[hot] <= good_enough:
                 break
-            trades = _relieve_hottest(fleet)
+            trades = _relieve_hottest(fleet, hot)
             if not trades:
                 break
+            hot = fleet.hottest()
             self.steps.append(trades)
-            self.scores.append(self._score(fleet, mean))
+            self.scores.append(self._score(fleet, hot, mean))
         self.end = fleet.placement  # the placement after every step
 
-    def _score(self, fleet: _Fleet, mean: float) -> tuple[int, float, int]:
-        peak = fleet.load[fleet.hottest()] if fleet.hosts else 0.0
+    def _score(self, fleet: _Fleet, hot: str | None, mean: float) -> tuple[int, float, int]:
+        peak = 0.0 if hot is None else fleet.load[hot]
         return len(self.unplaced), peak / mean if mean > 0 else 1.0, fleet.moved
 
     def plan(self, i: int, current: Placement) -> PlacementPlan:
@@ -164,13 +175,13 @@ def _floor(fleet: _Fleet) -> float:
     return max([even] + [fleet.share[k] for k in fleet.placement])
 
 
-def _relieve_hottest(fleet: _Fleet) -> list[tuple[Key, str, str]]:
-    """Take the step off the hottest H that lowers its pair's peak most; its trades, [] if none.
+def _relieve_hottest(fleet: _Fleet, hot: str) -> list[tuple[Key, str, str]]:
+    """Take the step off the hottest H, `hot`, that lowers its pair's peak most; its trades,
+    [] if none.
 
     A step moves one R to another H, or, when no single move helps, swaps one R of the hottest
     H for a lighter R of another H (hosts full, or every move would overshoot).
     """
-    hot = fleet.hottest()
     steps = _single_moves(fleet, hot) or _swaps(fleet, hot)
     if not steps:
         return []
@@ -191,12 +202,27 @@ _Step = tuple[float, list[tuple[Key, str, str]]]  # (the pair's new peak, [(K, f
 
 
 def _single_moves(fleet: _Fleet, hot: str) -> list[_Step]:
-    steps = []
-    for k in sorted(fleet.held[hot]):
-        dst = fleet.coolest(k)
-        if dst is not None:
-            steps.append((_peak(fleet, hot, dst, fleet.share[k]), [(k, hot, dst)]))
-    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+    """Of the moves of one R of the hottest H to `coolest` H for it, the one that leaves the
+    lowest peak (ties: the smallest K), as a list of at most one step: each R not on the
+    coolest H with a free slot goes there, so only the R on that H look further."""
+    top = fleet.coolest(None)  # no H holds None: the coolest H with a free slot
+    if top is None:
+        return []
+    load, share, mine = fleet.load, fleet.share, fleet.held[top]
+    l_hot, l_top, limit = load[hot], load[top], load[hot] * (1 - 1e-9)
+    best = None  # (peak, K, to H)
+    for k in fleet.held[hot]:
+        dst, l_dst = top, l_top
+        if k in mine:
+            dst = fleet.coolest(k)
+            if dst is None:
+                continue
+            l_dst = load[dst]
+        s = share[k]
+        peak = max(l_hot - s, l_dst + s)  # _peak(fleet, hot, dst, s)
+        if peak < limit and (best is None or (peak, k) < best[:2]):
+            best = (peak, k, dst)
+    return [] if best is None else [(best[0], [(best[1], hot, best[2])])]
 
 
 def _swaps(fleet: _Fleet, hot: str) -> list[_Step]:
