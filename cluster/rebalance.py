@@ -20,7 +20,6 @@ from .planning import (
     _diff,
     _Fleet,
     _shares,
-    apply_counts,
     replicate,
 )
 
@@ -54,13 +53,13 @@ def rebalance(
     if num_replicas is None:
         num_replicas = sum(len(hs) for hs in current.values())
     counts = replicate(full, num_replicas, min_replicas, max_replicas)
-    starts = [apply_counts(full, capacity, current, counts)]
+    starts = [_counts_placement(full, capacity, current, counts)]  # apply_counts' (placement, unplaced)
     kept = {k: len(current.get(k, ())) for k in full}
     cap = math.inf if max_replicas is None else max_replicas
     if kept != counts and sum(kept.values()) == num_replicas and all(
             min_replicas <= c <= cap for c in kept.values()):
-        starts.append(PlacementPlan(current, [], []))
-    paths = [_Path(full, capacity, current, s.placement, s.unplaced) for s in starts]
+        starts.append((current, []))
+    paths = [_Path(full, capacity, current, *s) for s in starts]
     scratch = _Path(full, capacity, {}, *_counts_placement(full, capacity, {}, counts))
     for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
         relabelled = _relabel(scratch.placement_at(i), capacity, current)
