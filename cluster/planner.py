@@ -61,7 +61,8 @@ class Planner:
         self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
         self.at[rows, cols] = ids
         self.count = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.keys))  # [N] R of K
-        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()`, until `at` changes
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()` when last made
+        self._stale: dict[int, int] = {}  # K index -> its replicas in `_flat`, for rows changed since
         self._log: list[tuple[Key, str, int]] = []
 
     def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
@@ -96,9 +97,28 @@ class Planner:
         if self._flat is None:
             valid = self.at >= 0
             self._flat = (np.nonzero(valid)[0], self.at[valid])
-            for a in self._flat:
-                a.flags.writeable = False
+        elif self._stale:
+            self._flat = self._patched()
+        else:
+            return self._flat
+        self._stale = {}
+        for a in self._flat:
+            a.flags.writeable = False
         return self._flat
+
+    def _patched(self) -> tuple[np.ndarray, np.ndarray]:
+        """`replicas()` made anew from the last one, with the rows of `_stale` K taken from `at`:
+        O(changed K) in Python plus one O(R) copy."""
+        key, host = self._flat
+        ns = sorted(self._stale)
+        starts = np.searchsorted(key, ns).tolist()  # where each changed K's replicas began
+        keys, hosts, prev = [], [], 0
+        for n, i in zip(ns, starts, strict=True):
+            c = int(self.count[n])
+            keys += [key[prev:i], np.full(c, n, dtype=key.dtype)]
+            hosts += [host[prev:i], self.at[n, :c]]
+            prev = i + self._stale[n]
+        return np.concatenate(keys + [key[prev:]]), np.concatenate(hosts + [host[prev:]])
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
         count = self.count.copy()  # [N] replicas now
@@ -138,6 +158,8 @@ class Planner:
         row = self.at[n]
         row[:] = -1
         row[:len(hs)] = [self._host(h) for h in hs]
-        self.count[n], self._flat = len(hs), None
+        if self._flat is not None and n not in self._stale:
+            self._stale[n] = int(self.count[n])
+        self.count[n] = len(hs)
         for h in hs:
             self.held[h].add(k)

@@ -172,7 +172,7 @@ class Fleet:
         index = {h: i for i, h in enumerate(hosts)}
         remap = np.array([index.get(h, -1) for h in self.planner.hosts] or [0], dtype=np.int64)
         key, host = self.planner.replicas()
-        self.layout = Layout(key, remap[host], np.bincount(key, minlength=len(self.keys)), hosts)
+        self.layout = Layout(key, remap[host], self.planner.count.copy(), hosts)
         self.version += 1
 
     def _host_replicas(self) -> dict[str, int]:
