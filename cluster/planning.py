@@ -23,7 +23,7 @@ Key = tuple[int, int]             # (layer, expert id); ids need not be contiguo
 Placement = dict[Key, list[str]]  # K -> ids of the hosts holding its replicas
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan from scratch makes one per replica
 class Move:
     op: str  # "add" or "remove"
     key: Key
@@ -210,6 +210,50 @@ class _Fleet:
             heapq.heappush(self._heap, entry)
         return best
 
+    def place(self, pending: list[Key]) -> list[Key]:
+        """Add each K of `pending`, in order, on `coolest` H for it, or else on the H that
+        `_make_room` frees -> the K that found neither.
+
+        `coolest`'s common case and `add` are written out here (the planner's inner loop): the
+        heap's top entry, once checked, is the host that takes K, and the entry that replaces
+        it goes in with one sift (the old one would only be dropped later)."""
+        if self._heap is None:
+            self.coolest(None)  # builds the heap
+        heap, loads, held, capacity, share = self._heap, self.load, self.held, self.capacity, self.share
+        placement, origin, by_share, log = self.placement, self.origin, self._by_share, self.log
+        pop, replace = heapq.heappop, heapq.heapreplace
+        unplaced = []
+        for k in pending:
+            h = None
+            while heap:
+                load, n, top = heap[0]
+                if load != loads[top] or n != len(held[top]) or capacity.get(top, 0) <= n:
+                    pop(heap)
+                    continue
+                if k not in held[top]:
+                    h = top
+                break
+            if h is None:  # every H with a free slot at the top holds K: the slow way
+                h = self.coolest(k) or _make_room(self, k)
+                if h is None:
+                    unplaced.append(k)
+                else:
+                    self.add(k, h)
+                continue
+            hs = placement.get(k)  # add(k, h), written out
+            if hs is None:
+                placement[k] = [h]
+            else:
+                hs.append(h)
+            self.moved += -1 if h in origin.get(k, ()) else 1
+            held[h].add(k)
+            loads[h] = load = load + share[k]
+            by_share.pop(h, None)
+            replace(heap, (load, n + 1, h))
+            if log is not None:
+                log.append((k, h, -1))
+        return unplaced
+
     def hottest(self) -> str:
         """The most loaded H (ties: the largest id); `load` holds every H of `hosts`."""
         return max(zip(self.load.values(), self.load, strict=True))[1]
@@ -237,7 +281,8 @@ def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]
 def _diff(current: Placement, placement: Placement) -> list[Move]:
     """The net moves, removes first (each add then finds its slot free)."""
     if not current:  # a plan from scratch: every R is an add
-        return [Move("add", k, h) for k in sorted(placement) for h in sorted(set(placement[k]))]
+        return [Move("add", k, h) for k, hs in sorted(placement.items())
+                for h in (hs if len(hs) == 1 else sorted(set(hs)))]
     was = current.get
     changed = [k for k, hs in placement.items() if was(k) != hs]
     changed += [k for k in current if k not in placement]
@@ -296,14 +341,7 @@ def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
             (rest if k in fleet.placement or k in seen else firsts).append(k)
             seen.add(k)
         pending = firsts + rest
-    unplaced = []
-    for k in pending:
-        h = fleet.coolest(k) or _make_room(fleet, k)
-        if h is None:
-            unplaced.append(k)
-        else:
-            fleet.add(k, h)
-    return unplaced
+    return fleet.place(pending)
 
 
 def _make_room(fleet: _Fleet, k: Key) -> str | None:
