@@ -349,7 +349,10 @@ def _make_room(fleet: _Fleet, k: Key) -> str | None:
     such a free slot, and return the H it left (now free for K); None when no such pair exists.
     Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts
     (ties: the smallest (b, from H, to H)); per pair of hosts, `_best_move` finds it."""
-    free = [h for h in fleet.hosts if fleet.free(h) > 0]
+    slots, held = fleet.capacity.get, fleet.held
+    free = [h for h in fleet.hosts if slots(h, 0) > len(held[h])]  # fleet.free(h) > 0
+    if not free:  # every slot is taken: nothing can move
+        return None
     best = None
     for src in fleet.hosts:
         if k in fleet.held[src] or fleet.capacity.get(src, 0) <= 0:
