@@ -72,6 +72,7 @@ class Profile:
     rows: np.ndarray  # rows per call of the layer
     called: np.ndarray  # bool: hit > 0
     per_hit: np.ndarray  # busy / hit where called: the host's part of a call that reaches it
+    part: np.ndarray  # per_hit where called, -inf elsewhere (what `evaluate` takes the max of)
 
 
 def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
@@ -141,7 +142,7 @@ def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profi
     busy = hit * cfg.call_overhead_s + work + wire
     called = hit > 0
     per_hit = np.divide(busy, hit, out=np.zeros_like(busy), where=called)
-    return Profile(busy, hit, rows, called, per_hit)
+    return Profile(busy, hit, rows, called, per_hit, np.where(called, per_hit, -np.inf))
 
 
 def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
@@ -149,9 +150,13 @@ def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
     rho = prof.busy @ calls  # [H]
     host_calls = prof.hit @ calls  # [H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [H] M/D/1
-    s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)  # [H, L]
+    if rho.max(initial=0.0) < 1:  # no host saturated: every wait is finite
+        wait = rho * mean_s / (2 * (1 - rho))  # [H] M/D/1
+        s = prof.part + wait[:, None]  # [H, L], -inf where not called
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)
+        s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)
     return PeriodCost(cfg.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
 
 
