@@ -49,18 +49,20 @@ class Planner:
         self.held: dict[str, set[Key]] = {}
         self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
         self._hid: dict[str, int] = {}
-        rows, cols, ids, host = [], [], [], self._host
-        for k, hs in self.placement.items():  # what _sync does, key by key
-            n = self.index[k]
-            for j, h in enumerate(hs):
-                rows.append(n)
-                cols.append(j)
-                ids.append(host(h))
-                self.held[h].add(k)
-        width = max(map(len, self.placement.values()), default=1)
+        flat = [h for hs in self.placement.values() for h in hs]  # [R] K by K, as _sync lays them
+        for h in dict.fromkeys(flat):  # host indices in order of first sight
+            self._host(h)
+        held = self.held
+        for k, hs in self.placement.items():
+            for h in hs:
+                held[h].add(k)
+        per = np.array([len(hs) for hs in self.placement.values()], dtype=np.int64)  # [K placed]
+        rows = np.repeat(np.array([self.index[k] for k in self.placement], dtype=np.int64), per)  # [R]
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(per) - per, per)  # [R] place in its list
+        width = int(per.max(initial=1))
         self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
-        self.at[rows, cols] = ids
-        self.count = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.keys))  # [N] R of K
+        self.at[rows, cols] = [self._hid[h] for h in flat]
+        self.count = np.bincount(rows, minlength=len(self.keys))  # [N] R of K
         self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()` when last made
         self._stale: dict[int, int] = {}  # K index -> its replicas in `_flat`, for rows changed since
         self._log: list[tuple[Key, str, int]] = []

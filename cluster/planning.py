@@ -82,7 +82,7 @@ def replicate(
         raise ValueError(f"{num_replicas} replicas cannot give {len(load)} experts "
                          f"{min_replicas} each")
     logcnt = {k: min_replicas for k in sorted(load)}
-    heap = [(-_per_replica(load[k], c), k) for k, c in logcnt.items() if c < cap]
+    heap = [(-(load[k] / c) if c else -_per_replica(load[k], c), k) for k, c in logcnt.items() if c < cap]
     heapq.heapify(heap)
     for _ in range(num_replicas - len(load) * min_replicas):
         if not heap:
@@ -115,14 +115,19 @@ class _Fleet:
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
         self.log: list[tuple[Key, str, int]] | None = None  # see `adopt`
         self._by_share: dict[str, list[tuple[float, Key]]] = {}  # see `by_share`
-        held, load = self.held, self.load
-        for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
-            hs = placement[k]
+        held, load, out = self.held, self.load, self.placement
+        for k, hs in sorted(placement.items()):  # what add() does, inline: the planner's floor
+            if len(hs) == 1:  # most K: no inner loop
+                h = hs[0]
+                out[k] = [h]
+                held[h].add(k)
+                load[h] += share[k]
+                continue
             if not hs:
                 continue
-            if len(hs) > 1 and len(set(hs)) != len(hs):
+            if len(set(hs)) != len(hs):
                 raise ValueError(f"expert {k} has two replicas on one host: {hs}")
-            self.placement[k] = list(hs)
+            out[k] = list(hs)
             s = share[k]
             for h in hs:
                 held[h].add(k)
@@ -334,7 +339,7 @@ def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
         for _ in range(before[k] - counts[k]):
             fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
     pending = [k for k in sorted(counts) for _ in range(counts[k] - before[k])]
-    pending.sort(key=lambda k: -fleet.share[k])  # stable: ties keep key order
+    pending.sort(key=fleet.share.__getitem__, reverse=True)  # heaviest first; ties keep key order
     if firsts_first:
         seen, firsts, rest = set(), [], []
         for k in pending:

@@ -81,7 +81,8 @@ class Fleet:
             self.last_plan = t
             plan = placement.plan_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
                                                max_replicas=len(self.capacity))
-            adds = [h for k, hs in plan.placement.items() for h in set(hs) - set(self.placement.get(k, ()))]
+            adds = [h for k, hs in plan.placement.items() if hs != (was := self.placement.get(k))
+                    for h in (set(hs) - set(was) if was else hs)]
             self.planner.reset(plan.placement)
             self._schedule(t, adds)
         elif kind == "autoscale":
