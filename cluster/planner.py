@@ -89,8 +89,7 @@ class Planner:
             else:
                 self.placement.setdefault(k, []).insert(i, h)
                 self.held[h].add(k)
-        for k in {k for k, _, _ in self._log}:
-            self._sync(k)
+        self._sync({k for k, _, _ in self._log})
         self._log = []
 
     def replicas(self) -> tuple[np.ndarray, np.ndarray]:
@@ -124,8 +123,9 @@ class Planner:
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
         count = self.count.copy()  # [N] replicas now
-        before = {k: int(count[self.index[k]]) for k in counts}
-        count[[self.index[k] for k in counts]] = list(counts.values())
+        ns = [self.index[k] for k in counts]
+        before = dict(zip(counts, count[ns].tolist(), strict=True))
+        count[ns] = list(counts.values())
         share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
         hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
         for h in hosts:
@@ -138,9 +138,9 @@ class Planner:
         unplaced = _plan_counts(fleet, before, counts, firsts_first)
         self._log = fleet.log
         touched = sorted({k for k, _, _ in fleet.log})
-        was = {k: [self.hosts[i] for i in self.at[self.index[k]] if i >= 0] for k in touched}
-        for k in touched:
-            self._sync(k)
+        rows = self.at[[self.index[k] for k in touched]].tolist()
+        was = {k: [self.hosts[i] for i in row if i >= 0] for k, row in zip(touched, rows, strict=True)}
+        self._sync(touched)
         now = {k: self.placement[k] for k in touched if k in self.placement}
         return PlacementPlan(self.placement, _diff({k: v for k, v in was.items() if v}, now), unplaced)
 
@@ -151,17 +151,23 @@ class Planner:
             self.held.setdefault(h, set())
         return self._hid[h]
 
-    def _sync(self, k: Key) -> None:
-        """Row K of `at` (and `held`) from placement[K]."""
-        hs = self.placement.get(k, [])
-        if len(hs) > self.at.shape[1]:
-            self.at = np.pad(self.at, ((0, 0), (0, len(hs) - self.at.shape[1])), constant_values=-1)
-        n = self.index[k]
-        row = self.at[n]
-        row[:] = -1
-        row[:len(hs)] = [self._host(h) for h in hs]
-        if self._flat is not None and n not in self._stale:
-            self._stale[n] = int(self.count[n])
-        self.count[n] = len(hs)
-        for h in hs:
-            self.held[h].add(k)
+    def _sync(self, keys) -> None:
+        """The rows of `at`, `count` (and `held`) of these K (each once) from `placement`."""
+        ns = [self.index[k] for k in keys]
+        rows, cols, ids, lens = [], [], [], []
+        for k, n in zip(keys, ns, strict=True):
+            hs = self.placement.get(k, ())
+            lens.append(len(hs))
+            for j, h in enumerate(hs):
+                rows.append(n)
+                cols.append(j)
+                ids.append(self._host(h))
+                self.held[h].add(k)
+        if max(lens, default=0) > self.at.shape[1]:
+            self.at = np.pad(self.at, ((0, 0), (0, max(lens) - self.at.shape[1])), constant_values=-1)
+        if self._flat is not None:
+            for n, c in zip(ns, self.count[ns].tolist(), strict=True):
+                self._stale.setdefault(n, c)
+        self.at[ns] = -1
+        self.at[rows, cols] = ids
+        self.count[ns] = lens

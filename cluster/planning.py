@@ -238,6 +238,9 @@ class _Fleet:
                 if k not in held[top]:
                     h = top
                 break
+            if not heap:  # no H has a free slot (each has an entry while it does): none fits
+                unplaced.append(k)
+                continue
             if h is None:  # every H with a free slot at the top holds K: the slow way
                 h = self.coolest(k) or _make_room(self, k)
                 if h is None:
