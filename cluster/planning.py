@@ -116,7 +116,8 @@ class _Fleet:
         self.log: list[tuple[Key, str, int]] | None = None  # see `adopt`
         self._by_share: dict[str, list[tuple[float, Key]]] = {}  # see `by_share`
         held, load, out = self.held, self.load, self.placement
-        for k, hs in sorted(placement.items()):  # what add() does, inline: the planner's floor
+        for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
+            hs = placement[k]
             if len(hs) == 1:  # most K: no inner loop
                 h = hs[0]
                 out[k] = [h]
@@ -286,11 +287,14 @@ def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]
     return out
 
 
+def _sorted_hosts(hs: list[str]) -> list[str]:
+    return hs if len(hs) == 1 else sorted(set(hs))
+
+
 def _diff(current: Placement, placement: Placement) -> list[Move]:
     """The net moves, removes first (each add then finds its slot free)."""
     if not current:  # a plan from scratch: every R is an add
-        return [Move("add", k, h) for k, hs in sorted(placement.items())
-                for h in (hs if len(hs) == 1 else sorted(set(hs)))]
+        return [Move("add", k, h) for k in sorted(placement) for h in _sorted_hosts(placement[k])]
     was = current.get
     changed = [k for k, hs in placement.items() if was(k) != hs]
     changed += [k for k in current if k not in placement]

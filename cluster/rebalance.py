@@ -156,12 +156,18 @@ def _relabel(placement: Placement, capacity: dict[str, int], current: Placement)
                       for dst in current.get(k, ()) if dst in capacity for src in hs)
     to: dict[str, str] = {}
     taken: set[str] = set()
-    pairs = sorted(overlap, key=lambda p: (-overlap[p], p))
-    pairs += [(s, d) for s in sorted(held, key=lambda s: -held[s]) for d in sorted(capacity)]
-    for src, dst in pairs:
+    for src, dst in sorted(overlap, key=lambda p: (-overlap[p], p)):
         if src not in to and dst not in taken and held[src] <= capacity[dst]:
             to[src] = dst
             taken.add(dst)
+    if len(to) < len(held):  # the rest, fullest first, each on the first free host it fits
+        dsts = sorted(capacity)
+        for src in sorted(held, key=lambda s: -held[s]):
+            if src not in to:
+                dst = next((d for d in dsts if d not in taken and held[src] <= capacity[d]), None)
+                if dst is not None:
+                    to[src] = dst
+                    taken.add(dst)
     if len(to) < len(held):  # the contents do not fit a permutation: keep the plan's hosts
         return placement
     return {k: [to[h] for h in hs] for k, hs in placement.items()}
@@ -171,7 +177,7 @@ def _floor(fleet: _Fleet) -> float:
     """A lower bound on the hottest H for these replicas: the even share, or the heaviest R."""
     usable = [h for h in fleet.hosts if fleet.capacity.get(h, 0) > 0] or fleet.hosts
     even = sum(fleet.load.values()) / max(len(usable), 1)
-    return max([even] + [fleet.share[k] for k in fleet.placement])
+    return max(even, max(map(fleet.share.__getitem__, fleet.placement), default=even))
 
 
 def _relieve_hottest(fleet: _Fleet, hot: str) -> list[tuple[Key, str, str]]:
