@@ -302,6 +302,10 @@ def _diff(current: Placement, placement: Placement) -> list[Move]:
     removes, adds, empty = [], [], ()
     for k in changed:
         old, new = current.get(k, empty), placement.get(k, empty)
+        if len(old) == len(new) == 1 and old[0] != new[0]:  # most K: one replica moved
+            removes.append(Move("remove", k, old[0]))
+            adds.append(Move("add", k, new[0]))
+            continue
         removes += [Move("remove", k, h) for h in sorted(set(old).difference(new))]
         adds += [Move("add", k, h) for h in sorted(set(new).difference(old))]
     return removes + adds

@@ -11,6 +11,7 @@ import bisect
 import dataclasses
 import math
 from collections import Counter
+from itertools import chain
 
 from .planning import (
     Key,
@@ -150,7 +151,7 @@ def _relabel(placement: Placement, capacity: dict[str, int], current: Placement)
     contents only going to a host with the slots for them.
     """
     held = dict.fromkeys(capacity, 0)  # planned H -> its R, hosts beyond capacity as they come
-    for h, n in Counter(h for hs in placement.values() for h in hs).items():
+    for h, n in Counter(chain.from_iterable(placement.values())).items():
         held[h] = held.get(h, 0) + n
     overlap = Counter((src, dst) for k, hs in placement.items()
                       for dst in current.get(k, ()) if dst in capacity for src in hs)
@@ -170,7 +171,7 @@ def _relabel(placement: Placement, capacity: dict[str, int], current: Placement)
                     taken.add(dst)
     if len(to) < len(held):  # the contents do not fit a permutation: keep the plan's hosts
         return placement
-    return {k: [to[h] for h in hs] for k, hs in placement.items()}
+    return {k: [to[hs[0]]] if len(hs) == 1 else [to[h] for h in hs] for k, hs in placement.items()}
 
 
 def _floor(fleet: _Fleet) -> float:

@@ -131,7 +131,10 @@ def merged_tokens(cfg: CostConfig, tokens_per_s: np.ndarray, latency_s: np.ndarr
 def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profile:
     """x: [N] rows per call of each expert's layer (`rows_per_call`) -> its Profile on `lay`."""
     L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
-    n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)  # [N] rows per replica
+    if lay.count.min(initial=1) > 0:  # every expert has a replica (the policies keep one)
+        n = x / lay.count  # [N] rows per replica
+    else:
+        n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)
     t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
                    -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [N] s per call
     idx = lay.host * L + lay.key // E  # [R] (host, layer) cell
@@ -141,8 +144,9 @@ def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profi
     wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
     busy = hit * cfg.call_overhead_s + work + wire
     called = hit > 0
-    per_hit = np.divide(busy, hit, out=np.zeros_like(busy), where=called)
-    return Profile(busy, hit, rows, called, per_hit, np.where(called, per_hit, -np.inf))
+    with np.errstate(divide="ignore", invalid="ignore"):  # where not called: masked next
+        q = busy / hit
+    return Profile(busy, hit, rows, called, np.where(called, q, 0.0), np.where(called, q, -np.inf))
 
 
 def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
