@@ -113,13 +113,12 @@ class Planner:
         key, host = self._flat
         ns = sorted(self._stale)
         starts = np.searchsorted(key, ns).tolist()  # where each changed K's replicas began
-        keys, hosts, prev = [], [], 0
-        for n, i in zip(ns, starts, strict=True):
-            c = int(self.count[n])
-            keys += [key[prev:i], np.full(c, n, dtype=key.dtype)]
-            hosts += [host[prev:i], self.at[n, :c]]
+        hosts, prev, at = [], 0, self.at
+        for n, i, c in zip(ns, starts, self.count[ns].tolist(), strict=True):
+            hosts += [host[prev:i], at[n, :c]]
             prev = i + self._stale[n]
-        return np.concatenate(keys + [key[prev:]]), np.concatenate(hosts + [host[prev:]])
+        key = np.repeat(np.arange(len(self.keys), dtype=key.dtype), self.count)  # K by K
+        return key, np.concatenate(hosts + [host[prev:]])
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
         count = self.count.copy()  # [N] replicas now
@@ -153,16 +152,18 @@ class Planner:
 
     def _sync(self, keys) -> None:
         """The rows of `at`, `count` (and `held`) of these K (each once) from `placement`."""
-        ns = [self.index[k] for k in keys]
-        rows, cols, ids, lens = [], [], [], []
-        for k, n in zip(keys, ns, strict=True):
-            hs = self.placement.get(k, ())
+        index, placement, held, hid = self.index, self.placement, self.held, self._hid
+        ns, rows, cols, ids, lens = [], [], [], [], []
+        for k in keys:
+            n = index[k]
+            ns.append(n)
+            hs = placement.get(k, ())
             lens.append(len(hs))
             for j, h in enumerate(hs):
                 rows.append(n)
                 cols.append(j)
-                ids.append(self._host(h))
-                self.held[h].add(k)
+                ids.append(hid[h] if h in hid else self._host(h))
+                held[h].add(k)
         if max(lens, default=0) > self.at.shape[1]:
             self.at = np.pad(self.at, ((0, 0), (0, max(lens) - self.at.shape[1])), constant_values=-1)
         if self._flat is not None:
