@@ -25,7 +25,7 @@ __all__ = ["Series", "Summary", "simulate", "summarise", "table", "run"]
 
 _CHUNK = 256  # periods of load drawn at once
 _SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
-_ROWS = 8  # rows of [n, N] compared at once (`_same_as_before`)
+_ROWS = 4  # rows of [n, N] compared at once (`_same_as_before`)
 
 
 @dataclass
@@ -84,14 +84,18 @@ def _same_as_before(x: np.ndarray, last: np.ndarray) -> np.ndarray:
     within _SAME (relative) of the row before it. A few rows at a time: the temporaries stay
     in cache."""
     out = np.empty(len(x), dtype=bool)
+    d, tol = np.empty((2, _ROWS, x.shape[1]))  # [_ROWS, N] each, reused
+    ok = np.empty((_ROWS, x.shape[1]), dtype=bool)
     for a in range(0, len(x), _ROWS):
         b = min(a + _ROWS, len(x))
         prev = x[a - 1:b - 1] if a else np.concatenate([last, x[:b - 1]])  # [b - a, N]
-        d = np.subtract(x[a:b], prev)
-        np.abs(d, out=d)
-        tol = np.abs(prev)
-        tol *= _SAME
-        out[a:b] = (d <= tol).all(axis=1)
+        m = b - a
+        np.subtract(x[a:b], prev, out=d[:m])
+        np.abs(d[:m], out=d[:m])
+        np.abs(prev, out=tol[:m])
+        tol[:m] *= _SAME
+        np.less_equal(d[:m], tol[:m], out=ok[:m])
+        out[a:b] = ok[:m].all(axis=1)
     return out
 
 
