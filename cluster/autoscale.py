@@ -216,7 +216,13 @@ LOAD_SMOOTHING = 0.5  # weight of the newest period's rate in the load that plac
 def smooth_load(rate, old):
     """The load placement plans for: an exponential moving average of the measured rates; the
     first one starts it. Works on floats and on numpy arrays alike."""
-    return rate if old is None else LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
+    if old is None:
+        return rate
+    if isinstance(rate, np.ndarray) and np.shape(old) == rate.shape:  # the same sum, one temporary fewer
+        out = rate * LOAD_SMOOTHING
+        out += (1 - LOAD_SMOOTHING) * old
+        return out
+    return LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
 
 
 def retirable(retire_hosts: list[str], host_replicas: dict[str, int], min_hosts: int) -> list[str]:

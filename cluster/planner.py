@@ -54,8 +54,11 @@ class Planner:
             self._host(h)
         held = self.held
         for k, hs in self.placement.items():
-            for h in hs:
-                held[h].add(k)
+            if len(hs) == 1:
+                held[hs[0]].add(k)
+            else:
+                for h in hs:
+                    held[h].add(k)
         per = np.array([len(hs) for hs in self.placement.values()], dtype=np.int64)  # [K placed]
         rows = np.repeat(np.array([self.index[k] for k in self.placement], dtype=np.int64), per)  # [R]
         cols = np.arange(len(flat)) - np.repeat(np.cumsum(per) - per, per)  # [R] place in its list
