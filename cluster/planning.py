@@ -336,7 +336,7 @@ def _counts_placement(load: dict[Key, float], capacity: dict[str, int], current:
     """`apply_counts`' placement and unplaced, without its moves; `firsts_first` as the
     retry that `apply_counts` makes when a K would be left with no replica."""
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
-    before = {k: len(current.get(k, ())) for k in counts}
+    before = {k: len(current.get(k, ())) for k in counts} if current else dict.fromkeys(counts, 0)
     unplaced = _plan_counts(fleet, before, counts, firsts_first)
     if not firsts_first and any(k not in fleet.placement for k in unplaced):
         return _counts_placement(load, capacity, current, counts, True)
@@ -346,10 +346,12 @@ def _counts_placement(load: dict[Key, float], capacity: dict[str, int], current:
 def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
                  firsts_first: bool) -> list[Key]:
     """`apply_counts`' steps on `fleet` (before[K]: replicas K has there now) -> unplaced."""
-    for k in sorted(counts):
-        for _ in range(before[k] - counts[k]):
-            fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
-    pending = [k for k in sorted(counts) for _ in range(counts[k] - before[k])]
+    keys = sorted(counts)
+    for k in keys:
+        if before[k] > counts[k]:
+            for _ in range(before[k] - counts[k]):
+                fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
+    pending = [k for k in keys for _ in range(counts[k] - before[k])]
     pending.sort(key=fleet.share.__getitem__, reverse=True)  # heaviest first; ties keep key order
     if firsts_first:
         seen, firsts, rest = set(), [], []
