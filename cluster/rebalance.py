@@ -62,7 +62,9 @@ def rebalance(
         starts.append((current, []))
     paths = [_Path(full, capacity, current, *s) for s in starts]
     scratch = _Path(full, capacity, {}, *_counts_placement(full, capacity, {}, counts))
-    for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
+    # before and after its search, each relabelled; once when it took no step (a second, equal
+    # path could never be chosen over the first)
+    for i in dict.fromkeys((0, len(scratch.steps))):
         relabelled = _relabel(scratch.placement_at(i), capacity, current)
         paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced))
     plans = [(p, i) for p in paths for i in range(len(p.scores))]
