@@ -51,6 +51,8 @@ class Fleet:
         self.version = 0  # counts the layouts that served: the cost model's profile is per layout
         self._held: dict[str, int] = {}  # `_host_replicas`, for (version, hosts) `_held_for`
         self._held_for: tuple | None = None
+        self._to_drain: list[str] = []  # `hosts_to_drain` for (version, hosts) `_drain_for`
+        self._drain_for: tuple | None = None
         if pol.kind == "autoscale":
             self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
         else:
@@ -122,8 +124,13 @@ class Fleet:
         """What the Controller's `_consolidate` does: empty the hosts `hosts_to_drain` names;
         they retire (`autoscale.retirable`) once their replicas serve elsewhere."""
         cfg = self.sc.autoscaling
-        hosts = placement.hosts_to_drain(self._host_replicas(), self.capacity, cfg.consolidate_max_moves,
-                                         self.sc.hosts.count, cfg.consolidate_spare)
+        key = (self.version, tuple(self.capacity))
+        if self._drain_for != key:  # a pure function of what `_host_replicas` is kept for
+            self._to_drain = placement.hosts_to_drain(self._host_replicas(), self.capacity,
+                                                      cfg.consolidate_max_moves, self.sc.hosts.count,
+                                                      cfg.consolidate_spare)
+            self._drain_for = key
+        hosts = self._to_drain
         if hosts:
             plan, self.draining = placement.drain(self._dict(self.load), self.capacity, self.placement, hosts)
             if self.draining:
