@@ -130,21 +130,41 @@ def expert_targets(
     count outside [min, max] at once, and moves towards the wish only once it has pointed the
     same way for that direction's delay. `state` is not modified."""
     r = np.asarray(tokens_per_s, dtype=np.float64)
-    x = np.where(np.isfinite(r) & (r > 0), r, 0.0)
-    old = state.smoothed
-    smoothed = np.where(np.isnan(old), x, cfg.smoothing * x + (1 - cfg.smoothing) * old)
-    desired = np.where(smoothed > 0, np.maximum(cfg.min_replicas, np.ceil(
-        np.minimum(smoothed / cfg.target_tokens_per_s, cfg.max_replicas))), cfg.min_replicas).astype(np.int64)
-    base = np.clip(np.asarray(current, dtype=np.int64), cfg.min_replicas, cfg.max_replicas)
-    up = desired > base
-    pn = state.pending_n
-    same_way = (pn > 0) & ((pn > base) == up) & (pn != base)
-    since = np.where(same_way, state.pending_since, now)
+    x = np.where(r > 0, r, 0.0)  # [N]
+    if x.max(initial=0.0) == np.inf:
+        x[np.isinf(x)] = 0.0
+    smoothed = _smooth(cfg.smoothing, x, state.smoothed)
+    # where smoothed is <= 0 or NaN (fmax skips it) this gives min_replicas, as desired_replicas does
+    desired = np.minimum(smoothed / cfg.target_tokens_per_s, cfg.max_replicas)
+    np.ceil(desired, out=desired)
+    np.fmax(desired, cfg.min_replicas, out=desired)
+    desired = desired.astype(np.int64)  # [N]
+    base = np.asarray(current, dtype=np.int64)
+    if base.min(initial=cfg.min_replicas) < cfg.min_replicas or base.max(initial=0) > cfg.max_replicas:
+        base = np.clip(base, cfg.min_replicas, cfg.max_replicas)
+    # only the experts whose wish differs from their count can fire or wait; the rest keep it
+    n = np.flatnonzero(desired != base)  # [M]
+    want, have, pn = desired[n], base[n], state.pending_n[n]  # [M]
+    up = want > have
+    same_way = (pn > 0) & ((pn > have) == up) & (pn != have)
+    since = np.where(same_way, state.pending_since[n], now)
     fire = now - since >= np.where(up, cfg.upscale_delay_s, cfg.downscale_delay_s)
-    moving = desired != base
-    target = np.where(moving & fire, desired, base)
-    wait = moving & ~fire
-    return target, ExpertState(smoothed, np.where(wait, desired, 0), np.where(wait, since, 0.0))
+    target = base.copy()
+    target[n[fire]] = want[fire]
+    wait = ~fire
+    pending_n, pending_since = np.zeros(len(base), dtype=np.int64), np.zeros(len(base))
+    pending_n[n[wait]], pending_since[n[wait]] = want[wait], since[wait]
+    return target, ExpertState(smoothed, pending_n, pending_since)
+
+
+def _smooth(weight: float, x: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """weight · x + (1 − weight) · old, or x where old is NaN (no sample yet)."""
+    out = x * weight
+    out += (1 - weight) * old
+    nan = np.isnan(old)
+    if nan.any():
+        out[nan] = x[nan]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +216,13 @@ LOAD_SMOOTHING = 0.5  # weight of the newest period's rate in the load that plac
 def smooth_load(rate, old):
     """The load placement plans for: an exponential moving average of the measured rates; the
     first one starts it. Works on floats and on numpy arrays alike."""
-    return rate if old is None else LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
+    if old is None:
+        return rate
+    if isinstance(rate, np.ndarray) and np.shape(old) == rate.shape:  # the same sum, one temporary fewer
+        out = rate * LOAD_SMOOTHING
+        out += (1 - LOAD_SMOOTHING) * old
+        return out
+    return LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
 
 
 def retirable(retire_hosts: list[str], host_replicas: dict[str, int], min_hosts: int) -> list[str]:

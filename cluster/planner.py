@@ -49,19 +49,25 @@ class Planner:
         self.held: dict[str, set[Key]] = {}
         self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
         self._hid: dict[str, int] = {}
-        rows, cols, ids, host = [], [], [], self._host
-        for k, hs in self.placement.items():  # what _sync does, key by key
-            n = self.index[k]
-            for j, h in enumerate(hs):
-                rows.append(n)
-                cols.append(j)
-                ids.append(host(h))
-                self.held[h].add(k)
-        width = max(map(len, self.placement.values()), default=1)
+        flat = [h for hs in self.placement.values() for h in hs]  # [R] K by K, as _sync lays them
+        for h in dict.fromkeys(flat):  # host indices in order of first sight
+            self._host(h)
+        held = self.held
+        for k, hs in self.placement.items():
+            if len(hs) == 1:
+                held[hs[0]].add(k)
+            else:
+                for h in hs:
+                    held[h].add(k)
+        per = np.array([len(hs) for hs in self.placement.values()], dtype=np.int64)  # [K placed]
+        rows = np.repeat(np.array([self.index[k] for k in self.placement], dtype=np.int64), per)  # [R]
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(per) - per, per)  # [R] place in its list
+        width = int(per.max(initial=1))
         self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
-        self.at[rows, cols] = ids
-        self.count = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(self.keys))  # [N] R of K
-        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()`, until `at` changes
+        self.at[rows, cols] = [self._hid[h] for h in flat]
+        self.count = np.bincount(rows, minlength=len(self.keys))  # [N] R of K
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()` when last made
+        self._stale: dict[int, int] = {}  # K index -> its replicas in `_flat`, for rows changed since
         self._log: list[tuple[Key, str, int]] = []
 
     def apply_counts(self, load: np.ndarray, counts: dict[Key, int]) -> PlacementPlan:
@@ -86,8 +92,7 @@ class Planner:
             else:
                 self.placement.setdefault(k, []).insert(i, h)
                 self.held[h].add(k)
-        for k in {k for k, _, _ in self._log}:
-            self._sync(k)
+        self._sync({k for k, _, _ in self._log})
         self._log = []
 
     def replicas(self) -> tuple[np.ndarray, np.ndarray]:
@@ -96,14 +101,33 @@ class Planner:
         if self._flat is None:
             valid = self.at >= 0
             self._flat = (np.nonzero(valid)[0], self.at[valid])
-            for a in self._flat:
-                a.flags.writeable = False
+        elif self._stale:
+            self._flat = self._patched()
+        else:
+            return self._flat
+        self._stale = {}
+        for a in self._flat:
+            a.flags.writeable = False
         return self._flat
+
+    def _patched(self) -> tuple[np.ndarray, np.ndarray]:
+        """`replicas()` made anew from the last one, with the rows of `_stale` K taken from `at`:
+        O(changed K) in Python plus one O(R) copy."""
+        key, host = self._flat
+        ns = sorted(self._stale)
+        starts = np.searchsorted(key, ns).tolist()  # where each changed K's replicas began
+        hosts, prev, at = [], 0, self.at
+        for n, i, c in zip(ns, starts, self.count[ns].tolist(), strict=True):
+            hosts += [host[prev:i], at[n, :c]]
+            prev = i + self._stale[n]
+        key = np.repeat(np.arange(len(self.keys), dtype=key.dtype), self.count)  # K by K
+        return key, np.concatenate(hosts + [host[prev:]])
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
         count = self.count.copy()  # [N] replicas now
-        before = {k: int(count[self.index[k]]) for k in counts}
-        count[[self.index[k] for k in counts]] = list(counts.values())
+        ns = [self.index[k] for k in counts]
+        before = dict(zip(counts, count[ns].tolist(), strict=True))
+        count[ns] = list(counts.values())
         share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
         hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
         for h in hosts:
@@ -116,9 +140,9 @@ class Planner:
         unplaced = _plan_counts(fleet, before, counts, firsts_first)
         self._log = fleet.log
         touched = sorted({k for k, _, _ in fleet.log})
-        was = {k: [self.hosts[i] for i in self.at[self.index[k]] if i >= 0] for k in touched}
-        for k in touched:
-            self._sync(k)
+        rows = self.at[[self.index[k] for k in touched]].tolist()
+        was = {k: [self.hosts[i] for i in row if i >= 0] for k, row in zip(touched, rows, strict=True)}
+        self._sync(touched)
         now = {k: self.placement[k] for k in touched if k in self.placement}
         return PlacementPlan(self.placement, _diff({k: v for k, v in was.items() if v}, now), unplaced)
 
@@ -129,15 +153,25 @@ class Planner:
             self.held.setdefault(h, set())
         return self._hid[h]
 
-    def _sync(self, k: Key) -> None:
-        """Row K of `at` (and `held`) from placement[K]."""
-        hs = self.placement.get(k, [])
-        if len(hs) > self.at.shape[1]:
-            self.at = np.pad(self.at, ((0, 0), (0, len(hs) - self.at.shape[1])), constant_values=-1)
-        n = self.index[k]
-        row = self.at[n]
-        row[:] = -1
-        row[:len(hs)] = [self._host(h) for h in hs]
-        self.count[n], self._flat = len(hs), None
-        for h in hs:
-            self.held[h].add(k)
+    def _sync(self, keys) -> None:
+        """The rows of `at`, `count` (and `held`) of these K (each once) from `placement`."""
+        index, placement, held, hid = self.index, self.placement, self.held, self._hid
+        ns, rows, cols, ids, lens = [], [], [], [], []
+        for k in keys:
+            n = index[k]
+            ns.append(n)
+            hs = placement.get(k, ())
+            lens.append(len(hs))
+            for j, h in enumerate(hs):
+                rows.append(n)
+                cols.append(j)
+                ids.append(hid[h] if h in hid else self._host(h))
+                held[h].add(k)
+        if max(lens, default=0) > self.at.shape[1]:
+            self.at = np.pad(self.at, ((0, 0), (0, max(lens) - self.at.shape[1])), constant_values=-1)
+        if self._flat is not None:
+            for n, c in zip(ns, self.count[ns].tolist(), strict=True):
+                self._stale.setdefault(n, c)
+        self.at[ns] = -1
+        self.at[rows, cols] = ids
+        self.count[ns] = lens

@@ -23,7 +23,7 @@ Key = tuple[int, int]             # (layer, expert id); ids need not be contiguo
 Placement = dict[Key, list[str]]  # K -> ids of the hosts holding its replicas
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan from scratch makes one per replica
 class Move:
     op: str  # "add" or "remove"
     key: Key
@@ -82,7 +82,7 @@ def replicate(
         raise ValueError(f"{num_replicas} replicas cannot give {len(load)} experts "
                          f"{min_replicas} each")
     logcnt = {k: min_replicas for k in sorted(load)}
-    heap = [(-_per_replica(load[k], c), k) for k, c in logcnt.items() if c < cap]
+    heap = [(-(load[k] / c) if c else -_per_replica(load[k], c), k) for k, c in logcnt.items() if c < cap]
     heapq.heapify(heap)
     for _ in range(num_replicas - len(load) * min_replicas):
         if not heap:
@@ -115,14 +115,20 @@ class _Fleet:
         self._heap: list[tuple[float, int, str]] | None = None  # (load, replicas, H), built on use
         self.log: list[tuple[Key, str, int]] | None = None  # see `adopt`
         self._by_share: dict[str, list[tuple[float, Key]]] = {}  # see `by_share`
-        held, load = self.held, self.load
+        held, load, out = self.held, self.load, self.placement
         for k in sorted(placement):  # what add() does, inline: this loop is the planner's floor
             hs = placement[k]
+            if len(hs) == 1:  # most K: no inner loop
+                h = hs[0]
+                out[k] = [h]
+                held[h].add(k)
+                load[h] += share[k]
+                continue
             if not hs:
                 continue
-            if len(hs) > 1 and len(set(hs)) != len(hs):
+            if len(set(hs)) != len(hs):
                 raise ValueError(f"expert {k} has two replicas on one host: {hs}")
-            self.placement[k] = list(hs)
+            out[k] = list(hs)
             s = share[k]
             for h in hs:
                 held[h].add(k)
@@ -210,12 +216,62 @@ class _Fleet:
             heapq.heappush(self._heap, entry)
         return best
 
+    def place(self, pending: list[Key]) -> list[Key]:
+        """Add each K of `pending`, in order, on `coolest` H for it, or else on the H that
+        `_make_room` frees -> the K that found neither.
+
+        `coolest`'s common case and `add` are written out here (the planner's inner loop): the
+        heap's top entry, once checked, is the host that takes K, and the entry that replaces
+        it goes in with one sift (the old one would only be dropped later)."""
+        if self._heap is None:
+            self.coolest(None)  # builds the heap
+        heap, loads, held, capacity, share = self._heap, self.load, self.held, self.capacity, self.share
+        placement, origin, by_share, log = self.placement, self.origin, self._by_share, self.log
+        pop, replace = heapq.heappop, heapq.heapreplace
+        unplaced = []
+        for k in pending:
+            h = None
+            while heap:
+                load, n, top = heap[0]
+                if load != loads[top] or n != len(held[top]) or capacity.get(top, 0) <= n:
+                    pop(heap)
+                    continue
+                if k not in held[top]:
+                    h = top
+                break
+            if not heap:  # no H has a free slot (each has an entry while it does): none fits
+                unplaced.append(k)
+                continue
+            if h is None:  # every H with a free slot at the top holds K: the slow way
+                h = self.coolest(k) or _make_room(self, k)
+                if h is None:
+                    unplaced.append(k)
+                else:
+                    self.add(k, h)
+                continue
+            hs = placement.get(k)  # add(k, h), written out
+            if hs is None:
+                placement[k] = [h]
+            else:
+                hs.append(h)
+            self.moved += -1 if h in origin.get(k, ()) else 1
+            held[h].add(k)
+            loads[h] = load = load + share[k]
+            by_share.pop(h, None)
+            replace(heap, (load, n + 1, h))
+            if log is not None:
+                log.append((k, h, -1))
+        return unplaced
+
     def hottest(self) -> str:
-        return max(self.hosts, key=lambda h: (self.load[h], h))
+        """The most loaded H (ties: the largest id); `load` holds every H of `hosts`."""
+        return max(zip(self.load.values(), self.load, strict=True))[1]
 
 
 def _moved(origin: Placement, placement: Placement) -> int:
     """How many (K, H) pairs are in one placement and not the other (R added plus removed)."""
+    if not origin:  # every R is new (a placement's lists hold distinct hosts, as _Fleet checks)
+        return sum(map(len, placement.values()))
     was = origin.get
     moved = sum(len(set(was(k, ())).symmetric_difference(hs))
                 for k, hs in placement.items() if was(k) != hs)
@@ -224,19 +280,21 @@ def _moved(origin: Placement, placement: Placement) -> int:
 
 def _shares(load: dict[Key, float], placement: Placement, counts: dict[Key, int]) -> dict[Key, float]:
     """K -> tokens/s of one R once K has counts[K] replicas (else as many as it has now)."""
-    out, in_load, in_counts = {}, load.get, counts.get
-    for k in load.keys() | placement.keys() | counts.keys():
-        c = in_counts(k)
-        if c is None:
-            c = len(placement.get(k, ()))
-        out[k] = in_load(k, 0.0) / c if c else 0.0
+    get = load.get
+    out = dict.fromkeys(load.keys() - placement.keys(), 0.0)  # no replica now
+    out.update({k: get(k, 0.0) / len(hs) if hs else 0.0 for k, hs in placement.items()})
+    out.update({k: get(k, 0.0) / c if c else 0.0 for k, c in counts.items()})
     return out
+
+
+def _sorted_hosts(hs: list[str]) -> list[str]:
+    return hs if len(hs) == 1 else sorted(set(hs))
 
 
 def _diff(current: Placement, placement: Placement) -> list[Move]:
     """The net moves, removes first (each add then finds its slot free)."""
     if not current:  # a plan from scratch: every R is an add
-        return [Move("add", k, h) for k in sorted(placement) for h in sorted(set(placement[k]))]
+        return [Move("add", k, h) for k in sorted(placement) for h in _sorted_hosts(placement[k])]
     was = current.get
     changed = [k for k, hs in placement.items() if was(k) != hs]
     changed += [k for k in current if k not in placement]
@@ -244,6 +302,10 @@ def _diff(current: Placement, placement: Placement) -> list[Move]:
     removes, adds, empty = [], [], ()
     for k in changed:
         old, new = current.get(k, empty), placement.get(k, empty)
+        if len(old) == len(new) == 1 and old[0] != new[0]:  # most K: one replica moved
+            removes.append(Move("remove", k, old[0]))
+            adds.append(Move("add", k, new[0]))
+            continue
         removes += [Move("remove", k, h) for h in sorted(set(old).difference(new))]
         adds += [Move("add", k, h) for h in sorted(set(new).difference(old))]
     return removes + adds
@@ -265,42 +327,39 @@ def apply_counts(
     """
     if any(c < 0 for c in counts.values()):
         raise ValueError(f"replica counts must be >= 0: {counts}")
-    plan = _apply_counts(load, capacity, current, counts, firsts_first=False)
-    if any(k not in plan.placement for k in plan.unplaced):
-        plan = _apply_counts(load, capacity, current, counts, firsts_first=True)
-    return plan
+    placement, unplaced = _counts_placement(load, capacity, current, counts)
+    return PlacementPlan(placement, _diff(current, placement), unplaced)
 
 
-def _apply_counts(load: dict[Key, float], capacity: dict[str, int], current: Placement,
-                  counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
+def _counts_placement(load: dict[Key, float], capacity: dict[str, int], current: Placement,
+                      counts: dict[Key, int], firsts_first: bool = False) -> tuple[Placement, list[Key]]:
+    """`apply_counts`' placement and unplaced, without its moves; `firsts_first` as the
+    retry that `apply_counts` makes when a K would be left with no replica."""
     fleet = _Fleet(capacity, current, _shares(load, current, counts))
-    before = {k: len(current.get(k, ())) for k in counts}
+    before = {k: len(current.get(k, ())) for k in counts} if current else dict.fromkeys(counts, 0)
     unplaced = _plan_counts(fleet, before, counts, firsts_first)
-    return PlacementPlan(fleet.placement, _diff(current, fleet.placement), unplaced)
+    if not firsts_first and any(k not in fleet.placement for k in unplaced):
+        return _counts_placement(load, capacity, current, counts, True)
+    return fleet.placement, unplaced
 
 
 def _plan_counts(fleet: _Fleet, before: dict[Key, int], counts: dict[Key, int],
                  firsts_first: bool) -> list[Key]:
     """`apply_counts`' steps on `fleet` (before[K]: replicas K has there now) -> unplaced."""
-    for k in sorted(counts):
-        for _ in range(before[k] - counts[k]):
-            fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
-    pending = [k for k in sorted(counts) for _ in range(counts[k] - before[k])]
-    pending.sort(key=lambda k: -fleet.share[k])  # stable: ties keep key order
+    keys = sorted(counts)
+    for k in keys:
+        if before[k] > counts[k]:
+            for _ in range(before[k] - counts[k]):
+                fleet.remove(k, max(fleet.placement[k], key=lambda h: (fleet.load[h], h)))
+    pending = [k for k in keys for _ in range(counts[k] - before[k])]
+    pending.sort(key=fleet.share.__getitem__, reverse=True)  # heaviest first; ties keep key order
     if firsts_first:
         seen, firsts, rest = set(), [], []
         for k in pending:
             (rest if k in fleet.placement or k in seen else firsts).append(k)
             seen.add(k)
         pending = firsts + rest
-    unplaced = []
-    for k in pending:
-        h = fleet.coolest(k) or _make_room(fleet, k)
-        if h is None:
-            unplaced.append(k)
-        else:
-            fleet.add(k, h)
-    return unplaced
+    return fleet.place(pending)
 
 
 def _make_room(fleet: _Fleet, k: Key) -> str | None:
@@ -308,7 +367,10 @@ def _make_room(fleet: _Fleet, k: Key) -> str | None:
     such a free slot, and return the H it left (now free for K); None when no such pair exists.
     Of the possible (b, from H, to H), the one that leaves the lower peak of the two hosts
     (ties: the smallest (b, from H, to H)); per pair of hosts, `_best_move` finds it."""
-    free = [h for h in fleet.hosts if fleet.free(h) > 0]
+    slots, held = fleet.capacity.get, fleet.held
+    free = [h for h in fleet.hosts if slots(h, 0) > len(held[h])]  # fleet.free(h) > 0
+    if not free:  # every slot is taken: nothing can move
+        return None
     best = None
     for src in fleet.hosts:
         if k in fleet.held[src] or fleet.capacity.get(src, 0) <= 0:

@@ -11,8 +11,18 @@ import bisect
 import dataclasses
 import math
 from collections import Counter
+from itertools import chain
 
-from .planning import Key, Placement, PlacementPlan, _diff, _Fleet, _shares, apply_counts, replicate
+from .planning import (
+    Key,
+    Placement,
+    PlacementPlan,
+    _counts_placement,
+    _diff,
+    _Fleet,
+    _shares,
+    replicate,
+)
 
 __all__ = ["rebalance"]
 
@@ -44,16 +54,17 @@ def rebalance(
     if num_replicas is None:
         num_replicas = sum(len(hs) for hs in current.values())
     counts = replicate(full, num_replicas, min_replicas, max_replicas)
-    starts = [apply_counts(full, capacity, current, counts)]
+    starts = [_counts_placement(full, capacity, current, counts)]  # apply_counts' (placement, unplaced)
     kept = {k: len(current.get(k, ())) for k in full}
     cap = math.inf if max_replicas is None else max_replicas
     if kept != counts and sum(kept.values()) == num_replicas and all(
             min_replicas <= c <= cap for c in kept.values()):
-        starts.append(PlacementPlan(current, [], []))
-    paths = [_Path(full, capacity, current, s.placement, s.unplaced) for s in starts]
-    packed = apply_counts(full, capacity, {}, counts)
-    scratch = _Path(full, capacity, {}, packed.placement, packed.unplaced)
-    for i in (0, len(scratch.steps)):  # before and after its search, each relabelled
+        starts.append((current, []))
+    paths = [_Path(full, capacity, current, *s) for s in starts]
+    scratch = _Path(full, capacity, {}, *_counts_placement(full, capacity, {}, counts))
+    # before and after its search, each relabelled; once when it took no step (a second, equal
+    # path could never be chosen over the first)
+    for i in dict.fromkeys((0, len(scratch.steps))):
         relabelled = _relabel(scratch.placement_at(i), capacity, current)
         paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced))
     plans = [(p, i) for p in paths for i in range(len(p.scores))]
@@ -101,19 +112,21 @@ class _Path:
         mean = sum(fleet.load.values()) / max(usable, 1)
         good_enough = (1 + _SLACK) * _floor(fleet)
         self.steps: list[list[tuple[Key, str, str]]] = []
-        self.scores = [self._score(fleet, mean)]
+        hot = fleet.hottest() if fleet.hosts else None
+        self.scores = [self._score(fleet, hot, mean)]
         for _ in range(sum(len(hs) for hs in start.values())):
-            if fleet.load[fleet.hottest()] <= good_enough:
+            if fleet.load[hot] <= good_enough:
                 break
-            trades = _relieve_hottest(fleet)
+            trades = _relieve_hottest(fleet, hot)
             if not trades:
                 break
+            hot = fleet.hottest()
             self.steps.append(trades)
-            self.scores.append(self._score(fleet, mean))
+            self.scores.append(self._score(fleet, hot, mean))
         self.end = fleet.placement  # the placement after every step
 
-    def _score(self, fleet: _Fleet, mean: float) -> tuple[int, float, int]:
-        peak = fleet.load[fleet.hottest()] if fleet.hosts else 0.0
+    def _score(self, fleet: _Fleet, hot: str | None, mean: float) -> tuple[int, float, int]:
+        peak = 0.0 if hot is None else fleet.load[hot]
         return len(self.unplaced), peak / mean if mean > 0 else 1.0, fleet.moved
 
     def plan(self, i: int, current: Placement) -> PlacementPlan:
@@ -140,37 +153,43 @@ def _relabel(placement: Placement, capacity: dict[str, int], current: Placement)
     contents only going to a host with the slots for them.
     """
     held = dict.fromkeys(capacity, 0)  # planned H -> its R, hosts beyond capacity as they come
-    for h, n in Counter(h for hs in placement.values() for h in hs).items():
+    for h, n in Counter(chain.from_iterable(placement.values())).items():
         held[h] = held.get(h, 0) + n
     overlap = Counter((src, dst) for k, hs in placement.items()
                       for dst in current.get(k, ()) if dst in capacity for src in hs)
     to: dict[str, str] = {}
     taken: set[str] = set()
-    pairs = sorted(overlap, key=lambda p: (-overlap[p], p))
-    pairs += [(s, d) for s in sorted(held, key=lambda s: -held[s]) for d in sorted(capacity)]
-    for src, dst in pairs:
+    for src, dst in sorted(overlap, key=lambda p: (-overlap[p], p)):
         if src not in to and dst not in taken and held[src] <= capacity[dst]:
             to[src] = dst
             taken.add(dst)
+    if len(to) < len(held):  # the rest, fullest first, each on the first free host it fits
+        dsts = sorted(capacity)
+        for src in sorted(held, key=lambda s: -held[s]):
+            if src not in to:
+                dst = next((d for d in dsts if d not in taken and held[src] <= capacity[d]), None)
+                if dst is not None:
+                    to[src] = dst
+                    taken.add(dst)
     if len(to) < len(held):  # the contents do not fit a permutation: keep the plan's hosts
         return placement
-    return {k: [to[h] for h in hs] for k, hs in placement.items()}
+    return {k: [to[hs[0]]] if len(hs) == 1 else [to[h] for h in hs] for k, hs in placement.items()}
 
 
 def _floor(fleet: _Fleet) -> float:
     """A lower bound on the hottest H for these replicas: the even share, or the heaviest R."""
     usable = [h for h in fleet.hosts if fleet.capacity.get(h, 0) > 0] or fleet.hosts
     even = sum(fleet.load.values()) / max(len(usable), 1)
-    return max([even] + [fleet.share[k] for k in fleet.placement])
+    return max(even, max(map(fleet.share.__getitem__, fleet.placement), default=even))
 
 
-def _relieve_hottest(fleet: _Fleet) -> list[tuple[Key, str, str]]:
-    """Take the step off the hottest H that lowers its pair's peak most; its trades, [] if none.
+def _relieve_hottest(fleet: _Fleet, hot: str) -> list[tuple[Key, str, str]]:
+    """Take the step off the hottest H, `hot`, that lowers its pair's peak most; its trades,
+    [] if none.
 
     A step moves one R to another H, or, when no single move helps, swaps one R of the hottest
     H for a lighter R of another H (hosts full, or every move would overshoot).
     """
-    hot = fleet.hottest()
     steps = _single_moves(fleet, hot) or _swaps(fleet, hot)
     if not steps:
         return []
@@ -191,12 +210,27 @@ _Step = tuple[float, list[tuple[Key, str, str]]]  # (the pair's new peak, [(K, f
 
 
 def _single_moves(fleet: _Fleet, hot: str) -> list[_Step]:
-    steps = []
-    for k in sorted(fleet.held[hot]):
-        dst = fleet.coolest(k)
-        if dst is not None:
-            steps.append((_peak(fleet, hot, dst, fleet.share[k]), [(k, hot, dst)]))
-    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+    """Of the moves of one R of the hottest H to `coolest` H for it, the one that leaves the
+    lowest peak (ties: the smallest K), as a list of at most one step: each R not on the
+    coolest H with a free slot goes there, so only the R on that H look further."""
+    top = fleet.coolest(None)  # no H holds None: the coolest H with a free slot
+    if top is None:
+        return []
+    load, share, mine = fleet.load, fleet.share, fleet.held[top]
+    l_hot, l_top, limit = load[hot], load[top], load[hot] * (1 - 1e-9)
+    best = None  # (peak, K, to H)
+    for k in fleet.held[hot]:
+        dst, l_dst = top, l_top
+        if k in mine:
+            dst = fleet.coolest(k)
+            if dst is None:
+                continue
+            l_dst = load[dst]
+        s = share[k]
+        peak = max(l_hot - s, l_dst + s)  # _peak(fleet, hot, dst, s)
+        if peak < limit and (best is None or (peak, k) < best[:2]):
+            best = (peak, k, dst)
+    return [] if best is None else [(best[0], [(best[1], hot, best[2])])]
 
 
 def _swaps(fleet: _Fleet, hot: str) -> list[_Step]:

@@ -72,6 +72,7 @@ class Profile:
     rows: np.ndarray  # rows per call of the layer
     called: np.ndarray  # bool: hit > 0
     per_hit: np.ndarray  # busy / hit where called: the host's part of a call that reaches it
+    part: np.ndarray  # per_hit where called, -inf elsewhere (what `evaluate` takes the max of)
 
 
 def layout(placement: Placement, hosts: list[str], m: ModelShape) -> Layout:
@@ -87,11 +88,15 @@ def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
                   tokens_per_call: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """rate: [..., N] rows/s; tokens_per_call: [..., L] (default: cfg.batch_tokens, no merging)
     -> (x [..., N] rows each expert gets per call of its layer, calls [..., L] calls/s per layer)."""
-    E = m.n_routed_experts
     b = cfg.batch_tokens if tokens_per_call is None else tokens_per_call
     calls = layer_tokens(m, rate) / b
-    per = np.repeat(calls, E, axis=-1)  # [..., N]
-    return np.divide(rate, per, out=np.zeros_like(rate), where=per > 0), calls
+    r = rate.reshape(*rate.shape[:-1], m.layers, m.n_routed_experts)  # [..., L, E]
+    c = calls[..., None]  # [..., L, 1]
+    if (calls > 0).all():
+        x = r / c
+    else:  # a layer without calls: its experts get no rows
+        x = np.divide(r, c, out=np.zeros_like(r), where=c > 0)
+    return x.reshape(rate.shape), calls
 
 
 def layer_tokens(m: ModelShape, rate: np.ndarray) -> np.ndarray:
@@ -126,7 +131,10 @@ def merged_tokens(cfg: CostConfig, tokens_per_s: np.ndarray, latency_s: np.ndarr
 def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profile:
     """x: [N] rows per call of each expert's layer (`rows_per_call`) -> its Profile on `lay`."""
     L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
-    n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)  # [N] rows per replica
+    if lay.count.min(initial=1) > 0:  # every expert has a replica (the policies keep one)
+        n = x / lay.count  # [N] rows per replica
+    else:
+        n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)
     t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
                    -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [N] s per call
     idx = lay.host * L + lay.key // E  # [R] (host, layer) cell
@@ -136,8 +144,9 @@ def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profi
     wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
     busy = hit * cfg.call_overhead_s + work + wire
     called = hit > 0
-    per_hit = np.divide(busy, hit, out=np.zeros_like(busy), where=called)
-    return Profile(busy, hit, rows, called, per_hit)
+    with np.errstate(divide="ignore", invalid="ignore"):  # where not called: masked next
+        q = busy / hit
+    return Profile(busy, hit, rows, called, np.where(called, q, 0.0), np.where(called, q, -np.inf))
 
 
 def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
@@ -145,9 +154,13 @@ def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
     rho = prof.busy @ calls  # [H]
     host_calls = prof.hit @ calls  # [H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)  # [H] M/D/1
-    s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)  # [H, L]
+    if rho.max(initial=0.0) < 1:  # no host saturated: every wait is finite
+        wait = rho * mean_s / (2 * (1 - rho))  # [H] M/D/1
+        s = prof.part + wait[:, None]  # [H, L], -inf where not called
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)
+        s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)
     return PeriodCost(cfg.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
 
 

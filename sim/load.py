@@ -105,8 +105,16 @@ class Generated:
     def chunk(self, start: int, n: int) -> np.ndarray:
         """Periods start .. start+n-1 -> [n, N] measured rows/s."""
         t = (start + np.arange(n)) * self.period_s  # [n] each period's start
-        shares = np.stack([self.shares(float(x)) for x in t])  # [n, N]
-        rate = (self.tokens_per_s(t) * self.k)[:, None] * shares  # [n, N] expected rows/s
+        scale = (self.tokens_per_s(t) * self.k)[:, None]  # [n, 1] rows/s into each layer
+        rate = np.empty((n, self.L * self.E))  # [n, N] expected rows/s
+        i = 0
+        while i < n:  # rows that share one popularity (a drift step) at once
+            p = self.shares(float(t[i]))
+            j = i + 1
+            while j < n and self.shares(float(t[j])) is p:
+                j += 1
+            np.multiply(scale[i:j], p, out=rate[i:j])
+            i = j
         if not self.cfg.poisson:
             return rate
         rng = np.random.default_rng([self.cfg.seed, 1, start])

@@ -51,6 +51,8 @@ class Fleet:
         self.version = 0  # counts the layouts that served: the cost model's profile is per layout
         self._held: dict[str, int] = {}  # `_host_replicas`, for (version, hosts) `_held_for`
         self._held_for: tuple | None = None
+        self._to_drain: list[str] = []  # `hosts_to_drain` for (version, hosts) `_drain_for`
+        self._drain_for: tuple | None = None
         if pol.kind == "autoscale":
             self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
         else:
@@ -66,9 +68,11 @@ class Fleet:
 
     # ---- one period ------------------------------------------------------------------------
 
-    def step(self, t: float, rate: np.ndarray) -> None:
-        """rate: [N] rows/s measured over the period that ends at t."""
-        self.load = autoscale.smooth_load(rate, self.load)
+    def step(self, t: float, rate: np.ndarray, load: np.ndarray | None = None) -> None:
+        """rate: [N] rows/s measured over the period that ends at t; load: [N] its
+        `autoscale.smooth_load` over the periods so far, when the caller has it (every fleet
+        of a run sees the same rates)."""
+        self.load = autoscale.smooth_load(rate, self.load) if load is None else load
         if self.loading and t >= self.ready_at:
             self.loading = False
             self._serve()
@@ -79,7 +83,8 @@ class Fleet:
             self.last_plan = t
             plan = placement.plan_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
                                                max_replicas=len(self.capacity))
-            adds = [h for k, hs in plan.placement.items() for h in set(hs) - set(self.placement.get(k, ()))]
+            adds = [h for k, hs in plan.placement.items() if hs != (was := self.placement.get(k))
+                    for h in (set(hs) - set(was) if was else hs)]
             self.planner.reset(plan.placement)
             self._schedule(t, adds)
         elif kind == "autoscale":
@@ -119,8 +124,13 @@ class Fleet:
         """What the Controller's `_consolidate` does: empty the hosts `hosts_to_drain` names;
         they retire (`autoscale.retirable`) once their replicas serve elsewhere."""
         cfg = self.sc.autoscaling
-        hosts = placement.hosts_to_drain(self._host_replicas(), self.capacity, cfg.consolidate_max_moves,
-                                         self.sc.hosts.count, cfg.consolidate_spare)
+        key = (self.version, tuple(self.capacity))
+        if self._drain_for != key:  # a pure function of what `_host_replicas` is kept for
+            self._to_drain = placement.hosts_to_drain(self._host_replicas(), self.capacity,
+                                                      cfg.consolidate_max_moves, self.sc.hosts.count,
+                                                      cfg.consolidate_spare)
+            self._drain_for = key
+        hosts = self._to_drain
         if hosts:
             plan, self.draining = placement.drain(self._dict(self.load), self.capacity, self.placement, hosts)
             if self.draining:
@@ -170,7 +180,7 @@ class Fleet:
         index = {h: i for i, h in enumerate(hosts)}
         remap = np.array([index.get(h, -1) for h in self.planner.hosts] or [0], dtype=np.int64)
         key, host = self.planner.replicas()
-        self.layout = Layout(key, remap[host], np.bincount(key, minlength=len(self.keys)), hosts)
+        self.layout = Layout(key, remap[host], self.planner.count.copy(), hosts)
         self.version += 1
 
     def _host_replicas(self) -> dict[str, int]:

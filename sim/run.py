@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moefleet.cluster import autoscale
+
 from .cost import Profile, evaluate, layer_tokens, merged_tokens, profile, rows_per_call
 from .load import load_source
 from .policies import Fleet
@@ -23,6 +25,7 @@ __all__ = ["Series", "Summary", "simulate", "summarise", "table", "run"]
 
 _CHUNK = 256  # periods of load drawn at once
 _SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
+_ROWS = 4  # rows of [n, N] compared at once (`_same_as_before`)
 
 
 @dataclass
@@ -56,21 +59,44 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     fleets = [Fleet(sc, p, first) for p in sc.policies]
     costed = {p.name: _Costed() for p in sc.policies}
     rec = {p.name: {f: np.zeros(P) for f in Series.__dataclass_fields__} for p in sc.policies}
-    bar, last = _bar(P, progress), None
+    bar, last, load = _bar(P, progress), None, None
     for start in range(0, P, _CHUNK):
         rates = src.chunk(start, min(_CHUNK, P - start))  # [n, N]
         x, calls = rows_per_call(sc.cost, sc.model, rates)  # [n, N], [n, L]
-        prev = np.concatenate([x[:1] if last is None else last, x[:-1]])  # [n, N] the period before
-        same = (np.abs(x - prev) <= _SAME * np.abs(prev)).all(axis=1)  # [n]
+        same = _same_as_before(x, x[:1] if last is None else last)  # [n]
         last = x[-1:]
+        loads = []  # [n] of [N]: what placement plans for, the same for every fleet
+        for rate in rates:
+            load = autoscale.smooth_load(rate, load)
+            loads.append(load)
         for fleet in fleets:
-            _run_chunk(sc, fleet, costed[fleet.pol.name], rec[fleet.pol.name], start, rates,
+            _run_chunk(sc, fleet, costed[fleet.pol.name], rec[fleet.pol.name], start, (rates, loads),
                        (x, calls, same))
         if bar is not None:
             bar.update(len(rates))
     if bar is not None:
         bar.close()
     return {name: Series(**r) for name, r in rec.items()}
+
+
+def _same_as_before(x: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """x: [n, N] rows per call, last: [1, N] the period before x[0] -> [n] whether each row is
+    within _SAME (relative) of the row before it. A few rows at a time: the temporaries stay
+    in cache."""
+    out = np.empty(len(x), dtype=bool)
+    d, tol = np.empty((2, _ROWS, x.shape[1]))  # [_ROWS, N] each, reused
+    ok = np.empty((_ROWS, x.shape[1]), dtype=bool)
+    for a in range(0, len(x), _ROWS):
+        b = min(a + _ROWS, len(x))
+        prev = x[a - 1:b - 1] if a else np.concatenate([last, x[:b - 1]])  # [b - a, N]
+        m = b - a
+        np.subtract(x[a:b], prev, out=d[:m])
+        np.abs(d[:m], out=d[:m])
+        np.abs(prev, out=tol[:m])
+        tol[:m] *= _SAME
+        np.less_equal(d[:m], tol[:m], out=ok[:m])
+        out[a:b] = ok[:m].all(axis=1)
+    return out
 
 
 class _Costed:
@@ -83,14 +109,17 @@ class _Costed:
 
 
 def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndarray], start: int,
-               rates: np.ndarray, pattern: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    """Step `fleet` through periods start.. of `rates` [n, N] and cost each: the profile is made
-    again only when the layout or the pattern of rows per call changed (`same` false)."""
+               load: tuple[np.ndarray, list[np.ndarray]],
+               pattern: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Step `fleet` through periods start.. of `rates` [n, N] (and their smoothed `loads`) and
+    cost each: the profile is made again only when the layout or the pattern of rows per call
+    changed (`same` false)."""
+    rates, loads = load
     x, calls, same = pattern
     merging = sc.cost.max_wait_ms > 0
     latency = np.empty((len(rates), sc.model.layers))  # [n, L]
     for i, rate in enumerate(rates):
-        fleet.step((start + i + 1) * sc.autoscaling.period_s, rate)  # t: the end of the period
+        fleet.step((start + i + 1) * sc.autoscaling.period_s, rate, loads[i])  # t: the period's end
         xi, ci = x[i], calls[i]
         if merging:  # calls merged by the last period's latency: the pattern moves each period
             b = merged_tokens(sc.cost, layer_tokens(sc.model, rate), costed.latency)
@@ -99,7 +128,7 @@ def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndar
             costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, xi), fleet.version
         cost = evaluate(sc.cost, costed.profile, ci)
         latency[i] = costed.latency = cost.latency_s
-        mean = cost.host_rows.mean()
+        mean = cost.host_rows.sum() / len(cost.host_rows)  # what .mean() does, without its checks
         r["imbalance"][start + i] = cost.host_rows.max() / mean if mean > 0 else 1.0
         r["hosts"][start + i] = len(fleet.capacity)
         r["replicas_moved"][start + i] = fleet.adds

@@ -301,3 +301,70 @@ def test_decide_on_dicts_and_expert_targets_on_arrays_agree():
     # smoothed at t=3: [59, 119, 178, 238, 297, 356] tokens/s; wishes since t=1 fire after 2 s
     assert changed[3] == {(0, 2): 2, (0, 3): 3, (0, 4): 3, (0, 5): 4}
     assert changed[4] == {(0, 1): 3}  # its wish dates from t=2; the others start a new wait
+
+
+def _plain_expert_targets(cfg, tokens_per_s, current, state, now):
+    """`expert_targets` written out over every expert, each step a full-array operation: the
+    reference its faster form (only the experts whose wish differs from their count do more than
+    smooth and wish) must equal bit for bit."""
+    import numpy as np
+
+    from moefleet.cluster.autoscale import ExpertState
+
+    r = np.asarray(tokens_per_s, dtype=np.float64)
+    x = np.where(np.isfinite(r) & (r > 0), r, 0.0)
+    old = state.smoothed
+    smoothed = np.where(np.isnan(old), x, cfg.smoothing * x + (1 - cfg.smoothing) * old)
+    desired = np.where(smoothed > 0, np.maximum(cfg.min_replicas, np.ceil(
+        np.minimum(smoothed / cfg.target_tokens_per_s, cfg.max_replicas))), cfg.min_replicas).astype(np.int64)
+    base = np.clip(np.asarray(current, dtype=np.int64), cfg.min_replicas, cfg.max_replicas)
+    up = desired > base
+    pn = state.pending_n
+    same_way = (pn > 0) & ((pn > base) == up) & (pn != base)
+    since = np.where(same_way, state.pending_since, now)
+    fire = now - since >= np.where(up, cfg.upscale_delay_s, cfg.downscale_delay_s)
+    moving = desired != base
+    target = np.where(moving & fire, desired, base)
+    wait = moving & ~fire
+    return target, ExpertState(smoothed, np.where(wait, desired, 0), np.where(wait, since, 0.0))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf · 0, both forms
+@pytest.mark.parametrize("seed", range(6))
+def test_expert_targets_equals_its_plain_full_array_form_bit_for_bit(seed: int) -> None:
+    """Over a random walk of rates (NaN, inf, negative and zero among them), counts (some outside
+    [min, max], some carried out, some not) and delays, both give the same targets and the same
+    state, to the bit, and leave their inputs alone."""
+    import numpy as np
+
+    from moefleet.cluster.autoscale import ExpertState, expert_targets
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    cfg = _cfg(smoothing=float(rng.choice([1.0, 0.5, 0.3])), upscale_delay_s=float(rng.integers(0, 4)),
+               downscale_delay_s=float(rng.integers(0, 6)), min_replicas=int(rng.integers(1, 3)),
+               max_replicas=int(rng.integers(3, 9)))
+    state, counts = ExpertState.empty(n), rng.integers(0, 11, n)
+    for t in range(60):
+        rates = rng.lognormal(4.5, 1.5, n) * rng.choice([0.0, 1.0, 1.0, 3.0])
+        odd = rng.random(n) < 0.05
+        rates[odd] = rng.choice([np.nan, np.inf, -np.inf, -5.0, 0.0, -0.0], odd.sum())
+        if t == 30:  # a state restored with some experts never sampled, some overflowed
+            state.smoothed[rng.random(n) < 0.3] = np.nan
+            state.smoothed[rng.random(n) < 0.05] = np.inf
+        before = (rates.copy(), counts.copy(), state.smoothed.copy(), state.pending_n.copy(),
+                  state.pending_since.copy())
+        want, want_state = _plain_expert_targets(cfg, rates, counts, state, float(t))
+        got, got_state = expert_targets(cfg, rates, counts, state, float(t))
+        for a, b in zip((got, got_state.smoothed, got_state.pending_n, got_state.pending_since),
+                        (want, want_state.smoothed, want_state.pending_n, want_state.pending_since),
+                        strict=True):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        for a, b in zip(before, (rates, counts, state.smoothed, state.pending_n, state.pending_since),
+                        strict=True):
+            assert np.array_equal(a, b, equal_nan=True)
+        state = got_state
+        keep = rng.random(n) < 0.7  # the planner carries out most targets
+        counts = np.where(keep, got, counts)
+        if t % 17 == 0:
+            counts = rng.integers(0, 11, n)

@@ -481,6 +481,74 @@ def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
             fleet.add(k, h)
 
 
+def _walked_fleet(rng: random.Random, origin: bool = False):
+    """A `_Fleet` on a random case after a random walk of moves (tied shares and loads among
+    them, hosts full and not), with the keys it has."""
+    from moefleet.cluster.planning import _Fleet
+
+    keys = [(0, e) for e in range(rng.randint(4, 40))]
+    hosts = _hosts(rng.choice([2, 3, rng.randint(2, 8)]))  # few hosts: they share many keys
+    capacity = {h: rng.randint(1, 8) for h in hosts}
+    share = {k: rng.choice([0.0, 1.0, 2.0, 2.5, rng.random() * 4]) for k in keys}
+    start = {}
+    for k in keys:
+        free = [h for h in hosts if sum(h in hs for hs in start.values()) < capacity[h]]
+        if free:
+            start[k] = rng.sample(free, rng.randint(1, min(3, len(free))))
+    fleet = _Fleet(capacity, start, share, dict(start) if origin else None)
+    for _ in range(rng.randint(0, 30)):
+        k, dst = rng.choice(keys), rng.choice(hosts)
+        if fleet.free(dst) > 0 and k not in fleet.held[dst]:
+            fleet.add(k, dst)
+        elif fleet.placement.get(k):
+            fleet.remove(k, rng.choice(fleet.placement[k]))
+    return fleet, keys
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_best_single_move_equals_the_min_over_every_replica_of_the_hottest(seed: int) -> None:
+    """`_single_moves` takes one pass (every R not on the coolest host goes there); the plain
+    form asks `coolest` for each R of the hottest host and keeps the steps below its load."""
+    from moefleet.cluster.rebalance import _peak, _single_moves
+
+    fleet, _ = _walked_fleet(random.Random(seed))
+    hot = fleet.hottest()
+    plain = []
+    for k in sorted(fleet.held[hot]):
+        dst = fleet.coolest(k)
+        if dst is not None:
+            plain.append((_peak(fleet, hot, dst, fleet.share[k]), [(k, hot, dst)]))
+    plain = [step for step in plain if step[0] < fleet.load[hot] * (1 - 1e-9)]
+    assert _single_moves(fleet, hot) == ([min(plain)] if plain else [])
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_place_equals_coolest_or_make_room_then_add_for_each_key(seed: int) -> None:
+    """`_Fleet.place` writes `coolest` and `add` out; the plain loop calls them (and
+    `_make_room`) key by key: same placement, loads (to the bit), moves counted and log."""
+    import copy
+
+    from moefleet.cluster.planning import _make_room
+
+    rng = random.Random(seed)
+    fleet, keys = _walked_fleet(rng, origin=rng.random() < 0.5)
+    fleet.log = [] if rng.random() < 0.5 else None
+    if rng.random() < 0.5:
+        fleet.coolest(None)  # a heap built (and gone stale) before the call
+    pending = [rng.choice(keys) for _ in range(rng.randint(0, 40))]
+    plain = copy.deepcopy(fleet)
+    unplaced = []
+    for k in pending:
+        h = plain.coolest(k) or _make_room(plain, k)
+        if h is None:
+            unplaced.append(k)
+        else:
+            plain.add(k, h)
+    assert fleet.place(pending) == unplaced
+    assert (fleet.placement, fleet.load, fleet.held, fleet.moved, fleet.log) == (
+        plain.placement, plain.load, plain.held, plain.moved, plain.log)
+
+
 # ---------------------------------------------------------------------------- Planner
 
 @pytest.mark.parametrize("seed", range(6))

@@ -92,6 +92,36 @@ def test_the_micro_batcher_merges_requests_that_find_a_call_in_flight():
     assert 16 < b < 24 and c == pytest.approx(lam * (math.exp(-c * 0.005) + (1 - math.exp(-c * 0.005)) / n))
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_evaluate_equals_the_plain_masked_form_saturated_or_not(seed):
+    """`evaluate` skips the mask when no host is saturated (every wait finite): the same latency,
+    rows and utilisation, to the bit, as the plain form that masks the hosts a layer never calls
+    and sets a saturated host's wait to inf."""
+    from moefleet.sim.cost import evaluate, profile, rows_per_call
+
+    rng = np.random.default_rng(seed)
+    sc = Scenario.from_dict({**_HAND, "model": {**_HAND["model"], "layers": 3, "n_routed_experts": 6},
+                             "hosts": {"count": 4, "slots": 12}})
+    hosts, E = ["a", "b", "c", "d"], 6
+    placement = {(L, e): list(rng.choice(hosts, rng.integers(1, 3), replace=False))
+                 for L in range(3) for e in range(E) if rng.random() < 0.9}
+    lay = layout(placement, hosts, sc.model)
+    for scale in (1.0, 30.0, 3000.0):  # idle hosts, busy ones, saturated ones
+        rate = rng.lognormal(3, 1, 18) * scale * (rng.random(18) < 0.7)
+        x, calls = rows_per_call(sc.cost, sc.model, rate)
+        prof = profile(sc.cost, sc.model, lay, x)
+        got = evaluate(sc.cost, prof, calls)
+        rho = prof.busy @ calls
+        host_calls = prof.hit @ calls
+        mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)
+        s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)
+        want = (sc.cost.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
+        for a, b in zip((got.latency_s, got.host_rows, got.utilisation), want, strict=True):
+            assert a.tobytes() == b.tobytes()
+
+
 def test_load_time_and_roofline_throughput():
     sc = Scenario.from_dict(_HAND)
     assert load_s(sc.cost, sc.model) == pytest.approx(3e-3)
