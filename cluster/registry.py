@@ -229,7 +229,7 @@ def check_removable(model: ModelRecord, layer: int, expert: int) -> None:
     if len(rest) < k:
         raise FailedPrecondition(f"layer {layer} would keep {len(rest)} experts; "
                                  f"num_experts_per_tok is {k}")
-    if cfg.topk_method != "greedy" and cfg.n_group > 1:
+    if cfg.group_limited:
         sizes = sorted(sum(1 for r in rest if r.group == g) for g in range(cfg.n_group))
         worst = sum(sorted(s for s in sizes if s > 0)[:cfg.topk_group])
         if worst < k:
@@ -264,7 +264,7 @@ def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[E
     if bias_key in t and not torch.isfinite(t[bias_key].float()).all():
         raise InvalidArgument(f"{bias_key} holds a non-finite value")
     bias = float(t[bias_key][0]) if bias_key in t else (0.0 if biased else None)
-    grouped = cfg.topk_method != "greedy" and cfg.n_group > 1
+    grouped = cfg.group_limited
     if grouped and group is None:
         raise InvalidArgument(f"model {spec.name!r} routes by group (n_group {cfg.n_group}): "
                               f"name the new expert's group")

@@ -92,6 +92,11 @@ class MoEConfig:
             _check(self.scoring_func == "sigmoid", "moe.topk_method noaux_tc needs scoring_func sigmoid")
 
     @property
+    def group_limited(self) -> bool:
+        """Experts are chosen only within the top `topk_group` of `n_group` groups."""
+        return self.topk_method != "greedy" and self.n_group > 1
+
+    @property
     def shared_intermediate_size(self) -> int:
         """Width of the fused shared FFN: DeepSeek's n_shared_experts × I, or Qwen2's size."""
         if self.shared_expert_intermediate_size:

@@ -83,7 +83,7 @@ def route(x: torch.Tensor, gate: Gate, cfg: MoEConfig) -> tuple[torch.Tensor, to
     """x: [T, H] -> (topk_w [T, K] fp32, already scaled; topk_ids [T, K] int64 logical ids)"""
     s = scores(x, gate, cfg)  # [T, E]
     choice = s if gate.bias is None else s + gate.bias.float()  # the bias steers selection only
-    if cfg.topk_method != "greedy" and cfg.n_group > 1:
+    if cfg.group_limited:
         choice = _mask_groups(choice, gate, cfg)
     pos = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K] row positions
     w = s.gather(1, pos)  # [T, K] weights from the unbiased scores

@@ -118,7 +118,7 @@ def elasticity(client: Client, spec) -> None:
         r = client.scale_expert(spec.name, layer, replicas=2, expert=0)
         print(f"elasticity: expert 0 of layer {layer} has 2 replicas from version {r.routing_version}")
         row, bias, new = random_expert(spec, seed=99, gate_scale=2.0)  # tokens pick it often
-        grouped = spec.moe.n_group > 1 and spec.moe.topk_method != "greedy"
+        grouped = spec.moe.group_limited
         r = client.add_expert(spec.name, layer, expert_file(row, new, bias),
                               group=0 if grouped else None)
         ref.added(r.routing_version, layer, r.expert, row, new, bias, group=0)

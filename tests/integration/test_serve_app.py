@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.request
 
+import grpc
 import pytest
 import ray
 import torch
@@ -109,8 +110,9 @@ def test_deleting_the_application_stops_moefleet(served):
     while left := [n for n in names if _named(n)]:
         assert time.monotonic() < deadline, f"still running after serve.delete: {left}"
         time.sleep(0.2)
-    with Client(address, retries=0) as c, pytest.raises(Exception):  # noqa: B017 (grpc.RpcError)
+    with Client(address, retries=0) as c, pytest.raises(grpc.RpcError) as err:
         c.ready(timeout_s=1)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def _route_loop(x: torch.Tensor, gate: Gate, cfg: MoEConfig) -> tuple[torch.Tens
     groups: dict[int, list[int]] = {}
     for row, g in enumerate(gate.group_ids.tolist()):
         groups.setdefault(g, []).append(row)
-    limited = cfg.topk_method != "greedy" and cfg.n_group > 1
+    limited = cfg.group_limited
     out_w, out_ids = [], []
     for t in range(x.shape[0]):
         logits = weight @ x[t].double()  # [E]

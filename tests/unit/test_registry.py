@@ -66,7 +66,7 @@ def _route_by_hand(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         s = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
         choice = s if bias is None else s + bias
         allowed = range(len(ids))
-        if cfg.topk_method != "greedy" and cfg.n_group > 1:
+        if cfg.group_limited:
             members: dict[int, list[int]] = {}
             for i, grp in enumerate(groups):
                 members.setdefault(grp, []).append(i)
