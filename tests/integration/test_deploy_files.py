@@ -40,7 +40,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from moefleet.cluster.spec import ModelSpec, load_spec
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # Ray's own validators; no cluster is started
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_DIR = REPO / "deploy/cluster"

@@ -16,7 +16,7 @@ from ray.serve.schema import ServeDeploySchema
 from deploy.serve.app import ServeArgs, fingerprint
 from moefleet.cluster.spec import ModelSpec, SpecError
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # Ray's own validators; no cluster is started
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy/serve/moefleet.yaml"
