@@ -20,13 +20,14 @@ from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
 from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
 from moefleet.router.wire import request_for, tensor_from_response
+from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
 
 SLOTS = 3
 
 
-class _Held:
+class _Held(FakeRouter):
     """A router whose calls wait for `release`; `entered` counts calls that reached it."""
 
     def __init__(self):
@@ -37,15 +38,6 @@ class _Held:
         self.entered += 1
         await self.release.wait()
         return x * 2, 1
-
-    def ready(self):
-        return True
-
-    def model_names(self):
-        return ["m"]
-
-    def metadata(self, model):
-        return 4, torch.float32
 
 
 async def _serve(router):

@@ -24,6 +24,7 @@ from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
 from moefleet.router.errors import Overloaded, ResourceExhausted
 from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
+from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
 
@@ -109,7 +110,7 @@ def test_target_lists_ipv4_routers_and_refuses_a_list_of_names() -> None:
 # ---- overload refusals ------------------------------------------------------------------
 
 
-class _Refusing:
+class _Refusing(FakeRouter):
     """What the servicer delegates to: refuses the first `refusals` calls as overloaded (or, with
     `for_good`, as too large), then answers x + 1."""
 
@@ -123,15 +124,6 @@ class _Refusing:
                 raise ResourceExhausted("too many tokens")
             raise Overloaded("router is overloaded; retry later", retry_after_s=0.2)
         return x + 1, 7
-
-    def ready(self):
-        return True
-
-    def model_names(self):
-        return ["m"]
-
-    def metadata(self, model):
-        return 4, torch.float32
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from moefleet.protos import inference_pb2_grpc as pb_grpc
 from moefleet.router.intake import Intake, OnLoop
 from moefleet.router.servicer import InferenceServicer, ServerLimits
 from moefleet.router.wire import request_for, tensor_from_response
+from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
 
@@ -25,7 +26,7 @@ SLOTS = 2
 BLOCK_S = 2.0  # how long the router's loop is blocked; refusals must come well within it
 
 
-class _Held:
+class _Held(FakeRouter):
     """A router whose calls wait for `release`, on the loop that runs the test."""
 
     def __init__(self):
@@ -38,15 +39,6 @@ class _Held:
         self.entered += 1
         await self.release.wait()
         return x + 1, 3
-
-    def ready(self):
-        return True
-
-    def model_names(self):
-        return ["m"]
-
-    def metadata(self, model):
-        return 4, torch.float32
 
 
 def _five_calls(address: str, x: torch.Tensor, out: list) -> None:
