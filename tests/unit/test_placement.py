@@ -29,6 +29,7 @@ from moefleet.cluster.placement import (
     hosts_to_drain,
     imbalance,
     initial_placement,
+    pack_from_scratch,
     plan_from_scratch,
     rebalance,
     replica_loads,
@@ -583,6 +584,11 @@ def test_the_planner_kept_between_calls_plans_exactly_as_apply_counts_does(seed:
         if rng.random() < 0.1:
             planner.reset(want.placement)
             _check_tables(planner, np)
+        elif rng.random() < 0.1:  # handed over, not copied: the same tables as a copy gives
+            mine = {k: list(hs) for k, hs in want.placement.items()}
+            planner.reset(mine, own=True)
+            assert planner.placement == want.placement
+            _check_tables(planner, np)
 
 
 def _check_tables(planner: Planner, np) -> None:
@@ -606,6 +612,18 @@ def test_hosts_to_drain_takes_the_least_held_hosts_within_moves_spare_and_min_ho
     assert hosts_to_drain(held, capacity, max_moves=100, min_hosts=1, spare=0.5) == []  # 11 > 10
     many = dict.fromkeys(_hosts(4), 40)
     assert hosts_to_drain({"h0": 9, "h1": 2, "h2": 3, "h3": 1}, many, 100, 1, 0.0) == ["h3", "h1", "h2"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_from_scratch_is_plan_from_scratch_without_its_moves(seed: int) -> None:
+    rng = random.Random(seed)
+    load = _zipf_load(rng, rng.randint(1, 3), rng.randint(4, 20), rng.random() * 1.5)
+    capacity = {h: rng.randint(2, 12) for h in _hosts(rng.randint(2, 6))}
+    num = rng.randint(len(load), len(load) + sum(capacity.values()))
+    plan = plan_from_scratch(load, capacity, num, max_replicas=len(capacity))
+    placement, unplaced = pack_from_scratch(load, capacity, num, max_replicas=len(capacity))
+    assert (placement, unplaced) == (plan.placement, plan.unplaced)
+    assert plan.moves == [Move("add", k, h) for k in sorted(placement) for h in sorted(placement[k])]
 
 
 @pytest.mark.parametrize("seed", range(8))
