@@ -218,6 +218,37 @@ def test_replicate_with_min_zero_leaves_idle_experts_without_replicas() -> None:
     assert replicate({(0, 0): 5.0, (0, 1): 0.0}, 3, min_replicas=0) == {(0, 0): 3, (0, 1): 0}
 
 
+def _plain_replicate(load, num, lo=1, hi=None):
+    """`replicate` written out key by key (the reference its faster start must equal)."""
+    import heapq
+    import math
+    cap = math.inf if hi is None else hi
+    logcnt = {k: lo for k in sorted(load)}
+    per = lambda v, c: (math.inf if v > 0 else 0.0) if c == 0 else v / c  # noqa: E731
+    heap = [(-per(load[k], c), k) for k, c in logcnt.items() if c < cap]
+    heapq.heapify(heap)
+    for _ in range(num - len(load) * lo):
+        if not heap:
+            break
+        _, k = heapq.heappop(heap)
+        logcnt[k] += 1
+        if logcnt[k] < cap:
+            heapq.heappush(heap, (-per(load[k], logcnt[k]), k))
+    return logcnt
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_replicate_equals_its_plain_form(seed: int) -> None:
+    rng = random.Random(seed)
+    keys = [(rng.randint(0, 3), rng.randint(0, 40)) for _ in range(rng.randint(1, 60))]
+    load = {k: rng.choice([0.0, 1.0, 5.0, rng.random() * 100]) for k in keys}  # ties and zeros
+    lo = rng.choice([0, 1, 1, 2])
+    hi = rng.choice([None, lo, lo + 1, lo + 3])
+    num = rng.randint(len(load) * lo, len(load) * (lo + 4))
+    got = replicate(load, num, lo, hi)
+    assert got == _plain_replicate(load, num, lo, hi) and list(got) == sorted(load)
+
+
 @pytest.mark.parametrize(("num", "lo", "hi", "match"), [
     (3, 2, None, "3 replicas cannot give 2 experts 2 each"),
     (9, 3, 2, "min_replicas <= max_replicas"),
