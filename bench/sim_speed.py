@@ -24,6 +24,7 @@ _PARTS = {  # function name -> part of the time it is counted in (cumulative tim
     "expert_targets": "autoscale (expert_targets)",
     "apply_counts": "placement.apply_counts, Planner",
     "plan_from_scratch": "placement.plan_from_scratch",
+    "pack_from_scratch": "placement.pack_from_scratch",
     "rebalance": "placement.rebalance",
     "drain": "placement.drain",
     "profile": "cost model: profile",

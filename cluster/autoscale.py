@@ -130,12 +130,14 @@ def expert_targets(
     count outside [min, max] at once, and moves towards the wish only once it has pointed the
     same way for that direction's delay. `state` is not modified."""
     r = np.asarray(tokens_per_s, dtype=np.float64)
-    x = np.where(r > 0, r, 0.0)  # [N]
+    x = np.fmax(r, 0.0)  # [N]: NaN and negatives give 0 (what np.where(r > 0, r, 0.0) gives, in one pass)
+    x += 0.0  # and -0.0 gives +0.0
     if x.max(initial=0.0) == np.inf:
         x[np.isinf(x)] = 0.0
     smoothed = _smooth(cfg.smoothing, x, state.smoothed)
     # where smoothed is <= 0 or NaN (fmax skips it) this gives min_replicas, as desired_replicas does
-    desired = np.minimum(smoothed / cfg.target_tokens_per_s, cfg.max_replicas)
+    desired = smoothed / cfg.target_tokens_per_s
+    np.minimum(desired, cfg.max_replicas, out=desired)
     np.ceil(desired, out=desired)
     np.fmax(desired, cfg.min_replicas, out=desired)
     desired = desired.astype(np.int64)  # [N]

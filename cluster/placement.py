@@ -30,6 +30,8 @@ from .planning import (
     Move,
     Placement,
     PlacementPlan,
+    _counts_placement,
+    _diff,
     apply_counts,
     host_loads,
     imbalance,
@@ -41,7 +43,7 @@ from .rebalance import rebalance
 __all__ = [
     "Key", "Placement", "Move", "PlacementPlan", "initial_placement", "host_loads",
     "replica_loads", "imbalance", "replicate", "apply_counts", "Planner", "plan_from_scratch",
-    "rebalance", "hosts_to_drain", "drain",
+    "pack_from_scratch", "rebalance", "hosts_to_drain", "drain",
 ]
 
 
@@ -79,5 +81,16 @@ def plan_from_scratch(
     load[K] tokens/s; capacity[H] slots. Counts come from `replicate`; all R are packed heaviest
     first onto the least-loaded H with a free slot without K. moves are all adds.
     """
+    placement, unplaced = pack_from_scratch(load, capacity, num_replicas, min_replicas, max_replicas)
+    return PlacementPlan(placement, _diff({}, placement), unplaced)
+
+
+def pack_from_scratch(
+    load: dict[Key, float], capacity: dict[str, int], num_replicas: int,
+    min_replicas: int = 1, max_replicas: int | None = None,
+) -> tuple[Placement, list[Key]]:
+    """`plan_from_scratch`'s (placement, unplaced), without its moves (every R would be an add),
+    for a caller that only needs where the replicas go (the simulator packs every few minutes;
+    making one `Move` per R was a good part of its cost)."""
     counts = replicate(load, num_replicas, min_replicas, max_replicas)
-    return apply_counts(load, capacity, {}, counts)
+    return _counts_placement(load, capacity, {}, counts)

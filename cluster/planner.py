@@ -43,9 +43,14 @@ class Planner:
         self.index = {k: n for n, k in enumerate(self.keys)}
         self.reset(current)
 
-    def reset(self, current: Placement) -> None:
-        """Adopt a placement planned elsewhere (`rebalance`, `plan_from_scratch`): O(R)."""
-        self.placement: Placement = {k: list(hs) for k, hs in current.items() if hs}
+    def reset(self, current: Placement, own: bool = False) -> None:
+        """Adopt a placement planned elsewhere (`rebalance`, `plan_from_scratch`): O(R).
+        own: the caller hands `current` over (it neither keeps nor changes it afterwards), so
+        it is taken as it is, not copied, unless it holds an empty list."""
+        if own and all(current.values()):
+            self.placement: Placement = current
+        else:
+            self.placement = {k: list(hs) for k, hs in current.items() if hs}
         self.held: dict[str, set[Key]] = {}
         self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
         self._hid: dict[str, int] = {}

@@ -81,8 +81,15 @@ def replicate(
     if num_replicas < len(load) * min_replicas:
         raise ValueError(f"{num_replicas} replicas cannot give {len(load)} experts "
                          f"{min_replicas} each")
-    logcnt = {k: min_replicas for k in sorted(load)}
-    heap = [(-(load[k] / c) if c else -_per_replica(load[k], c), k) for k, c in logcnt.items() if c < cap]
+    items = sorted(load.items())  # by K (each K once); no lookup per K below
+    logcnt = dict.fromkeys([k for k, _ in items], min_replicas)
+    c = min_replicas  # every K's count so far
+    if c >= cap:  # no K may grow
+        heap = []
+    elif c:
+        heap = [(-(v / c), k) for k, v in items]
+    else:
+        heap = [(-_per_replica(v, c), k) for k, v in items]
     heapq.heapify(heap)
     for _ in range(num_replicas - len(load) * min_replicas):
         if not heap:

@@ -66,7 +66,7 @@ def rebalance(
     # path could never be chosen over the first)
     for i in dict.fromkeys((0, len(scratch.steps))):
         relabelled = _relabel(scratch.placement_at(i), capacity, current)
-        paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced))
+        paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced, scratch.share))
     plans = [(p, i) for p in paths for i in range(len(p.scores))]
     scores = [p.scores[i] for p, i in plans]
     best, pick = _choose(scores, None, 0.0), _choose(scores, max_moves, min_gain)
@@ -104,9 +104,11 @@ class _Path:
     """
 
     def __init__(self, load: dict[Key, float], capacity: dict[str, int], origin: Placement,
-                 start: Placement, unplaced: list[Key]):
+                 start: Placement, unplaced: list[Key], share: dict[Key, float] | None = None):
+        """share: `_shares(load, start, {})` when the caller has it (a relabelled placement
+        has the same replicas per K as the one it came from)."""
         self.start, self.unplaced, self.capacity = start, unplaced, capacity
-        self.share = _shares(load, start, {})
+        self.share = _shares(load, start, {}) if share is None else share
         fleet = _Fleet(capacity, start, self.share, origin)
         usable = sum(1 for h in fleet.hosts if capacity.get(h, 0) > 0) or len(fleet.hosts)
         mean = sum(fleet.load.values()) / max(usable, 1)

@@ -5,8 +5,8 @@ measured rates (its two halves, `expert_targets` and `idle_hosts`, called on arr
 targets carried out through `placement.apply_counts` (starting hosts when slots run out, up
 to hosts.max_count, as the executor does), idle hosts retired through `autoscale.retirable`,
 and, every `rebalance_every_s`, `placement.rebalance` as the Controller's Rebalance calls it.
-`static` packs once with `placement.plan_from_scratch` from the first hour's mean load;
-`replan` packs from scratch every `replan_every_s` (EPLB-style).
+`static` packs once with `placement.plan_from_scratch` (its placement, `pack_from_scratch`) from
+the first hour's mean load; `replan` packs from scratch every `replan_every_s` (EPLB-style).
 
 A plan takes effect when its slowest host has loaded its new replicas one after another
 (`cost.load_s` each); until then the previous placement serves and the policy waits, as the
@@ -56,9 +56,9 @@ class Fleet:
         if pol.kind == "autoscale":
             self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
         else:
-            plan = placement.plan_from_scratch(self._dict(first_hour), self.capacity, self._replicas(),
-                                               max_replicas=len(self.capacity))
-            self.planner.reset(plan.placement)
+            packed, _ = placement.pack_from_scratch(self._dict(first_hour), self.capacity, self._replicas(),
+                                                    max_replicas=len(self.capacity))
+            self.planner.reset(packed, own=True)
         self._set()
 
     @property
@@ -81,11 +81,11 @@ class Fleet:
         kind, every = self.pol.kind, self.pol.replan_every_s
         if kind == "replan" and t - self.last_plan >= every:
             self.last_plan = t
-            plan = placement.plan_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
-                                               max_replicas=len(self.capacity))
-            adds = [h for k, hs in plan.placement.items() if hs != (was := self.placement.get(k))
+            packed, _ = placement.pack_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
+                                                    max_replicas=len(self.capacity))
+            adds = [h for k, hs in packed.items() if hs != (was := self.placement.get(k))
                     for h in (set(hs) - set(was) if was else hs)]
-            self.planner.reset(plan.placement)
+            self.planner.reset(packed, own=True)
             self._schedule(t, adds)
         elif kind == "autoscale":
             self._autoscale(t, rate)
@@ -108,7 +108,7 @@ class Fleet:
             self.last_plan = t
             plan = placement.rebalance(self._dict(self.load), self.capacity, self.placement,
                                        max_replicas=len(self.capacity))
-            self.planner.reset(plan.placement)
+            self.planner.reset(plan.placement, own=True)
             self.target = self.planner.count.copy()
             self._schedule(t, _added(plan))
             return
@@ -134,7 +134,7 @@ class Fleet:
         if hosts:
             plan, self.draining = placement.drain(self._dict(self.load), self.capacity, self.placement, hosts)
             if self.draining:
-                self.planner.reset(plan.placement)
+                self.planner.reset(plan.placement, own=True)
                 self._schedule(t, _added(plan))
 
     # ---- helpers ---------------------------------------------------------------------------

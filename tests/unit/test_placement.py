@@ -29,6 +29,7 @@ from moefleet.cluster.placement import (
     hosts_to_drain,
     imbalance,
     initial_placement,
+    pack_from_scratch,
     plan_from_scratch,
     rebalance,
     replica_loads,
@@ -215,6 +216,37 @@ def test_replicate_respects_min_and_max_and_stops_short_when_max_caps_it() -> No
 
 def test_replicate_with_min_zero_leaves_idle_experts_without_replicas() -> None:
     assert replicate({(0, 0): 5.0, (0, 1): 0.0}, 3, min_replicas=0) == {(0, 0): 3, (0, 1): 0}
+
+
+def _plain_replicate(load, num, lo=1, hi=None):
+    """`replicate` written out key by key (the reference its faster start must equal)."""
+    import heapq
+    import math
+    cap = math.inf if hi is None else hi
+    logcnt = {k: lo for k in sorted(load)}
+    per = lambda v, c: (math.inf if v > 0 else 0.0) if c == 0 else v / c  # noqa: E731
+    heap = [(-per(load[k], c), k) for k, c in logcnt.items() if c < cap]
+    heapq.heapify(heap)
+    for _ in range(num - len(load) * lo):
+        if not heap:
+            break
+        _, k = heapq.heappop(heap)
+        logcnt[k] += 1
+        if logcnt[k] < cap:
+            heapq.heappush(heap, (-per(load[k], logcnt[k]), k))
+    return logcnt
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_replicate_equals_its_plain_form(seed: int) -> None:
+    rng = random.Random(seed)
+    keys = [(rng.randint(0, 3), rng.randint(0, 40)) for _ in range(rng.randint(1, 60))]
+    load = {k: rng.choice([0.0, 1.0, 5.0, rng.random() * 100]) for k in keys}  # ties and zeros
+    lo = rng.choice([0, 1, 1, 2])
+    hi = rng.choice([None, lo, lo + 1, lo + 3])
+    num = rng.randint(len(load) * lo, len(load) * (lo + 4))
+    got = replicate(load, num, lo, hi)
+    assert got == _plain_replicate(load, num, lo, hi) and list(got) == sorted(load)
 
 
 @pytest.mark.parametrize(("num", "lo", "hi", "match"), [
@@ -583,6 +615,11 @@ def test_the_planner_kept_between_calls_plans_exactly_as_apply_counts_does(seed:
         if rng.random() < 0.1:
             planner.reset(want.placement)
             _check_tables(planner, np)
+        elif rng.random() < 0.1:  # handed over, not copied: the same tables as a copy gives
+            mine = {k: list(hs) for k, hs in want.placement.items()}
+            planner.reset(mine, own=True)
+            assert planner.placement == want.placement
+            _check_tables(planner, np)
 
 
 def _check_tables(planner: Planner, np) -> None:
@@ -606,6 +643,18 @@ def test_hosts_to_drain_takes_the_least_held_hosts_within_moves_spare_and_min_ho
     assert hosts_to_drain(held, capacity, max_moves=100, min_hosts=1, spare=0.5) == []  # 11 > 10
     many = dict.fromkeys(_hosts(4), 40)
     assert hosts_to_drain({"h0": 9, "h1": 2, "h2": 3, "h3": 1}, many, 100, 1, 0.0) == ["h3", "h1", "h2"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_from_scratch_is_plan_from_scratch_without_its_moves(seed: int) -> None:
+    rng = random.Random(seed)
+    load = _zipf_load(rng, rng.randint(1, 3), rng.randint(4, 20), rng.random() * 1.5)
+    capacity = {h: rng.randint(2, 12) for h in _hosts(rng.randint(2, 6))}
+    num = rng.randint(len(load), len(load) + sum(capacity.values()))
+    plan = plan_from_scratch(load, capacity, num, max_replicas=len(capacity))
+    placement, unplaced = pack_from_scratch(load, capacity, num, max_replicas=len(capacity))
+    assert (placement, unplaced) == (plan.placement, plan.unplaced)
+    assert plan.moves == [Move("add", k, h) for k in sorted(placement) for h in sorted(placement[k])]
 
 
 @pytest.mark.parametrize("seed", range(8))
