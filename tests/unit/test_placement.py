@@ -12,6 +12,9 @@ drains the least-held hosts within its bounds and keeps every expert's replica c
 
 from __future__ import annotations
 
+import copy
+import heapq
+import math
 import random
 from collections import Counter
 
@@ -220,8 +223,6 @@ def test_replicate_with_min_zero_leaves_idle_experts_without_replicas() -> None:
 
 def _plain_replicate(load, num, lo=1, hi=None):
     """`replicate` written out key by key (the reference its faster start must equal)."""
-    import heapq
-    import math
     cap = math.inf if hi is None else hi
     logcnt = {k: lo for k in sorted(load)}
     per = lambda v, c: (math.inf if v > 0 else 0.0) if c == 0 else v / c  # noqa: E731
@@ -558,8 +559,6 @@ def test_the_best_single_move_equals_the_min_over_every_replica_of_the_hottest(s
 def test_place_equals_coolest_or_make_room_then_add_for_each_key(seed: int) -> None:
     """`_Fleet.place` writes `coolest` and `add` out; the plain loop calls them (and
     `_make_room`) key by key: same placement, loads (to the bit), moves counted and log."""
-    import copy
-
     from moefleet.cluster.planning import _make_room
 
     rng = random.Random(seed)
