@@ -131,7 +131,7 @@ def _served_layer(spec: ModelSpec, layer: int, x: torch.Tensor, host: ExpertHost
 def test_host_kernel_path_equals_the_transformers_block(checkpoints, family):
     path, model = checkpoints[family, "fused"]
     spec = ModelSpec.from_dict({"weights": {"checkpoint": str(path)}})
-    host = ExpertHost("h", num_slots=spec.moe.n_routed_experts, kernel_backend="torch")
+    host = ExpertHost("h", num_slots=spec.moe.n_routed_experts, kernel_backend="torch", device="cpu")
     for L in spec.layers:
         x = _x(spec.moe.hidden_size, seed=10 + L)
         with torch.no_grad():

@@ -145,6 +145,23 @@ def test_engine_matches_the_reference_layer(variant: str, t: int) -> None:
     torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 64, 300])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_engine_on_cuda_matches_the_reference_layer(variant: str, t: int) -> None:
+    # Gating, combine and the shared experts on the GPU; the hosts stay on the CPU, as a
+    # router's GPU serves hosts elsewhere.
+    cfg = _cfg(variant)
+    state, reference, gate = _build(cfg)
+    engine = Engine(_call_host, device="cuda")
+    engine.install(state)
+    x = _x(t, seed=t)
+    y, version = asyncio.run(engine.forward("m", LAYER, x))
+    assert version == 1 and y.device.type == "cpu" and y.shape == (t, H)
+    torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
+
+
 @pytest.mark.parametrize("variant", ["deepseek-v3", "qwen2-gated-shared"])
 def test_shared_experts_are_added_to_the_routed_output(variant: str) -> None:
     cfg = _cfg(variant)

@@ -419,3 +419,30 @@ def test_rows_out_of_group_order_are_not_taken_for_the_dense_layout() -> None:
     assert Gate(torch.randn(8, 4), ids, ids // 2)._dense
     assert not Gate(torch.randn(8, 4), ids, torch.tensor([0, 1, 0, 1, 2, 3, 2, 3]))._dense
     assert not Gate(torch.randn(7, 4), ids[:7], ids[:7] // 2)._dense  # last group has one
+
+
+# ---- on the router's GPU -------------------------------------------------------------------
+
+_CUDA_VARIANTS = [  # (E, n_group, topk_group, K, variant)
+    (8, 1, 1, 2, dict()),
+    (16, 1, 1, 4, dict(norm_topk_prob=True, routed_scaling_factor=2.0)),
+    (64, 8, 3, 6, dict(topk_method="group_limited_greedy", routed_scaling_factor=16.0)),
+    (256, 8, 4, 8, dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                        routed_scaling_factor=2.5)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("combo", _CUDA_VARIANTS, ids=["softmax", "softmax-renorm", "v2", "v3"])
+def test_routing_on_cuda_matches_the_per_token_loop(combo: tuple) -> None:
+    n, n_group, topk_group, k, variant = combo
+    h = 64
+    cfg = _cfg(n, k, hidden_size=h, n_group=n_group, topk_group=topk_group, **variant)
+    gate = _random_gate(n, h, n_group, variant.get("topk_method") == "noaux_tc", seed=n + k)
+    x = torch.randn(128, h, generator=torch.Generator().manual_seed(n))
+    on_gpu = gate.to("cuda")
+    assert on_gpu._dense == gate._dense
+    w, ids = route(x.cuda(), on_gpu, cfg)
+    assert w.is_cuda and ids.is_cuda
+    _assert_same_routes((w.cpu(), ids.cpu()), _route_loop(x, gate, cfg))
