@@ -168,7 +168,7 @@ class RouterConfig:
     max_batch_tokens: int = 8192  # micro-batcher: merge at most this many tokens per dispatch
     max_wait_ms: float = 1.0  # ... and wait at most this long for more requests
     max_queue_tokens: int = 262144  # tokens queued or in flight; beyond it, RESOURCE_EXHAUSTED
-    max_queue_delay_s: float = 1.0  # refuse a request whose queue ahead would take longer
+    max_queue_delay_s: float = 0.1  # refuse a request whose queue ahead would take longer (s)
     max_request_tokens: int = 65536
     max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
     max_concurrent_rpcs: int = 128  # more ModelInfer calls open at once are refused on arrival

@@ -7,8 +7,9 @@ waited `max_wait_s`, or `max_batch_tokens` are queued, whichever comes first.
 Admission: a request is refused at once with RESOURCE_EXHAUSTED when
   * the tokens outstanding (queued or in flight, not yet answered) would pass
     `max_queue_tokens`, or
-  * its key is busy and the work ahead of it (its key's queued and in-flight tokens, at the
-    rate that key's recent batches ran) would take longer than `max_queue_delay_s`.
+  * its key is busy and the work ahead of it (its key's queued tokens, and what is left of
+    its batches in flight, at the rate that key's recent batches ran) would take longer than
+    `max_queue_delay_s`.
 The rate is measured only on batches at least half of `max_batch_tokens`: a key whose batches
 never fill that far is not overloaded (its callers wait for at most about one batch), and
 small batches, whose time is mostly fixed per-call cost, would make its queue look slow. So
@@ -48,16 +49,23 @@ _MIN_PUSHBACK_S = 0.05  # the least time a refused caller is told to wait before
 class _Queue:
     items: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)
     tokens: int = 0  # queued, not yet sent
-    in_flight: int = 0  # batches
-    in_flight_tokens: int = 0
+    flights: list[tuple[float, int]] = field(default_factory=list)  # (sent at, tokens) per batch in flight
     tokens_per_s: float = 0.0  # how fast this key's large batches ran lately (0 = not known yet)
     timer: asyncio.TimerHandle | None = None
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.flights)
+
     def wait_s(self) -> float:
-        """How long the work ahead of a new request should take (0 when not known)."""
-        if self.tokens_per_s <= 0:
+        """How long the work ahead of a new request should take (0 when not known): the queued
+        tokens, and what is left of each batch in flight by the time it has run so far."""
+        rate = self.tokens_per_s
+        if rate <= 0:
             return 0.0
-        return (self.tokens + self.in_flight_tokens) / self.tokens_per_s
+        now = time.perf_counter()
+        left = sum(max(n / rate - (now - sent), 0.0) for sent, n in tuple(self.flights))
+        return self.tokens / rate + left
 
     def ran(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -136,23 +144,22 @@ class MicroBatcher:
             batch.append((x, fut))
             tokens += x.shape[0]
         q.tokens -= tokens
-        q.in_flight += 1
-        q.in_flight_tokens += tokens
-        asyncio.get_running_loop().create_task(self._run_batch(key, q, batch, tokens))
+        flight = (time.perf_counter(), tokens)
+        q.flights.append(flight)
+        asyncio.get_running_loop().create_task(self._run_batch(key, q, batch, flight))
         if q.items:
             self._schedule(key, q)
 
-    async def _run_batch(self, key: Hashable, q: _Queue, batch: list, tokens: int) -> None:
+    async def _run_batch(self, key: Hashable, q: _Queue, batch: list, flight: tuple[float, int]) -> None:
         live = [(x, f) for x, f in batch if not f.done()]  # drop requests already cancelled
-        t0 = time.perf_counter()
+        sent, tokens = flight
         try:
             if live:
                 await self._run_live(key, live)
                 if 2 * tokens >= self.max_batch_tokens:
-                    q.ran(sum(x.shape[0] for x, _ in live), time.perf_counter() - t0)
+                    q.ran(sum(x.shape[0] for x, _ in live), time.perf_counter() - sent)
         finally:
-            q.in_flight -= 1
-            q.in_flight_tokens -= tokens
+            q.flights.remove(flight)
             self._outstanding_tokens -= tokens
             self._schedule(key, q)
 

@@ -17,6 +17,7 @@ from collections.abc import Hashable
 import pytest
 import torch
 
+from moefleet.router import batcher
 from moefleet.router.batcher import MicroBatcher
 from moefleet.router.errors import ResourceExhausted
 
@@ -325,6 +326,18 @@ def test_work_ahead_longer_than_max_queue_delay_is_refused_at_once_and_admitted_
         assert b.idle
 
     asyncio.run(main())
+
+
+def test_the_work_ahead_counts_only_what_is_left_of_each_batch_in_flight(monkeypatch) -> None:
+    # 100 tokens/s. At t = 10.0: 20 tokens queued (0.2 s); a batch of 50 sent at 9.7 has 0.2 s
+    # of its 0.5 s left; one of 10 sent at 9.5 should have ended (nothing left, not less).
+    q = batcher._Queue(tokens=20, flights=[(9.7, 50), (9.5, 10)], tokens_per_s=100.0)
+    monkeypatch.setattr(batcher.time, "perf_counter", lambda: 10.0)
+    assert q.in_flight == 2
+    assert q.wait_s() == pytest.approx(0.2 + 0.2)
+    q.flights.clear()
+    assert q.wait_s() == pytest.approx(0.2)
+    assert batcher._Queue(tokens=20).wait_s() == 0.0  # rate not known yet
 
 
 def test_a_key_whose_batches_never_fill_half_of_max_batch_tokens_is_never_refused_for_delay() -> None:
