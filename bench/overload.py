@@ -146,7 +146,7 @@ async def watch(channel, router, stop: asyncio.Event, period_s: float = 0.25
     return serving, times, peak
 
 
-async def run(address: str, router, spec, factor: float, seconds: float) -> None:
+async def run(address: str, router, spec, factor: float, seconds: float, fixed_rate: float | None) -> None:
     load = Load(spec)
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(INFER)
@@ -156,18 +156,19 @@ async def run(address: str, router, spec, factor: float, seconds: float) -> None
         rate = await closed_loop(call, load, callers=8, seconds=5.0)
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch(channel, router, stop))
-        over = await open_loop(call, load, factor * rate, seconds)
+        offered = fixed_rate or factor * rate
+        over = await open_loop(call, load, offered, seconds)
         stop.set()
         serving, checks, peak_rss = await watcher
         after_rss = []
         for wait_s in (5.0, 10.0):  # 5 s and 15 s after
             await asyncio.sleep(wait_s)
             after_rss.append(await router.rss_bytes.remote())
-    _report(spec, base, rate, factor, over, serving, checks, idle_rss, peak_rss, after_rss)
+    _report(spec, base, rate, offered, over, serving, checks, idle_rss, peak_rss, after_rss)
 
 
-def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving: int, checks: list[float],
-            idle_rss: int, peak_rss: int, after_rss: list[int]) -> None:
+def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, serving: int,
+            checks: list[float], idle_rss: int, peak_rss: int, after_rss: list[int]) -> None:
     mib = 1 << 20
     offered = len(over.ok_s) + len(over.refused_s) + sum(over.other.values())
     print(f"# bench/overload.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
@@ -175,7 +176,7 @@ def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving:
     print(f"unloaded      p50 {_pct(base.ok_s, 0.5) * 1e3:7.1f} ms   "
           f"p99 {_pct(base.ok_s, 0.99) * 1e3:7.1f} ms   ({len(base.ok_s)} requests, wrong {base.wrong})")
     print(f"sustained     {rate:7.1f} requests/s (8 callers, closed loop)")
-    print(f"offered       {factor * rate:7.1f} requests/s ({factor:g}x) for {offered} requests")
+    print(f"offered       {offered_rate:7.1f} requests/s ({offered_rate / rate:.1f}x) for {offered} requests")
     print(f"admitted      {len(over.ok_s):7d}   p50 {_pct(over.ok_s, 0.5) * 1e3:7.1f} ms   "
           f"p99 {_pct(over.ok_s, 0.99) * 1e3:7.1f} ms   wrong {over.wrong}")
     print(f"refused       {len(over.refused_s):7d}   RESOURCE_EXHAUSTED after p50 "
@@ -196,6 +197,8 @@ def _report(spec, base: Tally, rate: float, factor: float, over: Tally, serving:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--factor", type=float, default=10.0, help="offered load / sustained rate")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="offer this many requests/s instead of --factor x the sustained rate")
     ap.add_argument("--seconds", type=float, default=10.0, help="how long the overload lasts")
     ap.add_argument("--intermediate-size", type=int, default=None, help="the experts' size")
     ap.add_argument("--router", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -212,7 +215,7 @@ def main() -> None:
              namespace=service.NAMESPACE)
     svc = service.start(spec, port=0, host="127.0.0.1")
     try:
-        asyncio.run(run(svc.address, svc.routers[0], spec, args.factor, args.seconds))
+        asyncio.run(run(svc.address, svc.routers[0], spec, args.factor, args.seconds, args.rate))
     finally:
         svc.shutdown()
         ray.shutdown()
