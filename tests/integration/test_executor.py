@@ -1,4 +1,4 @@
-"""cluster/executor.py with fake hosts and routers (no Ray): the order of effects DESIGN.md
+"""cluster/executor.py with fake hosts and routers (no Ray cluster is started): the order of effects DESIGN.md
 asks for (load → publish → drain → free), migrations through full hosts, and that an expert
 that keeps replicas is never left with none between two versions; a serving model loads in
 rounds of at most hosts.loads_per_host replicas per host.
@@ -15,7 +15,7 @@ from moefleet.cluster.placement import Move
 from moefleet.cluster.registry import HostRecord, ModelRecord
 from tests.specs import family_spec
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # no cluster, but the Executor imports Ray
 
 
 class _Method:
