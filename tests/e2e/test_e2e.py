@@ -211,7 +211,9 @@ def test_full_queue_is_resource_exhausted_and_nothing_wrong_is_returned(served):
     _assert_still_serving(served)
 
 
-def test_deadline_exceeded(served):
+def test_a_deadline_that_expires_in_the_client_leaves_the_service_serving(served):
+    # 1 ms runs out in the client; that the server itself gives up on a call whose deadline
+    # passed is test_admission.py's test_the_server_abandons_a_call_when_its_deadline_passes...
     x = _x(served, 4000, seed=3)
     with Client(served.address, retries=0) as c, pytest.raises(grpc.RpcError) as err:
         c.infer(served.spec.name, 1, x, timeout_s=0.001)

@@ -112,3 +112,43 @@ async def _scenario() -> None:
 
 def test_calls_over_the_limit_are_refused_on_arrival_and_slots_come_back() -> None:
     asyncio.run(_scenario())
+
+
+class _Stuck(FakeRouter):
+    """A router that never answers; it records when the server gives up on a call."""
+
+    def __init__(self):
+        self.entered = 0
+        self.abandoned_after_s: list[float] = []
+
+    async def submit(self, model, layer, x):
+        self.entered += 1
+        t0 = time.monotonic()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.abandoned_after_s.append(time.monotonic() - t0)
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_the_server_abandons_a_call_when_its_deadline_passes_and_frees_its_slot() -> None:
+    # The deadline (0.5 s) is long enough to reach the router, so what ends the work is the
+    # server: a server that ignored deadlines would leave the router's call running.
+    async def main():
+        router = _Stuck()
+        server, address = await _serve(router)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                for _ in range(SLOTS + 1):  # more calls than slots: each one's slot came back
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.ModelInfer(request_for("m", 0, torch.randn(2, 4)), timeout=0.5)
+                    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    await _until(lambda: len(router.abandoned_after_s) == router.entered)
+                assert router.entered == SLOTS + 1
+                assert all(0.2 < s < 5.0 for s in router.abandoned_after_s), router.abandoned_after_s
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
