@@ -162,7 +162,8 @@ class Controller:
         return sorted(self._models)
 
     async def _teardown(self, grace_s: float) -> None:
-        await asyncio.sleep(0.2)  # let the admin answer leave first
+        # The Shutdown call that started this is still open in its router: the router's stop
+        # lets open calls finish, so its answer leaves before the router ends.
         routers = list(self._routers.values())
         await asyncio.gather(*(r.stop.remote(grace_s) for r in routers), return_exceptions=True)
         await self.shutdown()
