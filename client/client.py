@@ -85,13 +85,13 @@ class Client:
         req = admin_pb2.StatusRequest(model=model)
         return self._call(self._admin.Status, req, timeout_s)
 
-    def scale_expert(self, model: str, layer: int, replicas: int, expert: int | None = None,
+    def scale_expert(self, model: str, layer: int, *, replicas: int, expert: int | None = None,
                      timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
         """Set one expert's replica count, or every expert's of the layer (expert=None)."""
         req = admin_pb2.ScaleExpertRequest(model=model, layer=layer, expert=expert, replicas=replicas)
         return self._call(self._admin.ScaleExpert, req, timeout_s)
 
-    def add_expert(self, model: str, layer: int, safetensors: bytes, expert: int | None = None,
+    def add_expert(self, model: str, layer: int, safetensors: bytes, *, expert: int | None = None,
                    group: int | None = None, timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
         """Add an expert from a safetensors file's bytes; the response names its id. Retried
         on UNAVAILABLE only with a given `expert` id (a retry then cannot add it twice)."""
@@ -104,7 +104,7 @@ class Client:
         req = admin_pb2.RemoveExpertRequest(model=model, layer=layer, expert=expert)
         return self._call(self._admin.RemoveExpert, req, timeout_s)
 
-    def rebalance(self, model: str, replicas: int = 0, max_moves: int | None = None,
+    def rebalance(self, model: str, *, replicas: int = 0, max_moves: int | None = None,
                   min_gain: float | None = None, allow_partial: bool = False,
                   timeout_s: float = 600.0) -> admin_pb2.RebalanceResponse:
         """Re-plan for the measured load; max_moves / min_gain trade balance for moves (unset:

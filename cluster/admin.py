@@ -30,14 +30,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._authorize(context)
         expert = request.expert if request.HasField("expert") else None
         return pb.ChangeResponse(**await self._controller.scale_expert.remote(
-            request.model, request.layer, expert, request.replicas))
+            request.model, request.layer, expert=expert, replicas=request.replicas))
 
     async def AddExpert(self, request, context):
         self._authorize(context)
         expert = request.expert if request.HasField("expert") else None
         group = request.group if request.HasField("group") else None
         return pb.ChangeResponse(**await self._controller.add_expert.remote(
-            request.model, request.layer, request.safetensors, expert, group))
+            request.model, request.layer, request.safetensors, expert=expert, group=group))
 
     async def RemoveExpert(self, request, context):
         self._authorize(context)
@@ -48,7 +48,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._authorize(context)
         knob = {f: getattr(request, f) for f in ("max_moves", "min_gain") if request.HasField(f)}
         return pb.RebalanceResponse(**await self._controller.rebalance.remote(
-            request.model, request.replicas, allow_partial=request.allow_partial, **knob))
+            request.model, replicas=request.replicas, allow_partial=request.allow_partial, **knob))
 
     async def SetAutoscaling(self, request, context):
         self._authorize(context)

@@ -324,7 +324,7 @@ def top(conn: _Conn, model: str, interval: float, iterations: int) -> None:
 def scale(conn: _Conn, model: str, layer: int, expert: int | None, replicas: int) -> None:
     """Set the replica count of an expert (or of every expert of a layer)."""
     with _admin(conn) as c:
-        r = c.scale_expert(model, layer, replicas, expert)
+        r = c.scale_expert(model, layer, replicas=replicas, expert=expert)
     what = f"expert {expert}" if expert is not None else "every expert"
     click.echo(f"{model} layer {layer} {what}: {replicas} replica(s) (+{r.replicas_added} "
                f"-{r.replicas_removed}), routing_version {r.routing_version}")
@@ -343,7 +343,7 @@ def add_expert(conn: _Conn, model: str, layer: int, weights_path: str, expert: i
                group: int | None) -> None:
     """Add a routed expert to a layer; prints the new expert's id."""
     with _admin(conn) as c:
-        r = c.add_expert(model, layer, Path(weights_path).read_bytes(), expert, group)
+        r = c.add_expert(model, layer, Path(weights_path).read_bytes(), expert=expert, group=group)
     click.echo(f"moefleet: added expert {r.expert} to {model} layer {layer}, routing_version "
                f"{r.routing_version}", err=True)
     click.echo(r.expert)
@@ -377,7 +377,8 @@ def rebalance(conn: _Conn, model: str, replicas: int, max_moves: int | None, min
               allow_partial: bool) -> None:
     """Re-plan replicas from the measured per-expert load, with few moves."""
     with _admin(conn) as c:
-        r = c.rebalance(model, replicas, max_moves, min_gain, allow_partial)
+        r = c.rebalance(model, replicas=replicas, max_moves=max_moves, min_gain=min_gain,
+                        allow_partial=allow_partial)
     click.echo(_rebalance_report(model, r))
 
 

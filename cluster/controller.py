@@ -174,7 +174,7 @@ class Controller:
 
     # ---- operator changes ------------------------------------------------------------------
 
-    async def scale_expert(self, model: str, layer: int, expert: int | None,
+    async def scale_expert(self, model: str, layer: int, *, expert: int | None,
                            replicas: int) -> dict[str, int]:
         """Set the replica count of one expert, or of every expert of `layer`."""
         await self._ready()
@@ -204,7 +204,7 @@ class Controller:
             self._save()
             raise ResourceExhausted(f"{e}; the target replicas stay as they were") from None
 
-    async def add_expert(self, model: str, layer: int, safetensors: bytes,
+    async def add_expert(self, model: str, layer: int, safetensors: bytes, *,
                          expert: int | None = None, group: int | None = None) -> dict[str, int]:
         """Load a new expert into a slot, then publish a version whose gate has its row."""
         await self._ready()
@@ -260,7 +260,7 @@ class Controller:
             return {"routing_version": version, "expert": expert, "replicas_added": 0,
                     "replicas_removed": removed}
 
-    async def rebalance(self, model: str, replicas: int = 0, max_moves: int | None = None,
+    async def rebalance(self, model: str, *, replicas: int = 0, max_moves: int | None = None,
                         min_gain: float | None = None, allow_partial: bool = False) -> dict[str, Any]:
         """Re-plan the model's replicas for its measured load, with few moves. The knob
         (max_moves, min_gain) defaults to the spec's autoscaling.rebalance_*; a plan that

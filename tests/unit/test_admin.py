@@ -163,8 +163,8 @@ def test_rebalance_passes_the_knob_only_when_set_and_answers_the_shortfall_and_t
     reply = asyncio.run(servicer.Rebalance(pb.RebalanceRequest(
         model="tiny", replicas=40, max_moves=4, allow_partial=True), _Context()))
     asyncio.run(servicer.Rebalance(pb.RebalanceRequest(model="tiny", min_gain=0.01), _Context()))
-    assert calls == [(("tiny", 40), {"allow_partial": True, "max_moves": 4}),
-                     (("tiny", 0), {"allow_partial": False, "min_gain": 0.01})]
+    assert calls == [(("tiny",), {"replicas": 40, "allow_partial": True, "max_moves": 4}),
+                     (("tiny",), {"replicas": 0, "allow_partial": False, "min_gain": 0.01})]
     assert (reply.replicas_requested, reply.replicas_placed, reply.moves, reply.moves_uncut) == (
         40, 38, 4, 12)
     assert (reply.host_imbalance_before, reply.host_imbalance_after, reply.host_imbalance_uncut) == (
