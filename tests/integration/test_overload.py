@@ -1,6 +1,7 @@
 """Overload: far more callers than the service can serve get RESOURCE_EXHAUSTED, never a wrong
-answer or another status; the Router's memory stays under its documented bound during the
-load and returns near its idle level after it; health stays SERVING.
+answer or another status; the Router's own memory (its RSS less the Ray object store's pages it
+has mapped) stays under its documented bound during the load and returns near its idle level
+after it; health stays SERVING.
 
 The load is bounded: 48 callers for a few seconds, each pausing briefly after a refusal as a
 retrying client would.
@@ -76,13 +77,13 @@ def test_overload_is_refused_cleanly_with_bounded_memory_that_is_given_back(ray_
               for i in range(4)]
         data = [request_for(spec.name, 1, x).SerializeToString() for x in xs]
         want = [ref(1, x) for x in xs]
-        idle = ray.get(router.rss_bytes.remote())
+        idle = ray.get(router.memory.remote())["own"]
         bound = memory_bound(spec.router, [spec.moe])
         peak = [idle]
 
         async def sample(stop: asyncio.Event) -> None:
             while not stop.is_set():
-                peak.append(await router.rss_bytes.remote())
+                peak.append((await router.memory.remote())["own"])
                 await asyncio.sleep(0.2)
 
         async def run() -> dict[str, int]:
@@ -95,7 +96,7 @@ def test_overload_is_refused_cleanly_with_bounded_memory_that_is_given_back(ray_
 
         counts = asyncio.run(run())
         time.sleep(3.0)  # the router trims its heap once idle
-        after = ray.get(router.rss_bytes.remote())
+        after = ray.get(router.memory.remote())["own"]
     finally:
         svc.shutdown()
     assert counts.get("RESOURCE_EXHAUSTED", 0) > 0 and counts.get("OK", 0) > 0, counts
