@@ -34,7 +34,7 @@ LIMITS = {"max_request_tokens": 1024, "max_queue_tokens": 8192, "max_concurrent_
           "max_batch_tokens": 512, "max_queue_delay_s": 0.02}
 MOE = {"hidden_size": 256, "moe_intermediate_size": 1024}  # the experts, not the calls, take the time
 CALLERS, SECONDS, T = 48, 6.0, 256
-AFTER_SLACK = 256 << 20  # after the load, RSS is back within this of its idle level
+AFTER_SLACK = 128 << 20  # after the load, its own RSS is back within this of idle (target: 256 MiB)
 
 
 async def _load(address: str, data: list[bytes], want: list[torch.Tensor]) -> dict[str, int]:
