@@ -7,13 +7,15 @@ Serves `deploy/examples/tiny.yaml` on an embedded local Ray and measures, with T
     overload   an open loop offering `--factor` × the sustained rate for `--seconds`: how many
                were admitted and refused (RESOURCE_EXHAUSTED), any other status, admitted
                p50 / p99, how fast a refusal came back, health checks during it
-    memory     the Router's RSS idle, at its peak during the overload, and after it
+    memory     the Router's RSS idle, at its peak during the overload, and after it; and its
+               own part, without RssShmem (the Ray object store's pages it has mapped: the
+               store's memory, shared), split into RssAnon / RssFile / RssShmem
 
 and prints admitted p99 / unloaded p99 (the target is <= 3) and the refusal p99 (<= 50 ms).
 Requests are serialised once and sent as bytes, so the load generator stays cheap; every
 admitted answer is checked against the in-process reference.
 
-    .venv/bin/python bench/overload.py [--factor 10] [--seconds 10] [--intermediate-size I]
+    .venv/bin/python bench/overload.py [--factor 10 | --rate R] [--seconds 10] [--intermediate-size I]
         [--router max_concurrent_rpcs=16 max_queue_delay_s=0.1]
 
 `--intermediate-size` overrides the experts' size: with large experts the expert hosts are
@@ -128,11 +130,23 @@ async def open_loop(call, load: Load, rate: float, seconds: float) -> Tally:
     return tally
 
 
-async def watch(channel, router, stop: asyncio.Event, period_s: float = 0.25
-                ) -> tuple[int, list[float], int]:
-    """(health checks SERVING within 1 s, each check's time, peak Router RSS) until `stop`."""
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and RssShmem of a local process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) << 10 for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+
+
+def _own(m: dict[str, int]) -> int:
+    return m["VmRSS"] - m["RssShmem"]
+
+
+async def watch(channel, router, pid: int, stop: asyncio.Event, period_s: float = 0.25
+                ) -> tuple[int, list[float], int, int]:
+    """(health checks SERVING within 1 s, each check's time, peak Router RSS, peak of its own
+    part) until `stop`."""
     health = health_pb2_grpc.HealthStub(channel)
-    serving, times, peak = 0, [], 0
+    serving, times, peak, peak_own = 0, [], 0, 0
     while not stop.is_set():
         t0 = time.perf_counter()
         try:
@@ -141,35 +155,39 @@ async def watch(channel, router, stop: asyncio.Event, period_s: float = 0.25
         except grpc.aio.AioRpcError:
             pass
         times.append(time.perf_counter() - t0)
-        peak = max(peak, await router.rss_bytes.remote())
+        m = memory(pid)
+        peak, peak_own = max(peak, m["VmRSS"]), max(peak_own, _own(m))
         await asyncio.sleep(period_s)
-    return serving, times, peak
+    return serving, times, peak, peak_own
 
 
 async def run(address: str, router, spec, factor: float, seconds: float, fixed_rate: float | None) -> None:
     load = Load(spec)
+    pid = await router.pid.remote()  # the embedded Ray runs the Router on this machine
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(INFER)
         await unloaded(call, load, 1.0)  # warm up
-        idle_rss = await router.rss_bytes.remote()
+        idle = memory(pid)
         base = await unloaded(call, load, 4.0)
         rate = await closed_loop(call, load, callers=8, seconds=5.0)
         stop = asyncio.Event()
-        watcher = asyncio.create_task(watch(channel, router, stop))
+        watcher = asyncio.create_task(watch(channel, router, pid, stop))
         offered = fixed_rate or factor * rate
         over = await open_loop(call, load, offered, seconds)
         stop.set()
-        serving, checks, peak_rss = await watcher
-        after_rss = []
+        serving, checks, peak_rss, peak_own = await watcher
+        after = []
         for wait_s in (5.0, 10.0):  # 5 s and 15 s after
             await asyncio.sleep(wait_s)
-            after_rss.append(await router.rss_bytes.remote())
-    _report(spec, base, rate, offered, over, serving, checks, idle_rss, peak_rss, after_rss)
+            after.append(memory(pid))
+    _report(spec, base, rate, offered, over, serving, checks, idle, peak_rss, peak_own, after)
 
 
 def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, serving: int,
-            checks: list[float], idle_rss: int, peak_rss: int, after_rss: list[int]) -> None:
+            checks: list[float], idle: dict[str, int], peak_rss: int, peak_own: int,
+            after: list[dict[str, int]]) -> None:
     mib = 1 << 20
+    idle_rss, after_rss = idle["VmRSS"], [m["VmRSS"] for m in after]
     offered = len(over.ok_s) + len(over.refused_s) + sum(over.other.values())
     print(f"# bench/overload.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
           f"{platform.node()}  T={T}, deploy/examples/tiny.yaml, I={spec.moe.moe_intermediate_size}")
@@ -187,6 +205,13 @@ def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, se
     print(f"router RSS    idle {idle_rss / mib:.0f} MiB, peak {peak_rss / mib:.0f} MiB, "
           + ", ".join(f"{s} s after {r / mib:.0f} MiB (+{(r - idle_rss) / mib:.0f} MiB)"
                       for s, r in zip((5, 15), after_rss, strict=True)))
+    print(f"router own    idle {_own(idle) / mib:.0f} MiB, peak {peak_own / mib:.0f} MiB, "
+          + ", ".join(f"{s} s after {_own(m) / mib:.0f} MiB (+{(_own(m) - _own(idle)) / mib:.0f} MiB)"
+                      for s, m in zip((5, 15), after, strict=True))
+          + "  (RSS less RssShmem)")
+    split = (f"{k} {idle[k] / mib:.0f} -> {after[-1][k] / mib:.0f} MiB"
+             for k in ("RssAnon", "RssFile", "RssShmem"))
+    print(f"router split  {', '.join(split)} (idle -> 15 s after)")
     ratio = _pct(over.ok_s, 0.99) / _pct(base.ok_s, 0.99)
     print(f"ratio         admitted p99 / unloaded p99 = {ratio:.2f} (target <= 3); "
           f"refusal p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms (target <= 50)")

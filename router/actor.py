@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import math
 import os
@@ -51,7 +52,7 @@ _LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Cont
 # back from the engine's thread: at 5 ms a turn, calls reached the door late under load.
 _GIL_SWITCH_S = 0.001
 _TRIM_PERIOD_S = 1.0  # how often an idle router gives freed memory back to the OS
-_TRIM_SLACK_BYTES = 32 << 20  # ... after it served a request, or while its RSS is this much over idle
+_TRIM_SLACK_BYTES = 32 << 20  # ... after it served a request, or while its own RSS is this much over idle
 _TRIM_BACKOFF = 4  # a trim that frees nothing doubles the period, up to 2**4 times
 _MESSAGE_OVERHEAD = 64 << 10  # a message's fields and framing besides its tensor bytes
 _WIRE_ITEMSIZE = 4  # FP32, the widest datatype a client may send
@@ -81,10 +82,12 @@ def state_from_controller(d: dict[str, Any]) -> ModelState:
 
 
 def memory_bound(cfg: RouterConfig, models: list[MoEConfig]) -> int:
-    """Bytes the router's request path may hold at once, beyond its idle RSS: every admitted
-    call's message, its decoded copy and its reply (`max_concurrent_rpcs` × 3 × the receive
-    limit), plus the work on `max_queue_tokens` tokens (their input, K dispatched rows, K
-    expert answers in fp32 and the output: (2 + 2K) × H × 4 bytes a token)."""
+    """Bytes the router's request path may hold at once, beyond its idle level of its own RSS
+    (`Router.memory()["own"]`: the RSS less the pages of Ray's object store it has mapped,
+    which are the store's): every admitted call's message, its decoded copy and its reply
+    (`max_concurrent_rpcs` × 3 × the receive limit), plus the work on `max_queue_tokens`
+    tokens (their input, K dispatched rows, K expert answers in fp32 and the output: (2 + 2K)
+    × H × 4 bytes a token). Once the load is gone the router gives it back (`_trim_when_idle`)."""
     messages = 3 * cfg.max_concurrent_rpcs * receive_limit(cfg, models)
     per_token = max(((2 + 2 * m.num_experts_per_tok) * m.hidden_size * 4 for m in models), default=0)
     return messages + cfg.max_queue_tokens * per_token
@@ -164,25 +167,34 @@ class Router:
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
         bound = await self._intake.start(servicers, self._host, port, limits, self._tls,
                                          infer_refusal=self._batcher.refusal)
+        _freeze_startup_objects()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
         return bound
 
     async def _trim_when_idle(self) -> None:
-        """Give memory freed after a burst back to the OS. glibc keeps freed heap memory in
-        its arenas, so without this the RSS stays at its peak after the load is gone."""
-        trim, idle_rss, futile = _malloc_trim(), self.rss_bytes(), 0
-        while trim is not None:
+        """Give memory freed after a burst back to the OS, once the batcher is idle and the
+        router's own RSS (`memory()["own"]`) is over its idle level, or it served a request.
+
+        Two things keep it otherwise: request payloads held by reference cycles (a refused
+        call's exception, its traceback and the frames that hold the request; gRPC's AbortError
+        makes more), which only a full collection frees; and glibc, which keeps freed memory
+        in its arenas (one per thread that allocated: the intake's, the executor's, Ray's)
+        until `malloc_trim`, which trims every arena and returns their free pages."""
+        trim, idle, futile = _malloc_trim(), _own_rss_bytes(), 0
+        while True:
             await asyncio.sleep(_TRIM_PERIOD_S * 2 ** min(futile, _TRIM_BACKOFF))
             # Refused calls are freed too, on the intake's thread and outside any request the
             # batcher saw: an RSS over the idle level is a reason as well as a served request.
             if not self._batcher.idle or not (
-                    self._served_since_trim or self.rss_bytes() > idle_rss + _TRIM_SLACK_BYTES):
+                    self._served_since_trim or _own_rss_bytes() > idle + _TRIM_SLACK_BYTES):
                 continue
             served, self._served_since_trim = self._served_since_trim, False
-            before = self.rss_bytes()
-            await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL; the loop runs on
-            freed = before - self.rss_bytes() >= _TRIM_SLACK_BYTES
+            before = _own_rss_bytes()
+            gc.collect()  # on the loop: it holds the GIL throughout anyway (startup objects frozen)
+            if trim is not None:
+                await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL; the loop runs on
+            freed = before - _own_rss_bytes() >= _TRIM_SLACK_BYTES
             futile = 0 if freed or served else futile + 1  # memory still in use: ask less often
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -245,9 +257,18 @@ class Router:
         return os.getpid()
 
     def rss_bytes(self) -> int:
-        """This process's resident memory (Linux), for the overload checks."""
+        """This process's resident memory (Linux), shared pages included."""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def memory(self) -> dict[str, int]:
+        """This process's resident memory (Linux), in bytes: "rss" in all, split into "anon"
+        (private: the heap, the allocator's arenas, tensors), "file" (the code and libraries
+        mapped) and "shmem" (pages of Ray's object store the router has touched: batches sent
+        to hosts by Ray and their answers; the store's memory, shared with it and bounded by
+        its size, reused for later objects); "own" is "rss" less "shmem", the figure
+        `memory_bound` bounds."""
+        return _memory()
 
     def model_names(self) -> list[str]:
         return self._engine.model_names()
@@ -255,6 +276,32 @@ class Router:
     def metadata(self, model: str) -> tuple[int, torch.dtype]:
         st = self._engine.state(model)
         return st.cfg.hidden_size, st.dtype
+
+
+def _memory() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    kb = {k: int(fields[f].split()[0]) << 10 for k, f in _STATUS_FIELDS.items()}
+    return {**kb, "own": kb["rss"] - kb["shmem"]}
+
+
+_STATUS_FIELDS = {"rss": "VmRSS", "anon": "RssAnon", "file": "RssFile", "shmem": "RssShmem"}
+
+
+def _own_rss_bytes() -> int:
+    return _memory()["own"]
+
+
+def _freeze_startup_objects() -> None:
+    """Move the objects alive once the router is up (modules, the engine's state: hundreds of
+    thousands) out of the collector's sight. A full collection then looks only at what came
+    after, so it is cheap, and Python starts one by itself whenever the objects that survived
+    earlier collections have grown by a quarter: under load, request payloads held by reference
+    cycles are freed every few hundred calls, not once the process has allocated as many
+    objects again as it started with."""
+    gc.collect()
+    gc.freeze()
+    gc.collect()  # a full collection of what is left resets the count that triggers the next
 
 
 def _malloc_trim():

@@ -1,6 +1,7 @@
 """Overload: far more callers than the service can serve get RESOURCE_EXHAUSTED, never a wrong
-answer or another status; the Router's memory stays under its documented bound during the
-load and returns near its idle level after it; health stays SERVING.
+answer or another status; the Router's own memory (its RSS less the Ray object store's pages it
+has mapped) stays under its documented bound during the load and returns near its idle level
+after it; health stays SERVING.
 
 The load is bounded: 48 callers for a few seconds, each pausing briefly after a refusal as a
 retrying client would.
@@ -33,7 +34,7 @@ LIMITS = {"max_request_tokens": 1024, "max_queue_tokens": 8192, "max_concurrent_
           "max_batch_tokens": 512, "max_queue_delay_s": 0.02}
 MOE = {"hidden_size": 256, "moe_intermediate_size": 1024}  # the experts, not the calls, take the time
 CALLERS, SECONDS, T = 48, 6.0, 256
-AFTER_SLACK = 256 << 20  # after the load, RSS is back within this of its idle level
+AFTER_SLACK = 128 << 20  # after the load, its own RSS is back within this of idle (target: 256 MiB)
 
 
 async def _load(address: str, data: list[bytes], want: list[torch.Tensor]) -> dict[str, int]:
@@ -76,13 +77,13 @@ def test_overload_is_refused_cleanly_with_bounded_memory_that_is_given_back(ray_
               for i in range(4)]
         data = [request_for(spec.name, 1, x).SerializeToString() for x in xs]
         want = [ref(1, x) for x in xs]
-        idle = ray.get(router.rss_bytes.remote())
+        idle = ray.get(router.memory.remote())["own"]
         bound = memory_bound(spec.router, [spec.moe])
         peak = [idle]
 
         async def sample(stop: asyncio.Event) -> None:
             while not stop.is_set():
-                peak.append(await router.rss_bytes.remote())
+                peak.append((await router.memory.remote())["own"])
                 await asyncio.sleep(0.2)
 
         async def run() -> dict[str, int]:
@@ -95,7 +96,7 @@ def test_overload_is_refused_cleanly_with_bounded_memory_that_is_given_back(ray_
 
         counts = asyncio.run(run())
         time.sleep(3.0)  # the router trims its heap once idle
-        after = ray.get(router.rss_bytes.remote())
+        after = ray.get(router.memory.remote())["own"]
     finally:
         svc.shutdown()
     assert counts.get("RESOURCE_EXHAUSTED", 0) > 0 and counts.get("OK", 0) > 0, counts
