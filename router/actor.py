@@ -15,8 +15,6 @@ state from the Controller and listens again on the port it had, which the Contro
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import math
@@ -40,6 +38,7 @@ from .dispatch import LayerTable
 from .engine import Engine, LayerState, ModelState
 from .errors import InvalidArgument
 from .intake import Intake, OnLoop
+from .memory import freeze_startup_objects, malloc_trim, memory, own_rss_bytes
 from .servicer import InferenceServicer, ServerLimits, TlsConfig
 from .transport import Transport, host_links
 
@@ -167,7 +166,7 @@ class Router:
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
         bound = await self._intake.start(servicers, self._host, port, limits, self._tls,
                                          infer_refusal=self._batcher.refusal)
-        _freeze_startup_objects()
+        freeze_startup_objects()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
         return bound
@@ -181,20 +180,20 @@ class Router:
         makes more), which only a full collection frees; and glibc, which keeps freed memory
         in its arenas (one per thread that allocated: the intake's, the executor's, Ray's)
         until `malloc_trim`, which trims every arena and returns their free pages."""
-        trim, idle, futile = _malloc_trim(), _own_rss_bytes(), 0
+        trim, idle, futile = malloc_trim(), own_rss_bytes(), 0
         while True:
             await asyncio.sleep(_TRIM_PERIOD_S * 2 ** min(futile, _TRIM_BACKOFF))
             # Refused calls are freed too, on the intake's thread and outside any request the
             # batcher saw: an RSS over the idle level is a reason as well as a served request.
             if not self._batcher.idle or not (
-                    self._served_since_trim or _own_rss_bytes() > idle + _TRIM_SLACK_BYTES):
+                    self._served_since_trim or own_rss_bytes() > idle + _TRIM_SLACK_BYTES):
                 continue
             served, self._served_since_trim = self._served_since_trim, False
-            before = _own_rss_bytes()
+            before = own_rss_bytes()
             gc.collect()  # on the loop: it holds the GIL throughout anyway (startup objects frozen)
             if trim is not None:
                 await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL; the loop runs on
-            freed = before - _own_rss_bytes() >= _TRIM_SLACK_BYTES
+            freed = before - own_rss_bytes() >= _TRIM_SLACK_BYTES
             futile = 0 if freed or served else futile + 1  # memory still in use: ask less often
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -262,13 +261,9 @@ class Router:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def memory(self) -> dict[str, int]:
-        """This process's resident memory (Linux), in bytes: "rss" in all, split into "anon"
-        (private: the heap, the allocator's arenas, tensors), "file" (the code and libraries
-        mapped) and "shmem" (pages of Ray's object store the router has touched: batches sent
-        to hosts by Ray and their answers; the store's memory, shared with it and bounded by
-        its size, reused for later objects); "own" is "rss" less "shmem", the figure
-        `memory_bound` bounds."""
-        return _memory()
+        """This process's resident memory, split (`router.memory.memory`); its "own" part, the
+        RSS less the object store's shared pages, is what `memory_bound` bounds."""
+        return memory()
 
     def model_names(self) -> list[str]:
         return self._engine.model_names()
@@ -276,38 +271,3 @@ class Router:
     def metadata(self, model: str) -> tuple[int, torch.dtype]:
         st = self._engine.state(model)
         return st.cfg.hidden_size, st.dtype
-
-
-def _memory() -> dict[str, int]:
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    kb = {k: int(fields[f].split()[0]) << 10 for k, f in _STATUS_FIELDS.items()}
-    return {**kb, "own": kb["rss"] - kb["shmem"]}
-
-
-_STATUS_FIELDS = {"rss": "VmRSS", "anon": "RssAnon", "file": "RssFile", "shmem": "RssShmem"}
-
-
-def _own_rss_bytes() -> int:
-    return _memory()["own"]
-
-
-def _freeze_startup_objects() -> None:
-    """Move the objects alive once the router is up (modules, the engine's state: hundreds of
-    thousands) out of the collector's sight. A full collection then looks only at what came
-    after, so it is cheap, and Python starts one by itself whenever the objects that survived
-    earlier collections have grown by a quarter: under load, request payloads held by reference
-    cycles are freed every few hundred calls, not once the process has allocated as many
-    objects again as it started with."""
-    gc.collect()
-    gc.freeze()
-    gc.collect()  # a full collection of what is left resets the count that triggers the next
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (not glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None

@@ -98,7 +98,10 @@ class MicroBatcher:
         q = self._queues.setdefault(key, _Queue())
         refusal = self._refusal(q, n)
         if refusal is not None:
-            raise refusal
+            try:
+                raise refusal
+            finally:  # the traceback holds this frame: without this, a cycle holding `x`
+                del refusal
         fut = asyncio.get_running_loop().create_future()
         q.items.append((x, fut))
         q.tokens += n

@@ -170,21 +170,29 @@ def _guarded(inner: Callable[[Any, Any], Any], method: str):
         await _refuse_undecodable(request, context, method)
         try:
             return await inner(request, context)
-        except Overloaded as e:  # says when to come back, as gRPC's retry pushback
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(message_of(e)),
-                                trailing_metadata=_pushback(e.retry_after_s))
-        except MoefleetError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), _details(message_of(e)))
-        except (asyncio.TimeoutError, TimeoutError):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as e:  # a bug: say which, not where (the log has the traceback)
-            log.exception("internal error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                _details(f"{type(e).__name__}: {message_of(e)}"))
+        except Exception as e:
+            code, details, trailers = _status_of(e, method)
+        # Abort once the error is handled: an AbortError raised while handling it would chain
+        # to it, and its traceback holds the frames that hold the request, in a cycle that
+        # keeps the payload until the next full collection.
+        await context.abort(code, details, trailing_metadata=trailers)
 
     return call
+
+
+def _status_of(e: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple]:
+    """The status, details and trailers a handler's exception is answered with."""
+    if isinstance(e, Overloaded):  # says when to come back, as gRPC's retry pushback
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _details(message_of(e)), _pushback(e.retry_after_s)
+    if isinstance(e, MoefleetError):
+        return getattr(grpc.StatusCode, e.code), _details(message_of(e)), ()
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
+    # a bug: say which, not where (the log has the traceback)
+    log.error("internal error in %s", method, exc_info=e)
+    return grpc.StatusCode.INTERNAL, _details(f"{type(e).__name__}: {message_of(e)}"), ()
 
 
 async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext, method: str) -> None:

@@ -1,4 +1,4 @@
-"""The router's memory figures: its RSS split as /proc reports it, and its own part (the RSS
+"""router/memory.py: the router's memory figures: its RSS split as /proc reports it, and its own part (the RSS
 less the Ray object store's shared pages), which `memory_bound` bounds.
 """
 
@@ -8,20 +8,20 @@ import gc
 
 import pytest
 
-from moefleet.router.actor import _freeze_startup_objects, _memory
+from moefleet.router.memory import freeze_startup_objects, memory
 
 pytestmark = pytest.mark.unit
 
 
 def test_memory_splits_the_rss_into_private_file_and_shared_pages():
-    m = _memory()
+    m = memory()
     assert set(m) == {"rss", "anon", "file", "shmem", "own"}
     assert m["anon"] + m["file"] + m["shmem"] == m["rss"]
     assert m["own"] == m["rss"] - m["shmem"] and 0 < m["own"] <= m["rss"]
 
 
 def test_after_the_freeze_a_full_collection_sees_only_newer_objects():
-    _freeze_startup_objects()
+    freeze_startup_objects()
     try:
         assert gc.get_freeze_count() > 0
         assert len(gc.get_objects()) < gc.get_freeze_count()
