@@ -12,6 +12,8 @@ that got another request's rows, or its own rows in the wrong order, shows up in
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Hashable
 
 import pytest
@@ -339,6 +341,25 @@ def test_the_work_ahead_counts_only_what_is_left_of_each_batch_in_flight(monkeyp
     q.flights.clear()
     assert q.wait_s() == pytest.approx(0.2)
     assert batcher._Queue(tokens=20).wait_s() == 0.0  # rate not known yet
+
+
+def test_a_refused_request_is_freed_at_once_not_at_the_next_collection() -> None:
+    # A refusal's traceback holds submit's frame, which holds the request: if the frame also
+    # held the refusal, the payload would wait in a reference cycle for a full collection.
+    async def main():
+        b = MicroBatcher(FakeRun(), max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=4)
+        x = torch.randn(8, 4)
+        alive = weakref.ref(x)
+        with pytest.raises(ResourceExhausted):
+            await b.submit("k", x)
+        del x
+        return alive
+
+    gc.disable()
+    try:
+        assert asyncio.run(main())() is None
+    finally:
+        gc.enable()
 
 
 def test_a_key_whose_batches_never_fill_half_of_max_batch_tokens_is_never_refused_for_delay() -> None:
