@@ -135,9 +135,18 @@ def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profi
         n = x / lay.count  # [N] rows per replica
     else:
         n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)
-    t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
-                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [N] s per call
-    idx = lay.host * L + lay.key // E  # [R] (host, layer) cell
+    # t = max(n · flops_per_row / FLOP/s, (1 − e^(−n)) · expert_bytes / B/s): [N] s per call,
+    # the same operations in the same order, in two buffers
+    t = n * m.flops_per_row
+    t /= cfg.tflops * 1e12
+    w = np.negative(n)
+    np.expm1(w, out=w)
+    np.negative(w, out=w)
+    w *= m.expert_bytes
+    w /= cfg.hbm_gbps * 1e9
+    np.maximum(t, w, out=t)
+    idx = lay.host * L  # [R] (host, layer) cell
+    idx += lay.key >> (E.bit_length() - 1) if E & (E - 1) == 0 else lay.key // E  # a shift: 6x a division
     work = np.bincount(idx, weights=t[lay.key], minlength=H * L).reshape(H, L)
     rows = np.bincount(idx, weights=n[lay.key], minlength=H * L).reshape(H, L)
     hit = -np.expm1(-rows)  # [H, L]
@@ -154,14 +163,19 @@ def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
     rho = prof.busy @ calls  # [H]
     host_calls = prof.hit @ calls  # [H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
-    if rho.max(initial=0.0) < 1:  # no host saturated: every wait is finite
+    if _max(rho, initial=0.0) < 1:  # no host saturated: every wait is finite
         wait = rho * mean_s / (2 * (1 - rho))  # [H] M/D/1
         s = prof.part + wait[:, None]  # [H, L], -inf where not called
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)
         s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)
-    return PeriodCost(cfg.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
+    latency = _max(s, axis=0, initial=0.0)  # what s.max(axis=0, ...) does, without its Python wrapper
+    latency += cfg.net_latency_s
+    return PeriodCost(latency, prof.rows @ calls, rho)
+
+
+_max = np.maximum.reduce
 
 
 def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:

@@ -122,6 +122,50 @@ def test_evaluate_equals_the_plain_masked_form_saturated_or_not(seed):
             assert a.tobytes() == b.tobytes()
 
 
+def _plain_profile(cfg, m, lay, x):
+    """`profile` as first written, each step one expression: the reference its faster form (the
+    layer of a replica by a shift when E is a power of two, the per-expert time in two buffers)
+    must equal bit for bit."""
+    L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
+    n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)
+    t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))
+    idx = lay.host * L + lay.key // E
+    work = np.bincount(idx, weights=t[lay.key], minlength=H * L).reshape(H, L)
+    rows = np.bincount(idx, weights=n[lay.key], minlength=H * L).reshape(H, L)
+    hit = -np.expm1(-rows)
+    wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
+    busy = hit * cfg.call_overhead_s + work + wire
+    called = hit > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = busy / hit
+    return busy, hit, rows, called, np.where(called, q, 0.0), np.where(called, q, -np.inf)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_profile_equals_its_plain_form_bit_for_bit(seed):
+    """Random placements over 1-4 layers of 4, 6, 8 or 256 experts (shift or division), every
+    expert placed or some not, idle and busy rates: the same six [H, L] tables to the bit."""
+    from moefleet.sim.cost import profile, rows_per_call
+
+    rng = np.random.default_rng(seed)
+    layers, E = int(rng.integers(1, 5)), int(rng.choice([4, 6, 8, 256]))
+    sc = Scenario.from_dict({**_HAND, "model": {**_HAND["model"], "layers": layers, "n_routed_experts": E},
+                             "hosts": {"count": 4, "slots": 4 * E}})
+    hosts = ["a", "b", "c", "d"]
+    every = seed % 2 == 0
+    placement = {(L, e): list(rng.choice(hosts, rng.integers(1, 4), replace=False))
+                 for L in range(layers) for e in range(E) if every or rng.random() < 0.8}
+    lay = layout(placement, hosts, sc.model)
+    for scale in (0.0, 1.0, 300.0):
+        rate = rng.lognormal(3, 1, layers * E) * scale * (rng.random(layers * E) < 0.8)
+        x, _ = rows_per_call(sc.cost, sc.model, rate)
+        got = profile(sc.cost, sc.model, lay, x)
+        want = _plain_profile(sc.cost, sc.model, lay, x)
+        for a, b in zip((got.busy, got.hit, got.rows, got.called, got.per_hit, got.part), want, strict=True):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
 def test_load_time_and_roofline_throughput():
     sc = Scenario.from_dict(_HAND)
     assert load_s(sc.cost, sc.model) == pytest.approx(3e-3)
