@@ -94,8 +94,8 @@ class Fleet:
         """`autoscale.decide`'s two halves, on arrays (decide itself converts dicts to them)."""
         cfg, count = self.sc.autoscaling, self.layout.count
         target, self.state = autoscale.expert_targets(cfg, rate, count, self.state, t)
-        changed = target != count
-        self.target[changed] = target[changed]  # the Controller's m.target.update(decision.replicas)
+        # the Controller's m.target.update(decision.replicas): target where it differs from count
+        np.copyto(self.target, target, where=target != count)
         held = self._host_replicas()
         idle, self.empty_since = autoscale.idle_hosts(cfg, held, self.empty_since, t)
         retire = autoscale.retirable(idle, held, self.sc.hosts.count)
