@@ -121,19 +121,22 @@ class Planner:
         key, host = self._flat
         ns = sorted(self._stale)
         starts = np.searchsorted(key, ns).tolist()  # where each changed K's replicas began
-        hosts, prev, at = [], 0, self.at
+        keys, hosts, prev, at = [], [], 0, self.at
         for n, i, c in zip(ns, starts, self.count[ns].tolist(), strict=True):
+            keys += [key[prev:i], np.full(c, n, dtype=key.dtype)]  # K by K, as np.repeat would
             hosts += [host[prev:i], at[n, :c]]
             prev = i + self._stale[n]
-        key = np.repeat(np.arange(len(self.keys), dtype=key.dtype), self.count)  # K by K
-        return key, np.concatenate(hosts + [host[prev:]])
+        return np.concatenate(keys + [key[prev:]]), np.concatenate(hosts + [host[prev:]])
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
         count = self.count.copy()  # [N] replicas now
         ns = [self.index[k] for k in counts]
         before = dict(zip(counts, count[ns].tolist(), strict=True))
         count[ns] = list(counts.values())
-        share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
+        if count.min(initial=1) > 0:  # every K keeps a replica (the simulator's min_replicas >= 1)
+            share = load / count  # [N]: what the masked divide below gives then, without its mask
+        else:
+            share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)
         hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
         for h in hosts:
             self._host(h)
