@@ -39,8 +39,8 @@ from .scenario import CostConfig, ModelShape
 
 _MERGE_ROUNDS = 8  # period_cost: latency -> merged calls -> latency ..., to a fixed point
 
-__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "layer_tokens", "merged_tokens",
-           "profile", "evaluate", "period_cost", "load_s", "expert_rows_per_s"]
+__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "rows_given_calls", "layer_calls",
+           "layer_tokens", "merged_tokens", "profile", "evaluate", "period_cost", "load_s", "expert_rows_per_s"]
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,27 @@ def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
                   tokens_per_call: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """rate: [..., N] rows/s; tokens_per_call: [..., L] (default: cfg.batch_tokens, no merging)
     -> (x [..., N] rows each expert gets per call of its layer, calls [..., L] calls/s per layer)."""
+    calls = layer_calls(cfg, m, rate, tokens_per_call)
+    return rows_given_calls(m, rate, calls), calls
+
+
+def layer_calls(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
+                tokens_per_call: np.ndarray | float | None = None) -> np.ndarray:
+    """`rows_per_call`'s calls: rate [..., N] rows/s -> [..., L] calls/s per layer."""
     b = cfg.batch_tokens if tokens_per_call is None else tokens_per_call
-    calls = layer_tokens(m, rate) / b
+    return layer_tokens(m, rate) / b
+
+
+def rows_given_calls(m: ModelShape, rate: np.ndarray, calls: np.ndarray) -> np.ndarray:
+    """`rows_per_call`'s x from its calls: rate [..., N], calls [..., L] -> x [..., N]. Row by
+    row it gives what it gives for the rows together (each element is its own division)."""
     r = rate.reshape(*rate.shape[:-1], m.layers, m.n_routed_experts)  # [..., L, E]
     c = calls[..., None]  # [..., L, 1]
     if (calls > 0).all():
         x = r / c
     else:  # a layer without calls: its experts get no rows
         x = np.divide(r, c, out=np.zeros_like(r), where=c > 0)
-    return x.reshape(rate.shape), calls
+    return x.reshape(rate.shape)
 
 
 def layer_tokens(m: ModelShape, rate: np.ndarray) -> np.ndarray:

@@ -166,6 +166,44 @@ def test_profile_equals_its_plain_form_bit_for_bit(seed):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_same_rows_equals_comparing_every_row(seed):
+    """The simulator compares only the first row of each run of generated rows that differ by
+    their scale (the others are within _SAME by a rounding bound): over consecutive chunks of
+    random generated loads (lognormal or Zipf, drift, shifts, bursts, a trough at 0, Poisson or
+    not) the same flags as `_same_as_before` over every row, and `rows_given_calls` row by row
+    gives `rows_per_call`'s x to the bit."""
+    import sys
+
+    from moefleet.sim.cost import layer_calls, rows_given_calls, rows_per_call
+
+    run = sys.modules["moefleet.sim.run"]
+    rng = np.random.default_rng(seed)
+    sc = Scenario.from_dict({
+        "name": "same", "duration_s": 4000,
+        "model": {"layers": int(rng.integers(1, 5)), "n_routed_experts": int(rng.choice([4, 16, 64, 256])),
+                  "num_experts_per_tok": int(rng.integers(1, 5)), "hidden_size": 64, "moe_intermediate_size": 64},
+        "hosts": {"count": 4, "slots": 256},
+        "load": {"tokens_per_s": float(rng.choice([1e-3, 1.0, 3e4, 1e9])), "trough_ratio": float(rng.choice([0.0, 0.3])),
+                 "popularity": str(rng.choice(["lognormal", "zipf"])), "drift_hours": float(rng.choice([0.0, 0.05, 6.0])),
+                 "shifts_per_hour": float(rng.choice([0.0, 20.0])), "bursts_per_hour": float(rng.choice([0.0, 30.0])),
+                 "burst_s": 20.0, "poisson": bool(seed % 4 == 3), "peak_hour": float(rng.uniform(0, 24)),
+                 "seed": seed}})
+    src, last, step = Generated(sc), None, int(rng.choice([16, 64, 256]))
+    for start in range(0, 1500, step):
+        rates = src.chunk(start, step)
+        calls = layer_calls(sc.cost, sc.model, rates)
+        x = run._Rows(sc.model, rates, calls)
+        got = run._same_rows(sc, src, start, x, last)
+        full, want_calls = rows_per_call(sc.cost, sc.model, rates)
+        assert calls.tobytes() == want_calls.tobytes()
+        want = run._same_as_before(full, full[:1] if last is None else last[-1][None])
+        assert got.tolist() == want.tolist()
+        for i in rng.choice(step, 3):
+            assert x[int(i)].tobytes() == full[i].tobytes() == rows_given_calls(sc.model, rates[i], calls[i]).tobytes()
+        last = x
+
+
 def test_load_time_and_roofline_throughput():
     sc = Scenario.from_dict(_HAND)
     assert load_s(sc.cost, sc.model) == pytest.approx(3e-3)
