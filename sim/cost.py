@@ -40,7 +40,8 @@ from .scenario import CostConfig, ModelShape
 _MERGE_ROUNDS = 8  # period_cost: latency -> merged calls -> latency ..., to a fixed point
 
 __all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "rows_given_calls", "layer_calls",
-           "layer_tokens", "merged_tokens", "profile", "evaluate", "period_cost", "load_s", "expert_rows_per_s"]
+           "layer_tokens", "merged_tokens", "profile", "evaluate", "period_cost", "load_s",
+           "expert_rows_per_s"]
 
 
 @dataclass(frozen=True)
