@@ -72,6 +72,7 @@ class Generated:
         self.shifts = _events(rng, cfg.shifts_per_hour, sc.duration_s)
         self.bursts = _events(rng, cfg.bursts_per_hour, sc.duration_s)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._runs: tuple | None = None  # ((start, n), what runs(start, n) gave)
 
     def tokens_per_s(self, t: np.ndarray) -> np.ndarray:
         """t: [n] seconds -> [n] tokens/s into each layer: the diurnal curve times bursts."""
@@ -116,7 +117,11 @@ class Generated:
     def runs(self, start: int, n: int) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
         """Periods start .. start+n-1 -> (scale [n, 1] rows/s into each layer, [(i, j, p)]: rows
         i..j-1 share the popularity p [N]). Without Poisson sampling, `chunk`'s row i is
-        exactly scale[i] · p, so rows of one run differ by their scale alone."""
+        exactly scale[i] · p, so rows of one run differ by their scale alone. The last answer is
+        kept: `chunk` asks first, its caller may ask again (the shares' small cache need not
+        hold every popularity a chunk spans)."""
+        if self._runs is not None and self._runs[0] == (start, n):
+            return self._runs[1]
         t = (start + np.arange(n)) * self.period_s  # [n] each period's start
         scale = (self.tokens_per_s(t) * self.k)[:, None]  # [n, 1]
         out, i = [], 0
@@ -127,6 +132,7 @@ class Generated:
                 j += 1
             out.append((i, j, p))
             i = j
+        self._runs = ((start, n), (scale, out))
         return scale, out
 
 

@@ -52,6 +52,8 @@ class Fleet:
         self._held: dict[str, int] = {}  # `_host_replicas`, for (version, hosts) `_held_for`
         self._held_for: tuple | None = None
         self._to_drain: list[str] = []  # `hosts_to_drain` for (version, hosts) `_drain_for`
+        self._remap: tuple[list[str], np.ndarray] = ([], np.zeros(1, dtype=np.int64))  # `_set`'s, for:
+        self._remap_for: tuple | None = None  # (the planner's host list, its length, hosts)
         self._drain_for: tuple | None = None
         if pol.kind == "autoscale":
             self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
@@ -176,9 +178,15 @@ class Fleet:
 
     def _set(self) -> None:
         """The planner's placement serves, on the hosts of `capacity`."""
-        hosts = sorted(self.capacity)
-        index = {h: i for i, h in enumerate(hosts)}
-        remap = np.array([index.get(h, -1) for h in self.planner.hosts] or [0], dtype=np.int64)
+        seen, caps = self.planner.hosts, tuple(self.capacity)
+        was = self._remap_for
+        if was is not None and was[0] is seen and was[1] == len(seen) and was[2] == caps:
+            hosts, remap = self._remap  # the planner's host list only grows until a reset replaces it
+        else:
+            hosts = sorted(self.capacity)
+            index = {h: i for i, h in enumerate(hosts)}
+            remap = np.array([index.get(h, -1) for h in seen] or [0], dtype=np.int64)
+            self._remap, self._remap_for = (hosts, remap), (seen, len(seen), caps)
         key, host = self.planner.replicas()
         self.layout = Layout(key, remap[host], self.planner.count.copy(), hosts)
         self.version += 1

@@ -303,6 +303,12 @@ def test_every_policy_keeps_slots_experts_and_autoscaler_bounds():
             assert len(f.capacity) <= sc.hosts.max_count
             if f.pol.kind == "autoscale":
                 assert all(a.min_replicas <= len(hs) <= a.max_replicas for hs in f.placement.values())
+            if not f.loading:  # the layout that serves is the planned placement's, on the live hosts
+                want = layout(f.placement, sorted(f.capacity), sc.model)
+                got = f.layout
+                assert got.hosts == want.hosts and got.count.tolist() == want.count.tolist()
+                assert sorted(zip(got.key.tolist(), got.host.tolist())) == sorted(
+                    zip(want.key.tolist(), want.host.tolist()))
     moefleet = fleets[2]
     assert moefleet.adds > 0 and max(map(len, moefleet.placement.values())) > 1  # it did scale
 
