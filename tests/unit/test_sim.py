@@ -307,8 +307,8 @@ def test_every_policy_keeps_slots_experts_and_autoscaler_bounds():
                 want = layout(f.placement, sorted(f.capacity), sc.model)
                 got = f.layout
                 assert got.hosts == want.hosts and got.count.tolist() == want.count.tolist()
-                assert sorted(zip(got.key.tolist(), got.host.tolist())) == sorted(
-                    zip(want.key.tolist(), want.host.tolist()))
+                assert sorted(zip(got.key.tolist(), got.host.tolist(), strict=True)) == sorted(
+                    zip(want.key.tolist(), want.host.tolist(), strict=True))
     moefleet = fleets[2]
     assert moefleet.adds > 0 and max(map(len, moefleet.placement.values())) > 1  # it did scale
 
