@@ -85,8 +85,7 @@ class Fleet:
             self.last_plan = t
             packed, _ = placement.pack_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
                                                     max_replicas=len(self.capacity))
-            adds = [h for k, hs in packed.items() if hs != (was := self.placement.get(k))
-                    for h in (set(hs) - set(was) if was else hs)]
+            adds = _new_hosts(self.placement, packed)
             self.planner.reset(packed, own=True)
             self._schedule(t, adds)
         elif kind == "autoscale":
@@ -210,6 +209,24 @@ class Fleet:
     @staticmethod
     def _host_id(i: int) -> str:
         return f"h{i:04d}"
+
+
+def _new_hosts(was: Placement, now: Placement) -> list[str]:
+    """The host of each replica of `now` that `was` does not have (in no particular order):
+    what `[h for k, hs in now.items() if hs != was.get(k) for h in set(hs) - set(was.get(k) or
+    ())]` counts, without two sets per key for the common key of one replica in both."""
+    get, out = was.get, []
+    for k, hs in now.items():
+        old = get(k)
+        if hs == old:
+            continue
+        if not old:
+            out += hs
+        elif len(hs) == 1 and len(old) == 1:  # one replica in each, not the same host
+            out.append(hs[0])
+        else:
+            out += set(hs).difference(old)
+    return out
 
 
 def _added(plan: PlacementPlan) -> list[str]:

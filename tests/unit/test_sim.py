@@ -313,6 +313,29 @@ def test_every_policy_keeps_slots_experts_and_autoscaler_bounds():
     assert moefleet.adds > 0 and max(map(len, moefleet.placement.values())) > 1  # it did scale
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_new_hosts_counts_what_the_plain_comprehension_counts(seed):
+    """A replan's adds: the same hosts, as often (order aside), as the plain form over random
+    placements (keys new, gone, kept, moved, grown and shrunk)."""
+    from collections import Counter
+
+    from moefleet.sim.policies import _new_hosts
+
+    rng = np.random.default_rng(seed)
+    hosts = [f"h{i}" for i in range(6)]
+
+    def some():
+        return {(0, e): list(rng.choice(hosts, rng.integers(1, 4), replace=False))
+                for e in range(40) if rng.random() < 0.8}
+
+    was, now = some(), some()
+    for k in list(now)[:10]:
+        if k in was:
+            now[k] = list(was[k])
+    plain = [h for k, hs in now.items() if hs != was.get(k) for h in set(hs) - set(was.get(k) or ())]
+    assert Counter(_new_hosts(was, now)) == Counter(plain)
+
+
 # ---- scenario files -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, message", [
