@@ -132,21 +132,22 @@ def expert_targets(
     r = np.asarray(tokens_per_s, dtype=np.float64)
     x = np.fmax(r, 0.0)  # [N]: NaN and negatives give 0 (what np.where(r > 0, r, 0.0) gives, in one pass)
     x += 0.0  # and -0.0 gives +0.0
-    if x.max(initial=0.0) == np.inf:
+    if _max(x, initial=0.0) == np.inf:  # the ufunc's own reduce: .max() adds a Python wrapper per call
         x[np.isinf(x)] = 0.0
     smoothed = _smooth(cfg.smoothing, x, state.smoothed)
-    # where smoothed is <= 0 or NaN (fmax skips it) this gives min_replicas, as desired_replicas does
+    # where smoothed is <= 0 or NaN (fmax skips it) this gives min_replicas, as desired_replicas does;
+    # kept as floats (whole numbers in [min, max]): compared with the int counts as they are, and only
+    # the M that differ are made ints
     desired = smoothed / cfg.target_tokens_per_s
     np.minimum(desired, cfg.max_replicas, out=desired)
     np.ceil(desired, out=desired)
     np.fmax(desired, cfg.min_replicas, out=desired)
-    desired = desired.astype(np.int64)  # [N]
     base = np.asarray(current, dtype=np.int64)
-    if base.min(initial=cfg.min_replicas) < cfg.min_replicas or base.max(initial=0) > cfg.max_replicas:
+    if _min(base, initial=cfg.min_replicas) < cfg.min_replicas or _max(base, initial=0) > cfg.max_replicas:
         base = np.clip(base, cfg.min_replicas, cfg.max_replicas)
     # only the experts whose wish differs from their count can fire or wait; the rest keep it
     n = np.flatnonzero(desired != base)  # [M]
-    want, have, pn = desired[n], base[n], state.pending_n[n]  # [M]
+    want, have, pn = desired[n].astype(np.int64), base[n], state.pending_n[n]  # [M]
     up = want > have
     same_way = (pn > 0) & ((pn > have) == up) & (pn != have)
     since = np.where(same_way, state.pending_since[n], now)
@@ -163,10 +164,15 @@ def _smooth(weight: float, x: np.ndarray, old: np.ndarray) -> np.ndarray:
     """weight · x + (1 − weight) · old, or x where old is NaN (no sample yet)."""
     out = x * weight
     out += (1 - weight) * old
-    nan = np.isnan(old)
-    if nan.any():
+    # old NaN makes out NaN (x is finite here), and a NaN makes the sum NaN: a sum that is not NaN
+    # says no old is, in one pass (one that is, from inf - inf too, checks old itself)
+    if np.isnan(_sum(out)):
+        nan = np.isnan(old)
         out[nan] = x[nan]
     return out
+
+
+_max, _min, _sum = np.maximum.reduce, np.minimum.reduce, np.add.reduce
 
 
 # ---------------------------------------------------------------------------------------------

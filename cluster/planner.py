@@ -7,6 +7,8 @@ keeping its placement between calls and taking the load as an array.
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 
 from .planning import Key, Placement, PlacementPlan, _diff, _Fleet, _plan_counts
@@ -54,7 +56,7 @@ class Planner:
         self.held: dict[str, set[Key]] = {}
         self.hosts: list[str] = []  # every H seen; host index i in `at` is hosts[i]
         self._hid: dict[str, int] = {}
-        flat = [h for hs in self.placement.values() for h in hs]  # [R] K by K, as _sync lays them
+        flat = list(chain.from_iterable(self.placement.values()))  # [R] K by K, as _sync lays them
         for h in dict.fromkeys(flat):  # host indices in order of first sight
             self._host(h)
         held = self.held
@@ -64,12 +66,14 @@ class Planner:
             else:
                 for h in hs:
                     held[h].add(k)
-        per = np.array([len(hs) for hs in self.placement.values()], dtype=np.int64)  # [K placed]
-        rows = np.repeat(np.array([self.index[k] for k in self.placement], dtype=np.int64), per)  # [R]
+        K = len(self.placement)
+        per = np.fromiter(map(len, self.placement.values()), dtype=np.int64, count=K)  # [K placed]
+        rows = np.repeat(np.fromiter(map(self.index.__getitem__, self.placement), dtype=np.int64, count=K),
+                         per)  # [R]
         cols = np.arange(len(flat)) - np.repeat(np.cumsum(per) - per, per)  # [R] place in its list
         width = int(per.max(initial=1))
         self.at = np.full((len(self.keys), width), -1, dtype=np.int64)  # [N, width] H index per R
-        self.at[rows, cols] = [self._hid[h] for h in flat]
+        self.at[rows, cols] = np.fromiter(map(self._hid.__getitem__, flat), dtype=np.int64, count=len(flat))
         self.count = np.bincount(rows, minlength=len(self.keys))  # [N] R of K
         self._flat: tuple[np.ndarray, np.ndarray] | None = None  # `replicas()` when last made
         self._stale: dict[int, int] = {}  # K index -> its replicas in `_flat`, for rows changed since
@@ -121,19 +125,22 @@ class Planner:
         key, host = self._flat
         ns = sorted(self._stale)
         starts = np.searchsorted(key, ns).tolist()  # where each changed K's replicas began
-        hosts, prev, at = [], 0, self.at
+        keys, hosts, prev, at = [], [], 0, self.at
         for n, i, c in zip(ns, starts, self.count[ns].tolist(), strict=True):
+            keys += [key[prev:i], np.full(c, n, dtype=key.dtype)]  # K by K, as np.repeat would
             hosts += [host[prev:i], at[n, :c]]
             prev = i + self._stale[n]
-        key = np.repeat(np.arange(len(self.keys), dtype=key.dtype), self.count)  # K by K
-        return key, np.concatenate(hosts + [host[prev:]])
+        return np.concatenate(keys + [key[prev:]]), np.concatenate(hosts + [host[prev:]])
 
     def _attempt(self, load: np.ndarray, counts: dict[Key, int], firsts_first: bool) -> PlacementPlan:
         count = self.count.copy()  # [N] replicas now
         ns = [self.index[k] for k in counts]
         before = dict(zip(counts, count[ns].tolist(), strict=True))
         count[ns] = list(counts.values())
-        share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)  # [N]
+        if count.min(initial=1) > 0:  # every K keeps a replica (the simulator's min_replicas >= 1)
+            share = load / count  # [N]: what the masked divide below gives then, without its mask
+        else:
+            share = np.divide(load, count, out=np.zeros(len(self.keys)), where=count > 0)
         hosts = sorted(set(self.capacity) | {h for h, ks in self.held.items() if ks})
         for h in hosts:
             self._host(h)

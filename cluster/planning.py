@@ -235,7 +235,7 @@ class _Fleet:
         heap, loads, held, capacity, share = self._heap, self.load, self.held, self.capacity, self.share
         placement, origin, by_share, log = self.placement, self.origin, self._by_share, self.log
         pop, replace = heapq.heappop, heapq.heapreplace
-        unplaced = []
+        unplaced, fresh = [], 0  # fresh: adds below not counted in `moved` yet (none is in origin)
         for k in pending:
             h = None
             while heap:
@@ -261,13 +261,18 @@ class _Fleet:
                 placement[k] = [h]
             else:
                 hs.append(h)
-            self.moved += -1 if h in origin.get(k, ()) else 1
+            if not origin:  # a pack from scratch: every add is new
+                fresh += 1
+            else:
+                self.moved += -1 if h in origin.get(k, ()) else 1
             held[h].add(k)
             loads[h] = load = load + share[k]
-            by_share.pop(h, None)
+            if by_share:  # only `_make_room` fills it
+                by_share.pop(h, None)
             replace(heap, (load, n + 1, h))
             if log is not None:
                 log.append((k, h, -1))
+        self.moved += fresh
         return unplaced
 
     def hottest(self) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import operator
 from collections import Counter
-from itertools import chain
+from itertools import chain, islice
 
 from .planning import (
     Key,
@@ -50,7 +51,7 @@ def rebalance(
     min_gain * moves (a move must buy at least min_gain of max/mean). When a knob changed the
     choice, `uncut` is the plan it would have been. moves are the net change from `current`.
     """
-    full = {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
+    full = _full(load, current)
     if num_replicas is None:
         num_replicas = sum(len(hs) for hs in current.values())
     counts = replicate(full, num_replicas, min_replicas, max_replicas)
@@ -61,11 +62,13 @@ def rebalance(
             min_replicas <= c <= cap for c in kept.values()):
         starts.append((current, []))
     paths = [_Path(full, capacity, current, *s) for s in starts]
-    scratch = _Path(full, capacity, {}, *_counts_placement(full, capacity, {}, counts))
+    packed, unplaced = _counts_placement(full, capacity, {}, counts)  # its keys in packing order
+    # sorted once here: each _Fleet, relabelling and copy made of it below sorts it again (cheap now)
+    scratch = _Path(full, capacity, {}, {k: packed[k] for k in sorted(packed)}, unplaced)
     # before and after its search, each relabelled; once when it took no step (a second, equal
     # path could never be chosen over the first)
     for i in dict.fromkeys((0, len(scratch.steps))):
-        relabelled = _relabel(scratch.placement_at(i), capacity, current)
+        relabelled = _relabel(scratch.placement_read(i), capacity, current)
         paths.append(_Path(full, capacity, current, relabelled, scratch.unplaced, scratch.share))
     plans = [(p, i) for p in paths for i in range(len(p.scores))]
     scores = [p.scores[i] for p, i in plans]
@@ -78,6 +81,16 @@ def rebalance(
     if pick == best:
         return plan
     return dataclasses.replace(plan, uncut=plans[best][0].plan(plans[best][1], current))
+
+
+def _full(load: dict[Key, float], current: Placement) -> dict[Key, float]:
+    """Every K of `load` or `current`, sorted, -> its load (0 where `load` has none). When
+    `load` already holds every K of `current` in sorted order (the simulator's and the
+    Controller's do), that is a copy of it: no sort of the keys' union."""
+    keys = list(load)
+    if load.keys() >= current.keys() and all(map(operator.lt, keys, islice(keys, 1, None))):
+        return dict(load)
+    return {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
 
 
 def _choose(scores: list[tuple[int, float, int]], max_moves: int | None,
@@ -116,7 +129,7 @@ class _Path:
         self.steps: list[list[tuple[Key, str, str]]] = []
         hot = fleet.hottest() if fleet.hosts else None
         self.scores = [self._score(fleet, hot, mean)]
-        for _ in range(sum(len(hs) for hs in start.values())):
+        for _ in range(sum(map(len, start.values()))):
             if fleet.load[hot] <= good_enough:
                 break
             trades = _relieve_hottest(fleet, hot)
@@ -134,6 +147,15 @@ class _Path:
     def plan(self, i: int, current: Placement) -> PlacementPlan:
         placement = self.placement_at(i)
         return PlacementPlan(placement, _diff(current, placement), self.unplaced)
+
+    def placement_read(self, i: int) -> Placement:
+        """The placement after i steps, to read only: the path's own dict (in no particular key
+        order) when it has one, else `placement_at(i)`."""
+        if i == 0:
+            return self.start
+        if i == len(self.steps):
+            return self.end
+        return self.placement_at(i)
 
     def placement_at(self, i: int) -> Placement:
         """A copy of the placement after i steps (as a `_Fleet` that replays them holds it)."""

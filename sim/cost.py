@@ -39,8 +39,9 @@ from .scenario import CostConfig, ModelShape
 
 _MERGE_ROUNDS = 8  # period_cost: latency -> merged calls -> latency ..., to a fixed point
 
-__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "layer_tokens", "merged_tokens",
-           "profile", "evaluate", "period_cost", "load_s", "expert_rows_per_s"]
+__all__ = ["Layout", "PeriodCost", "Profile", "layout", "rows_per_call", "rows_given_calls", "layer_calls",
+           "layer_tokens", "merged_tokens", "profile", "evaluate", "period_cost", "load_s",
+           "expert_rows_per_s"]
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,27 @@ def rows_per_call(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
                   tokens_per_call: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """rate: [..., N] rows/s; tokens_per_call: [..., L] (default: cfg.batch_tokens, no merging)
     -> (x [..., N] rows each expert gets per call of its layer, calls [..., L] calls/s per layer)."""
+    calls = layer_calls(cfg, m, rate, tokens_per_call)
+    return rows_given_calls(m, rate, calls), calls
+
+
+def layer_calls(cfg: CostConfig, m: ModelShape, rate: np.ndarray,
+                tokens_per_call: np.ndarray | float | None = None) -> np.ndarray:
+    """`rows_per_call`'s calls: rate [..., N] rows/s -> [..., L] calls/s per layer."""
     b = cfg.batch_tokens if tokens_per_call is None else tokens_per_call
-    calls = layer_tokens(m, rate) / b
+    return layer_tokens(m, rate) / b
+
+
+def rows_given_calls(m: ModelShape, rate: np.ndarray, calls: np.ndarray) -> np.ndarray:
+    """`rows_per_call`'s x from its calls: rate [..., N], calls [..., L] -> x [..., N]. Row by
+    row it gives what it gives for the rows together (each element is its own division)."""
     r = rate.reshape(*rate.shape[:-1], m.layers, m.n_routed_experts)  # [..., L, E]
     c = calls[..., None]  # [..., L, 1]
     if (calls > 0).all():
         x = r / c
     else:  # a layer without calls: its experts get no rows
         x = np.divide(r, c, out=np.zeros_like(r), where=c > 0)
-    return x.reshape(rate.shape), calls
+    return x.reshape(rate.shape)
 
 
 def layer_tokens(m: ModelShape, rate: np.ndarray) -> np.ndarray:
@@ -135,9 +148,18 @@ def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profi
         n = x / lay.count  # [N] rows per replica
     else:
         n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)
-    t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
-                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))  # [N] s per call
-    idx = lay.host * L + lay.key // E  # [R] (host, layer) cell
+    # t = max(n · flops_per_row / FLOP/s, (1 − e^(−n)) · expert_bytes / B/s): [N] s per call,
+    # the same operations in the same order, in two buffers
+    t = n * m.flops_per_row
+    t /= cfg.tflops * 1e12
+    w = np.negative(n)
+    np.expm1(w, out=w)
+    np.negative(w, out=w)
+    w *= m.expert_bytes
+    w /= cfg.hbm_gbps * 1e9
+    np.maximum(t, w, out=t)
+    idx = lay.host * L  # [R] (host, layer) cell
+    idx += lay.key >> (E.bit_length() - 1) if E & (E - 1) == 0 else lay.key // E  # a shift: 6x a division
     work = np.bincount(idx, weights=t[lay.key], minlength=H * L).reshape(H, L)
     rows = np.bincount(idx, weights=n[lay.key], minlength=H * L).reshape(H, L)
     hit = -np.expm1(-rows)  # [H, L]
@@ -154,14 +176,19 @@ def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
     rho = prof.busy @ calls  # [H]
     host_calls = prof.hit @ calls  # [H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
-    if rho.max(initial=0.0) < 1:  # no host saturated: every wait is finite
+    if _max(rho, initial=0.0) < 1:  # no host saturated: every wait is finite
         wait = rho * mean_s / (2 * (1 - rho))  # [H] M/D/1
         s = prof.part + wait[:, None]  # [H, L], -inf where not called
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)
         s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)
-    return PeriodCost(cfg.net_latency_s + s.max(axis=0, initial=0.0), prof.rows @ calls, rho)
+    latency = _max(s, axis=0, initial=0.0)  # what s.max(axis=0, ...) does, without its Python wrapper
+    latency += cfg.net_latency_s
+    return PeriodCost(latency, prof.rows @ calls, rho)
+
+
+_max = np.maximum.reduce
 
 
 def period_cost(cfg: CostConfig, m: ModelShape, lay: Layout, rate: np.ndarray) -> PeriodCost:

@@ -72,6 +72,7 @@ class Generated:
         self.shifts = _events(rng, cfg.shifts_per_hour, sc.duration_s)
         self.bursts = _events(rng, cfg.bursts_per_hour, sc.duration_s)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._runs: tuple | None = None  # ((start, n), what runs(start, n) gave)
 
     def tokens_per_s(self, t: np.ndarray) -> np.ndarray:
         """t: [n] seconds -> [n] tokens/s into each layer: the diurnal curve times bursts."""
@@ -104,21 +105,35 @@ class Generated:
 
     def chunk(self, start: int, n: int) -> np.ndarray:
         """Periods start .. start+n-1 -> [n, N] measured rows/s."""
-        t = (start + np.arange(n)) * self.period_s  # [n] each period's start
-        scale = (self.tokens_per_s(t) * self.k)[:, None]  # [n, 1] rows/s into each layer
+        scale, runs = self.runs(start, n)
         rate = np.empty((n, self.L * self.E))  # [n, N] expected rows/s
-        i = 0
-        while i < n:  # rows that share one popularity (a drift step) at once
-            p = self.shares(float(t[i]))
-            j = i + 1
-            while j < n and self.shares(float(t[j])) is p:
-                j += 1
+        for i, j, p in runs:  # rows that share one popularity (a drift step) at once
             np.multiply(scale[i:j], p, out=rate[i:j])
-            i = j
         if not self.cfg.poisson:
             return rate
         rng = np.random.default_rng([self.cfg.seed, 1, start])
         return rng.poisson(rate * self.period_s) / self.period_s
+
+    def runs(self, start: int, n: int) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
+        """Periods start .. start+n-1 -> (scale [n, 1] rows/s into each layer, [(i, j, p)]: rows
+        i..j-1 share the popularity p [N]). Without Poisson sampling, `chunk`'s row i is
+        exactly scale[i] · p, so rows of one run differ by their scale alone. The last answer is
+        kept: `chunk` asks first, its caller may ask again (the shares' small cache need not
+        hold every popularity a chunk spans)."""
+        if self._runs is not None and self._runs[0] == (start, n):
+            return self._runs[1]
+        t = (start + np.arange(n)) * self.period_s  # [n] each period's start
+        scale = (self.tokens_per_s(t) * self.k)[:, None]  # [n, 1]
+        out, i = [], 0
+        while i < n:
+            p = self.shares(float(t[i]))
+            j = i + 1
+            while j < n and self.shares(float(t[j])) is p:
+                j += 1
+            out.append((i, j, p))
+            i = j
+        self._runs = ((start, n), (scale, out))
+        return scale, out
 
 
 def _events(rng: np.random.Generator, per_hour: float, duration_s: float) -> np.ndarray:

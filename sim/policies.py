@@ -52,6 +52,8 @@ class Fleet:
         self._held: dict[str, int] = {}  # `_host_replicas`, for (version, hosts) `_held_for`
         self._held_for: tuple | None = None
         self._to_drain: list[str] = []  # `hosts_to_drain` for (version, hosts) `_drain_for`
+        self._remap: tuple[list[str], np.ndarray] = ([], np.zeros(1, dtype=np.int64))  # `_set`'s, for:
+        self._remap_for: tuple | None = None  # (the planner's host list, its length, hosts)
         self._drain_for: tuple | None = None
         if pol.kind == "autoscale":
             self._fit(np.zeros(len(self.keys)), dict.fromkeys(self.keys, sc.autoscaling.min_replicas))
@@ -83,8 +85,7 @@ class Fleet:
             self.last_plan = t
             packed, _ = placement.pack_from_scratch(self._dict(self.load), self.capacity, self._replicas(),
                                                     max_replicas=len(self.capacity))
-            adds = [h for k, hs in packed.items() if hs != (was := self.placement.get(k))
-                    for h in (set(hs) - set(was) if was else hs)]
+            adds = _new_hosts(self.placement, packed)
             self.planner.reset(packed, own=True)
             self._schedule(t, adds)
         elif kind == "autoscale":
@@ -94,8 +95,8 @@ class Fleet:
         """`autoscale.decide`'s two halves, on arrays (decide itself converts dicts to them)."""
         cfg, count = self.sc.autoscaling, self.layout.count
         target, self.state = autoscale.expert_targets(cfg, rate, count, self.state, t)
-        changed = target != count
-        self.target[changed] = target[changed]  # the Controller's m.target.update(decision.replicas)
+        # the Controller's m.target.update(decision.replicas): target where it differs from count
+        np.copyto(self.target, target, where=target != count)
         held = self._host_replicas()
         idle, self.empty_since = autoscale.idle_hosts(cfg, held, self.empty_since, t)
         retire = autoscale.retirable(idle, held, self.sc.hosts.count)
@@ -176,9 +177,15 @@ class Fleet:
 
     def _set(self) -> None:
         """The planner's placement serves, on the hosts of `capacity`."""
-        hosts = sorted(self.capacity)
-        index = {h: i for i, h in enumerate(hosts)}
-        remap = np.array([index.get(h, -1) for h in self.planner.hosts] or [0], dtype=np.int64)
+        seen, caps = self.planner.hosts, tuple(self.capacity)
+        was = self._remap_for
+        if was is not None and was[0] is seen and was[1] == len(seen) and was[2] == caps:
+            hosts, remap = self._remap  # the planner's host list only grows until a reset replaces it
+        else:
+            hosts = sorted(self.capacity)
+            index = {h: i for i, h in enumerate(hosts)}
+            remap = np.array([index.get(h, -1) for h in seen] or [0], dtype=np.int64)
+            self._remap, self._remap_for = (hosts, remap), (seen, len(seen), caps)
         key, host = self.planner.replicas()
         self.layout = Layout(key, remap[host], self.planner.count.copy(), hosts)
         self.version += 1
@@ -202,6 +209,24 @@ class Fleet:
     @staticmethod
     def _host_id(i: int) -> str:
         return f"h{i:04d}"
+
+
+def _new_hosts(was: Placement, now: Placement) -> list[str]:
+    """The host of each replica of `now` that `was` does not have (in no particular order):
+    what `[h for k, hs in now.items() if hs != was.get(k) for h in set(hs) - set(was.get(k) or
+    ())]` counts, without two sets per key for the common key of one replica in both."""
+    get, out = was.get, []
+    for k, hs in now.items():
+        old = get(k)
+        if hs == old:
+            continue
+        if not old:
+            out += hs
+        elif len(hs) == 1 and len(old) == 1:  # one replica in each, not the same host
+            out.append(hs[0])
+        else:
+            out += set(hs).difference(old)
+    return out
 
 
 def _added(plan: PlacementPlan) -> list[str]:

@@ -16,8 +16,17 @@ import numpy as np
 
 from moefleet.cluster import autoscale
 
-from .cost import Profile, evaluate, layer_tokens, merged_tokens, profile, rows_per_call
-from .load import load_source
+from .cost import (
+    Profile,
+    evaluate,
+    layer_calls,
+    layer_tokens,
+    merged_tokens,
+    profile,
+    rows_given_calls,
+    rows_per_call,
+)
+from .load import Generated, load_source
 from .policies import Fleet
 from .scenario import Scenario, load_scenario
 
@@ -26,6 +35,7 @@ __all__ = ["Series", "Summary", "simulate", "summarise", "table", "run"]
 _CHUNK = 256  # periods of load drawn at once
 _SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
 _ROWS = 4  # rows of [n, N] compared at once (`_same_as_before`)
+_sum, _max, _min = np.add.reduce, np.maximum.reduce, np.minimum.reduce
 
 
 @dataclass
@@ -62,9 +72,10 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     bar, last, load = _bar(P, progress), None, None
     for start in range(0, P, _CHUNK):
         rates = src.chunk(start, min(_CHUNK, P - start))  # [n, N]
-        x, calls = rows_per_call(sc.cost, sc.model, rates)  # [n, N], [n, L]
-        same = _same_as_before(x, x[:1] if last is None else last)  # [n]
-        last = x[-1:]
+        calls = layer_calls(sc.cost, sc.model, rates)  # [n, L]
+        x = _Rows(sc.model, rates, calls)  # [n, N] rows per call (rows_per_call's x), made as asked for
+        same = _same_rows(sc, src, start, x, last)  # [n]
+        last = x
         loads = []  # [n] of [N]: what placement plans for, the same for every fleet
         for rate in rates:
             load = autoscale.smooth_load(rate, load)
@@ -77,6 +88,74 @@ def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     if bar is not None:
         bar.close()
     return {name: Series(**r) for name, r in rec.items()}
+
+
+class _Rows:
+    """x [n, N] rows per call of a chunk (`rows_given_calls` of its rates [n, N] and calls
+    [n, L]), a row made when first asked for: most periods keep their profile and need none."""
+
+    def __init__(self, m, rates: np.ndarray, calls: np.ndarray):
+        self.m, self.rates, self.calls = m, rates, calls
+        self._rows: dict[int, np.ndarray] = {}
+        self._all: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rates)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._all is not None:
+            return self._all[i]
+        i %= len(self.rates)
+        row = self._rows.get(i)
+        if row is None:
+            row = self._rows[i] = rows_given_calls(self.m, self.rates[i], self.calls[i])
+        return row
+
+    def all(self) -> np.ndarray:
+        if self._all is None:
+            self._all = rows_given_calls(self.m, self.rates, self.calls)
+        return self._all
+
+
+def _same_rows(sc: Scenario, src, start: int, x: _Rows, last: _Rows | None) -> np.ndarray:
+    """-> [n] `_same_as_before` of x and the last row of `last` (x[0] itself for the first
+    chunk). Rows that `_scaled_runs` shows to be within _SAME of the row before are not compared."""
+    runs = _scaled_runs(sc, src, start, x.calls)
+    if runs is None:
+        full = x.all()
+        return _same_as_before(full, full[:1] if last is None else last[-1][None])
+    same = np.ones(len(x), dtype=bool)
+    for i in runs:  # the first row of each run: compared as _same_as_before compares it
+        prev = x[i - 1] if i else (x[0] if last is None else last[-1])
+        same[i] = _same_as_before(x[i][None], prev[None])[0]
+    return same
+
+
+def _scaled_runs(sc: Scenario, src, start: int, calls: np.ndarray) -> list[int] | None:
+    """The first row of each run of rows that differ only by their scale, when every other row
+    is sure to be within _SAME of the row before it; None when that is not sure.
+
+    Generated load without Poisson sampling: row i of a run is fl(s_i · p) (`Generated.runs`),
+    so rows_per_call's x_i = fl(fl(s_i · p_n) / c_il), c_il = fl(fl(fl(Σ_e fl(s_i · p_e)) / k) / b),
+    is p_n · k · b / Σ_e p_e times (1 + θ_i), |θ_i| <= (E + 4) · 2^-53 (positive terms: no
+    cancellation; each rounding is relative while every value is a normal number). Two rows of
+    a run then differ by at most 2 (E + 4) · 2^-53 of either (under 1e-13 for E < 400), and their
+    difference is computed exactly (Sterbenz), far inside _SAME = 1e-9; a share p_n = 0 gives
+    0 in both. The bounds checked keep every value normal: 1e-100 <= s <= 1e100, p in [0, 1]
+    with its positive shares >= 1e-200, k · b >= 1 and c >= 1e-290 (so x_n >= 1e-203 when
+    p_n > 0)."""
+    E = sc.model.n_routed_experts
+    if (not isinstance(src, Generated) or src.cfg.poisson or E >= 400
+            or not sc.model.num_experts_per_tok * sc.cost.batch_tokens >= 1
+            or not (_min(calls, axis=None) >= 1e-290 and _max(calls, axis=None) < np.inf)):
+        return None
+    scale, runs = src.runs(start, len(calls))
+    if not (_min(scale, axis=None) >= 1e-100 and _max(scale, axis=None) <= 1e100):  # NaN fails too
+        return None
+    for _, _, p in runs:
+        if not (_min(p) >= 0 and _max(p) <= 1 and _min(p, initial=1.0, where=p > 0) >= 1e-200):
+            return None
+    return [i for i, _, _ in runs]
 
 
 def _same_as_before(x: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -110,7 +189,7 @@ class _Costed:
 
 def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndarray], start: int,
                load: tuple[np.ndarray, list[np.ndarray]],
-               pattern: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+               pattern: tuple[_Rows, np.ndarray, np.ndarray]) -> None:
     """Step `fleet` through periods start.. of `rates` [n, N] (and their smoothed `loads`) and
     cost each: the profile is made again only when the layout or the pattern of rows per call
     changed (`same` false)."""
@@ -120,16 +199,18 @@ def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndar
     latency = np.empty((len(rates), sc.model.layers))  # [n, L]
     for i, rate in enumerate(rates):
         fleet.step((start + i + 1) * sc.autoscaling.period_s, rate, loads[i])  # t: the period's end
-        xi, ci = x[i], calls[i]
+        xi, ci = None, calls[i]
         if merging:  # calls merged by the last period's latency: the pattern moves each period
             b = merged_tokens(sc.cost, layer_tokens(sc.model, rate), costed.latency)
             xi, ci = rows_per_call(sc.cost, sc.model, rate, b)
         if merging or costed.profile is None or not same[i] or costed.version != fleet.version:
+            xi = x[i] if xi is None else xi
             costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, xi), fleet.version
         cost = evaluate(sc.cost, costed.profile, ci)
         latency[i] = costed.latency = cost.latency_s
-        mean = cost.host_rows.sum() / len(cost.host_rows)  # what .mean() does, without its checks
-        r["imbalance"][start + i] = cost.host_rows.max() / mean if mean > 0 else 1.0
+        rows = cost.host_rows
+        mean = _sum(rows) / len(rows)  # what .mean() does, without its checks (nor .sum()'s wrapper)
+        r["imbalance"][start + i] = _max(rows) / mean if mean > 0 else 1.0
         r["hosts"][start + i] = len(fleet.capacity)
         r["replicas_moved"][start + i] = fleet.adds
     p = slice(start, start + len(rates))

@@ -490,6 +490,39 @@ def test_a_search_path_gives_its_first_and_last_plans_as_a_replay_of_its_steps_w
         assert path.scores[i][2] == len(_pairs(current) ^ _pairs(fleet.placement))
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_rebalance_full_load_equals_its_plain_form_keys_in_order(seed: int) -> None:
+    """`_full` copies a load that holds every current K in sorted order, and otherwise sorts
+    the union: the same dict, key order included, as the plain comprehension."""
+    from moefleet.cluster.rebalance import _full
+
+    rng = random.Random(seed)
+    load, _, current, _ = _random_case(rng)
+    if seed % 3 == 1:  # keys out of order
+        items = list(load.items())
+        rng.shuffle(items)
+        load = dict(items)
+    if seed % 4 == 2:  # keys only in current
+        for k in rng.sample(sorted(load), 3):
+            del load[k]
+    want = {k: load.get(k, 0.0) for k in sorted(set(load) | set(current))}
+    assert list(_full(load, current).items()) == list(want.items())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_search_paths_placement_to_read_holds_what_its_copy_holds(seed: int) -> None:
+    """`_Path.placement_read` hands out the path's own first and last placements (no copy, no
+    sort): the same K -> [H] as `placement_at`, lists in the same order."""
+    from moefleet.cluster.rebalance import _Path
+
+    load, capacity, current, num = _random_case(random.Random(seed))
+    counts = replicate(load, num, 1, len(capacity))
+    start = apply_counts(load, capacity, current, counts)
+    path = _Path(load, capacity, current, start.placement, start.unplaced)
+    for i in {0, len(path.steps) // 2, len(path.steps)}:
+        assert path.placement_read(i) == path.placement_at(i)
+
+
 def test_coolest_from_the_heap_matches_a_plain_scan_through_adds_and_removes():
     """The heap with lazy deletion is a fast path of `min` over the hosts with a free slot
     that do not hold K, by (load, replicas, id); a random walk of adds and removes holds the

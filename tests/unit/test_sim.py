@@ -122,6 +122,90 @@ def test_evaluate_equals_the_plain_masked_form_saturated_or_not(seed):
             assert a.tobytes() == b.tobytes()
 
 
+def _plain_profile(cfg, m, lay, x):
+    """`profile` as first written, each step one expression: the reference its faster form (the
+    layer of a replica by a shift when E is a power of two, the per-expert time in two buffers)
+    must equal bit for bit."""
+    L, E, H = m.layers, m.n_routed_experts, len(lay.hosts)
+    n = np.divide(x, lay.count, out=np.zeros_like(x), where=lay.count > 0)
+    t = np.maximum(n * m.flops_per_row / (cfg.tflops * 1e12),
+                   -np.expm1(-n) * m.expert_bytes / (cfg.hbm_gbps * 1e9))
+    idx = lay.host * L + lay.key // E
+    work = np.bincount(idx, weights=t[lay.key], minlength=H * L).reshape(H, L)
+    rows = np.bincount(idx, weights=n[lay.key], minlength=H * L).reshape(H, L)
+    hit = -np.expm1(-rows)
+    wire = 2 * rows * m.hidden_size * cfg.activation_bytes / (cfg.net_gbps * 1e9)
+    busy = hit * cfg.call_overhead_s + work + wire
+    called = hit > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = busy / hit
+    return busy, hit, rows, called, np.where(called, q, 0.0), np.where(called, q, -np.inf)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_profile_equals_its_plain_form_bit_for_bit(seed):
+    """Random placements over 1-4 layers of 4, 6, 8 or 256 experts (shift or division), every
+    expert placed or some not, idle and busy rates: the same six [H, L] tables to the bit."""
+    from moefleet.sim.cost import profile, rows_per_call
+
+    rng = np.random.default_rng(seed)
+    layers, E = int(rng.integers(1, 5)), int(rng.choice([4, 6, 8, 256]))
+    sc = Scenario.from_dict({**_HAND, "model": {**_HAND["model"], "layers": layers, "n_routed_experts": E},
+                             "hosts": {"count": 4, "slots": 4 * E}})
+    hosts = ["a", "b", "c", "d"]
+    every = seed % 2 == 0
+    placement = {(L, e): list(rng.choice(hosts, rng.integers(1, 4), replace=False))
+                 for L in range(layers) for e in range(E) if every or rng.random() < 0.8}
+    lay = layout(placement, hosts, sc.model)
+    for scale in (0.0, 1.0, 300.0):
+        rate = rng.lognormal(3, 1, layers * E) * scale * (rng.random(layers * E) < 0.8)
+        x, _ = rows_per_call(sc.cost, sc.model, rate)
+        got = profile(sc.cost, sc.model, lay, x)
+        want = _plain_profile(sc.cost, sc.model, lay, x)
+        for a, b in zip((got.busy, got.hit, got.rows, got.called, got.per_hit, got.part), want, strict=True):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_same_rows_equals_comparing_every_row(seed):
+    """The simulator compares only the first row of each run of generated rows that differ by
+    their scale (the others are within _SAME by a rounding bound): over consecutive chunks of
+    random generated loads (lognormal or Zipf, drift, shifts, bursts, a trough at 0, Poisson or
+    not) the same flags as `_same_as_before` over every row, and `rows_given_calls` row by row
+    gives `rows_per_call`'s x to the bit."""
+    import sys
+
+    from moefleet.sim.cost import layer_calls, rows_given_calls, rows_per_call
+
+    run = sys.modules["moefleet.sim.run"]
+    rng = np.random.default_rng(seed)
+    model = {"layers": int(rng.integers(1, 5)), "n_routed_experts": int(rng.choice([4, 16, 64, 256])),
+             "num_experts_per_tok": int(rng.integers(1, 5)), "hidden_size": 64, "moe_intermediate_size": 64}
+    load = {"tokens_per_s": float(rng.choice([1e-3, 1.0, 3e4, 1e9])),
+            "trough_ratio": float(rng.choice([0.0, 0.3])),
+            "popularity": str(rng.choice(["lognormal", "zipf"])),
+            "drift_hours": float(rng.choice([0.0, 0.05, 6.0])),
+            "shifts_per_hour": float(rng.choice([0.0, 20.0])),
+            "bursts_per_hour": float(rng.choice([0.0, 30.0])), "burst_s": 20.0,
+            "poisson": bool(seed % 4 == 3), "peak_hour": float(rng.uniform(0, 24)), "seed": seed}
+    sc = Scenario.from_dict({"name": "same", "duration_s": 4000, "model": model,
+                             "hosts": {"count": 4, "slots": 256}, "load": load})
+    src, last, step = Generated(sc), None, int(rng.choice([16, 64, 256]))
+    for start in range(0, 1500, step):
+        rates = src.chunk(start, step)
+        calls = layer_calls(sc.cost, sc.model, rates)
+        x = run._Rows(sc.model, rates, calls)
+        got = run._same_rows(sc, src, start, x, last)
+        full, want_calls = rows_per_call(sc.cost, sc.model, rates)
+        assert calls.tobytes() == want_calls.tobytes()
+        want = run._same_as_before(full, full[:1] if last is None else last[-1][None])
+        assert got.tolist() == want.tolist()
+        for i in rng.choice(step, 3):
+            one = rows_given_calls(sc.model, rates[i], calls[i])
+            assert x[int(i)].tobytes() == full[i].tobytes() == one.tobytes()
+        last = x
+
+
 def test_load_time_and_roofline_throughput():
     sc = Scenario.from_dict(_HAND)
     assert load_s(sc.cost, sc.model) == pytest.approx(3e-3)
@@ -219,8 +303,37 @@ def test_every_policy_keeps_slots_experts_and_autoscaler_bounds():
             assert len(f.capacity) <= sc.hosts.max_count
             if f.pol.kind == "autoscale":
                 assert all(a.min_replicas <= len(hs) <= a.max_replicas for hs in f.placement.values())
+            if not f.loading:  # the layout that serves is the planned placement's, on the live hosts
+                want = layout(f.placement, sorted(f.capacity), sc.model)
+                got = f.layout
+                assert got.hosts == want.hosts and got.count.tolist() == want.count.tolist()
+                assert sorted(zip(got.key.tolist(), got.host.tolist(), strict=True)) == sorted(
+                    zip(want.key.tolist(), want.host.tolist(), strict=True))
     moefleet = fleets[2]
     assert moefleet.adds > 0 and max(map(len, moefleet.placement.values())) > 1  # it did scale
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_new_hosts_counts_what_the_plain_comprehension_counts(seed):
+    """A replan's adds: the same hosts, as often (order aside), as the plain form over random
+    placements (keys new, gone, kept, moved, grown and shrunk)."""
+    from collections import Counter
+
+    from moefleet.sim.policies import _new_hosts
+
+    rng = np.random.default_rng(seed)
+    hosts = [f"h{i}" for i in range(6)]
+
+    def some():
+        return {(0, e): list(rng.choice(hosts, rng.integers(1, 4), replace=False))
+                for e in range(40) if rng.random() < 0.8}
+
+    was, now = some(), some()
+    for k in list(now)[:10]:
+        if k in was:
+            now[k] = list(was[k])
+    plain = [h for k, hs in now.items() if hs != was.get(k) for h in set(hs) - set(was.get(k) or ())]
+    assert Counter(_new_hosts(was, now)) == Counter(plain)
 
 
 # ---- scenario files -----------------------------------------------------------------------
