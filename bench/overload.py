@@ -45,6 +45,7 @@ from moefleet.cluster import service
 from moefleet.cluster.model import Reference
 from moefleet.cluster.spec import load_spec
 from moefleet.protos import inference_pb2 as pb
+from moefleet.router.memory import memory
 from moefleet.router.wire import request_for, tensor_from_response
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -130,17 +131,6 @@ async def open_loop(call, load: Load, rate: float, seconds: float) -> Tally:
     return tally
 
 
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssFile and RssShmem of a local process, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {k: int(fields[k].split()[0]) << 10 for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
-
-
-def _own(m: dict[str, int]) -> int:
-    return m["VmRSS"] - m["RssShmem"]
-
-
 async def watch(channel, router, pid: int, stop: asyncio.Event, period_s: float = 0.25
                 ) -> tuple[int, list[float], int, int]:
     """(health checks SERVING within 1 s, each check's time, peak Router RSS, peak of its own
@@ -156,7 +146,7 @@ async def watch(channel, router, pid: int, stop: asyncio.Event, period_s: float 
             pass
         times.append(time.perf_counter() - t0)
         m = memory(pid)
-        peak, peak_own = max(peak, m["VmRSS"]), max(peak_own, _own(m))
+        peak, peak_own = max(peak, m["rss"]), max(peak_own, m["own"])
         await asyncio.sleep(period_s)
     return serving, times, peak, peak_own
 
@@ -187,7 +177,7 @@ def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, se
             checks: list[float], idle: dict[str, int], peak_rss: int, peak_own: int,
             after: list[dict[str, int]]) -> None:
     mib = 1 << 20
-    idle_rss, after_rss = idle["VmRSS"], [m["VmRSS"] for m in after]
+    idle_rss, after_rss = idle["rss"], [m["rss"] for m in after]
     offered = len(over.ok_s) + len(over.refused_s) + sum(over.other.values())
     print(f"# bench/overload.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
           f"{platform.node()}  T={T}, deploy/examples/tiny.yaml, I={spec.moe.moe_intermediate_size}")
@@ -205,12 +195,12 @@ def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, se
     print(f"router RSS    idle {idle_rss / mib:.0f} MiB, peak {peak_rss / mib:.0f} MiB, "
           + ", ".join(f"{s} s after {r / mib:.0f} MiB (+{(r - idle_rss) / mib:.0f} MiB)"
                       for s, r in zip((5, 15), after_rss, strict=True)))
-    print(f"router own    idle {_own(idle) / mib:.0f} MiB, peak {peak_own / mib:.0f} MiB, "
-          + ", ".join(f"{s} s after {_own(m) / mib:.0f} MiB (+{(_own(m) - _own(idle)) / mib:.0f} MiB)"
+    print(f"router own    idle {idle['own'] / mib:.0f} MiB, peak {peak_own / mib:.0f} MiB, "
+          + ", ".join(f"{s} s after {m['own'] / mib:.0f} MiB (+{(m['own'] - idle['own']) / mib:.0f} MiB)"
                       for s, m in zip((5, 15), after, strict=True))
           + "  (RSS less RssShmem)")
-    split = (f"{k} {idle[k] / mib:.0f} -> {after[-1][k] / mib:.0f} MiB"
-             for k in ("RssAnon", "RssFile", "RssShmem"))
+    split = (f"{label} {idle[k] / mib:.0f} -> {after[-1][k] / mib:.0f} MiB"
+             for label, k in (("RssAnon", "anon"), ("RssFile", "file"), ("RssShmem", "shmem")))
     print(f"router split  {', '.join(split)} (idle -> 15 s after)")
     ratio = _pct(over.ok_s, 0.99) / _pct(base.ok_s, 0.99)
     print(f"ratio         admitted p99 / unloaded p99 = {ratio:.2f} (target <= 3); "

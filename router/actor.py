@@ -255,11 +255,6 @@ class Router:
     def pid(self) -> int:
         return os.getpid()
 
-    def rss_bytes(self) -> int:
-        """This process's resident memory (Linux), shared pages included."""
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     def memory(self) -> dict[str, int]:
         """This process's resident memory, split (`router.memory.memory`); its "own" part, the
         RSS less the object store's shared pages, is what `memory_bound` bounds."""

@@ -15,12 +15,12 @@ __all__ = ["memory", "own_rss_bytes", "freeze_startup_objects", "malloc_trim"]
 _STATUS_FIELDS = {"rss": "VmRSS", "anon": "RssAnon", "file": "RssFile", "shmem": "RssShmem"}
 
 
-def memory() -> dict[str, int]:
-    """This process's resident memory in bytes: "rss" in all, split into "anon" (private:
-    the heap, the allocator's arenas, tensors), "file" (the code and libraries mapped) and
-    "shmem" (pages of Ray's object store the process has touched: the store's memory, shared
-    with it and reused for later objects); "own" is "rss" less "shmem"."""
-    with open("/proc/self/status") as f:
+def memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident memory in bytes (this one's by default): "rss" in all, split into
+    "anon" (private: the heap, the allocator's arenas, tensors), "file" (the code and libraries
+    mapped) and "shmem" (pages of Ray's object store the process has touched: the store's
+    memory, shared with it and reused for later objects); "own" is "rss" less "shmem"."""
+    with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     kb = {k: int(fields[f].split()[0]) << 10 for k, f in _STATUS_FIELDS.items()}
     return {**kb, "own": kb["rss"] - kb["shmem"]}
