@@ -56,11 +56,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class PeriodCost:
-    """One period's cost."""
+    """One period's cost ([..., ] leading: one per period of several, from one profile)."""
 
-    latency_s: np.ndarray  # [L] mean latency of one call of each layer (inf: a host saturated)
-    host_rows: np.ndarray  # [H] rows/s each host serves
-    utilisation: np.ndarray  # [H] busy share of each host
+    latency_s: np.ndarray  # [..., L] mean latency of one call of each layer (inf: a host saturated)
+    host_rows: np.ndarray  # [..., H] rows/s each host serves
+    utilisation: np.ndarray  # [..., H] busy share of each host
 
 
 @dataclass(frozen=True)
@@ -172,20 +172,23 @@ def profile(cfg: CostConfig, m: ModelShape, lay: Layout, x: np.ndarray) -> Profi
 
 
 def evaluate(cfg: CostConfig, prof: Profile, calls: np.ndarray) -> PeriodCost:
-    """calls: [L] calls/s of each layer -> the period's cost: O(H · L), not O(replicas)."""
-    rho = prof.busy @ calls  # [H]
-    host_calls = prof.hit @ calls  # [H] calls/s that reach the host
+    """calls: [..., L] calls/s of each layer, a row per period -> the periods' cost, O(H · L)
+    each, not O(replicas). A row costs to the bit what it costs alone: its products are one
+    matrix-vector product each, as for a lone [L], and the rest is elementwise."""
+    c = calls[..., None]  # [..., L, 1]
+    rho = np.matmul(prof.busy, c)[..., 0]  # [..., H]
+    host_calls = np.matmul(prof.hit, c)[..., 0]  # [..., H] calls/s that reach the host
     mean_s = np.divide(rho, host_calls, out=np.zeros_like(rho), where=host_calls > 0)
-    if _max(rho, initial=0.0) < 1:  # no host saturated: every wait is finite
-        wait = rho * mean_s / (2 * (1 - rho))  # [H] M/D/1
-        s = prof.part + wait[:, None]  # [H, L], -inf where not called
-    else:
+    if _max(rho, axis=None, initial=0.0) < 1:  # no host saturated: every wait is finite
+        wait = rho * mean_s / (2 * (1 - rho))  # [..., H] M/D/1
+        s = prof.part + wait[..., None]  # [..., H, L], -inf where not called
+    else:  # the same values where no host is saturated (a called part is >= 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             wait = np.where(rho < 1, rho * mean_s / (2 * (1 - rho)), np.inf)
-        s = np.where(prof.called, prof.per_hit + wait[:, None], 0.0)
-    latency = _max(s, axis=0, initial=0.0)  # what s.max(axis=0, ...) does, without its Python wrapper
+        s = np.where(prof.called, prof.per_hit + wait[..., None], 0.0)
+    latency = _max(s, axis=-2, initial=0.0)  # what s.max(axis=-2, ...) does, without its Python wrapper
     latency += cfg.net_latency_s
-    return PeriodCost(latency, prof.rows @ calls, rho)
+    return PeriodCost(latency, np.matmul(prof.rows, c)[..., 0], rho)
 
 
 _max = np.maximum.reduce

@@ -35,6 +35,7 @@ __all__ = ["Series", "Summary", "simulate", "summarise", "table", "run"]
 _CHUNK = 256  # periods of load drawn at once
 _SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
 _ROWS = 4  # rows of [n, N] compared at once (`_same_as_before`)
+_EVALUATE = 32  # periods costed at once: [32, H, L] temporaries stay in cache
 _sum, _max, _min = np.add.reduce, np.maximum.reduce, np.minimum.reduce
 
 
@@ -192,30 +193,50 @@ def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndar
                pattern: tuple[_Rows, np.ndarray, np.ndarray]) -> None:
     """Step `fleet` through periods start.. of `rates` [n, N] (and their smoothed `loads`) and
     cost each: the profile is made again only when the layout or the pattern of rows per call
-    changed (`same` false)."""
+    changed (`same` false). Without merging, the cost does not feed back into the steps, so
+    the periods that one profile serves are costed together, after the steps."""
     rates, loads = load
     x, calls, same = pattern
     merging = sc.cost.max_wait_ms > 0
-    latency = np.empty((len(rates), sc.model.layers))  # [n, L]
+    n = len(rates)
+    latency = np.empty((n, sc.model.layers))  # [n, L]
+    runs: list[tuple[int, Profile]] = []  # (first period, profile) of each run of periods one profile serves
+    if costed.profile is not None:
+        runs.append((0, costed.profile))
     for i, rate in enumerate(rates):
         fleet.step((start + i + 1) * sc.autoscaling.period_s, rate, loads[i])  # t: the period's end
-        xi, ci = None, calls[i]
+        r["hosts"][start + i] = len(fleet.capacity)
+        r["replicas_moved"][start + i] = fleet.adds
         if merging:  # calls merged by the last period's latency: the pattern moves each period
             b = merged_tokens(sc.cost, layer_tokens(sc.model, rate), costed.latency)
             xi, ci = rows_per_call(sc.cost, sc.model, rate, b)
-        if merging or costed.profile is None or not same[i] or costed.version != fleet.version:
-            xi = x[i] if xi is None else xi
             costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, xi), fleet.version
-        cost = evaluate(sc.cost, costed.profile, ci)
-        latency[i] = costed.latency = cost.latency_s
-        rows = cost.host_rows
-        mean = _sum(rows) / len(rows)  # what .mean() does, without its checks (nor .sum()'s wrapper)
-        r["imbalance"][start + i] = _max(rows) / mean if mean > 0 else 1.0
-        r["hosts"][start + i] = len(fleet.capacity)
-        r["replicas_moved"][start + i] = fleet.adds
-    p = slice(start, start + len(rates))
+            cost = evaluate(sc.cost, costed.profile, ci)
+            latency[i] = costed.latency = cost.latency_s
+            r["imbalance"][start + i] = _imbalance(cost.host_rows)
+        elif costed.profile is None or not same[i] or costed.version != fleet.version:
+            costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, x[i]), fleet.version
+            if runs and runs[-1][0] == i:
+                runs.pop()
+            runs.append((i, costed.profile))
+    if not merging:
+        ends = [i for i, _ in runs[1:]] + [n]
+        for (a, prof), b in zip(runs, ends, strict=True):
+            for lo in range(a, b, _EVALUATE):
+                hi = min(lo + _EVALUATE, b)
+                cost = evaluate(sc.cost, prof, calls[lo:hi])
+                latency[lo:hi] = cost.latency_s
+                r["imbalance"][start + lo:start + hi] = _imbalance(cost.host_rows)
+        costed.latency = latency[-1]
+    p = slice(start, start + n)
     r["p50_s"][p] = np.quantile(latency, 0.5, axis=1, method="higher")
     r["p99_s"][p] = np.quantile(latency, 0.99, axis=1, method="higher")
+
+
+def _imbalance(rows: np.ndarray) -> np.ndarray:
+    """rows: [..., H] rows/s of each host -> [...] max / mean over the hosts (1.0 when idle)."""
+    mean = _sum(rows, axis=-1) / rows.shape[-1]  # what .mean() does, without its checks
+    return np.divide(_max(rows, axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
 
 
 def _bar(total: int, on: bool):
