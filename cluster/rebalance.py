@@ -258,18 +258,48 @@ def _single_moves(fleet: _Fleet, hot: str) -> list[_Step]:
 
 
 def _swaps(fleet: _Fleet, hot: str) -> list[_Step]:
-    """Per other H and R `a` on the hottest, the R `b` whose swap best evens the pair."""
-    steps = []
-    for h in fleet.hosts:
-        gap = fleet.load[hot] - fleet.load[h]  # the swap should shift about gap / 2
-        theirs = sorted((fleet.share[b], b) for b in fleet.held[h] - fleet.held[hot])
-        for a in sorted(fleet.held[hot] - fleet.held[h]):
-            i = bisect.bisect_left(theirs, (fleet.share[a] - gap / 2,))
-            for s_b, b in theirs[max(i - 1, 0): i + 1]:
-                d = fleet.share[a] - s_b
-                if 0 < d < gap:
-                    steps.append((_peak(fleet, hot, h, d), [(a, hot, h), (b, h, hot)]))
-    return [step for step in steps if step[0] < fleet.load[hot] * (1 - 1e-9)]
+    """Of the swaps of an R `a` of the hottest H for an R `b` of another H, `b` the lighter by
+    less than the pair's gap and, per (a, H), one of the two whose share is nearest
+    share[a] - gap / 2: the one that leaves the lowest peak (ties: the smallest a, H, b), as
+    a list of at most one step.
+
+    Hosts go coolest first. The pair's peak is at least its even split, (load[hot] + load[H])
+    / 2, which only grows along them: once that is above the best peak found, no later host
+    can do better, and the search stops."""
+    load, held = fleet.load, fleet.held
+    l_hot, mine = load[hot], held[hot]
+    limit = l_hot * (1 - 1e-9)
+    ours = [(fleet.share[a], a) for a in mine]
+    best = None  # (peak, a, H, b)
+    for l_h, h in sorted(zip(load.values(), load, strict=True)):
+        if best is not None and (l_hot + l_h) / 2 * (1 - 1e-9) > best[0]:  # the margin: rounding
+            break
+        gap = l_hot - l_h  # the swap should shift about gap / 2
+        if not gap > 0:
+            continue
+        theirs, other, half = fleet.by_share(h), held[h], gap / 2  # theirs: (share, b), sorted
+        n = len(theirs)
+        for s_a, a in ours:
+            if a in other:
+                continue
+            j = bisect.bisect_left(theirs, (s_a - half,))
+            left, right = j - 1, j  # the nearest b on either side that the hottest does not hold
+            while left >= 0 and theirs[left][1] in mine:
+                left -= 1
+            while right < n and theirs[right][1] in mine:
+                right += 1
+            for i in (left, right):
+                if 0 <= i < n:
+                    s_b, b = theirs[i]
+                    d = s_a - s_b
+                    if 0 < d < gap:
+                        peak = max(l_hot - d, l_h + d)  # _peak(fleet, hot, h, d)
+                        if peak < limit and (best is None or (peak, a, h, b) < best):
+                            best = (peak, a, h, b)
+    if best is None:
+        return []
+    peak, a, h, b = best
+    return [(peak, [(a, hot, h), (b, h, hot)])]
 
 
 def _peak(fleet: _Fleet, src: str, dst: str, shift: float) -> float:

@@ -588,6 +588,32 @@ def test_the_best_single_move_equals_the_min_over_every_replica_of_the_hottest(s
     assert _single_moves(fleet, hot) == ([min(plain)] if plain else [])
 
 
+@pytest.mark.parametrize("seed", range(200))
+def test_the_best_swap_equals_the_min_over_every_pair_of_hosts_and_replicas(seed: int) -> None:
+    """`_swaps` stops at the first host whose even split is above the best peak and reads each
+    host's replicas from `by_share`; the plain form lists every candidate swap of every host
+    (per R of the hottest, the two lighter R nearest the even shift) and takes the least."""
+    import bisect
+
+    from moefleet.cluster.rebalance import _peak, _swaps
+
+    rng = random.Random(seed)
+    fleet, _ = _walked_fleet(rng)
+    hot = fleet.hottest() if rng.random() < 0.8 else rng.choice(fleet.hosts)  # any host, at times
+    plain = []
+    for h in fleet.hosts:
+        gap = fleet.load[hot] - fleet.load[h]
+        theirs = sorted((fleet.share[b], b) for b in fleet.held[h] - fleet.held[hot])
+        for a in sorted(fleet.held[hot] - fleet.held[h]):
+            i = bisect.bisect_left(theirs, (fleet.share[a] - gap / 2,))
+            for s_b, b in theirs[max(i - 1, 0): i + 1]:
+                d = fleet.share[a] - s_b
+                if 0 < d < gap:
+                    plain.append((_peak(fleet, hot, h, d), [(a, hot, h), (b, h, hot)]))
+    plain = [step for step in plain if step[0] < fleet.load[hot] * (1 - 1e-9)]
+    assert _swaps(fleet, hot) == ([min(plain)] if plain else [])
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_place_equals_coolest_or_make_room_then_add_for_each_key(seed: int) -> None:
     """`_Fleet.place` writes `coolest` and `add` out; the plain loop calls them (and
