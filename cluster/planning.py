@@ -14,6 +14,8 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = [
     "Key", "Placement", "Move", "PlacementPlan", "host_loads", "replica_loads", "imbalance",
     "replicate", "apply_counts",
@@ -84,14 +86,15 @@ def replicate(
     items = sorted(load.items())  # by K (each K once); no lookup per K below
     logcnt = dict.fromkeys([k for k, _ in items], min_replicas)
     c = min_replicas  # every K's count so far
+    extra = num_replicas - len(load) * min_replicas
     if c >= cap:  # no K may grow
         heap = []
     elif c:
-        heap = [(-(v / c), k) for k, v in items]
+        heap = [(-(v / c), k) for k, v in _contenders(items, c, extra)]
     else:
         heap = [(-_per_replica(v, c), k) for k, v in items]
     heapq.heapify(heap)
-    for _ in range(num_replicas - len(load) * min_replicas):
+    for _ in range(extra):
         if not heap:
             break
         _, k = heapq.heappop(heap)
@@ -99,6 +102,21 @@ def replicate(
         if logcnt[k] < cap:
             heapq.heappush(heap, (-_per_replica(load[k], logcnt[k]), k))
     return logcnt
+
+
+def _contenders(items: list[tuple[Key, float]], c: int, extra: int) -> list[tuple[Key, float]]:
+    """The (K, load) of `items` that can win one of the `extra` replicas when each K has c >= 1:
+    those whose load / c is at least the extra-th largest. Each pick takes the largest load /
+    replicas left, and no later one of a K is larger than its first, so the first `extra` picks
+    are all at least that: the others never win one. Every item when the loads are not all
+    finite (their order is then the heap's own)."""
+    if not 0 < extra < len(items):
+        return items if extra else []
+    per = np.fromiter((v for _, v in items), dtype=np.float64, count=len(items)) / c  # what v / c gives
+    if not np.isfinite(per).all():
+        return items
+    least = np.partition(per, len(per) - extra)[len(per) - extra]  # the extra-th largest
+    return [items[i] for i in np.flatnonzero(per >= least).tolist()]
 
 
 def _per_replica(tokens_per_s: float, count: int) -> float:

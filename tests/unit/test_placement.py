@@ -238,14 +238,19 @@ def _plain_replicate(load, num, lo=1, hi=None):
     return logcnt
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(80))
 def test_replicate_equals_its_plain_form(seed: int) -> None:
+    """Keys given sorted or not; ties, zeros and at times an inf; fewer spare replicas than
+    keys (only the heaviest can win one) or more."""
     rng = random.Random(seed)
     keys = [(rng.randint(0, 3), rng.randint(0, 40)) for _ in range(rng.randint(1, 60))]
-    load = {k: rng.choice([0.0, 1.0, 5.0, rng.random() * 100]) for k in keys}  # ties and zeros
+    odd = [math.inf] if seed % 8 == 0 else []
+    load = {k: rng.choice([0.0, 1.0, 5.0, rng.random() * 100, *odd]) for k in keys}
+    if rng.random() < 0.5:
+        load = dict(sorted(load.items()))
     lo = rng.choice([0, 1, 1, 2])
     hi = rng.choice([None, lo, lo + 1, lo + 3])
-    num = rng.randint(len(load) * lo, len(load) * (lo + 4))
+    num = len(load) * lo + rng.choice([rng.randint(0, len(load)), rng.randint(0, len(load) * 4)])
     got = replicate(load, num, lo, hi)
     assert got == _plain_replicate(load, num, lo, hi) and list(got) == sorted(load)
 
