@@ -12,7 +12,8 @@ moefleet's conventions on top of the protocol:
     (FP32 input may instead come as contents.fp32_contents);
   * the request parameter "layer" (int64_param) names the MoE layer;
   * each model has one version, "1" (an empty version means it too);
-  * requested outputs, when listed, can only be "hidden_states".
+  * requested outputs, when listed, can only be "hidden_states";
+  * no shared memory and no classification: a tensor parameter asking for either is refused.
 
 Violations raise `InvalidArgument` naming the offending field (a request over the caller's
 token limit: `ResourceExhausted`, found from its declared shape before any data is copied).
@@ -98,6 +99,9 @@ def decode_infer(request: pb.ModelInferRequest, max_tokens: int | None = None) -
         if out.name != TENSOR_NAME:
             raise InvalidArgument(f"outputs[{i}].name: the only output is '{TENSOR_NAME}', "
                                   f"got {quote(out.name)}")
+        _check_tensor_params(out.parameters, f"outputs[{i}]")
+    for i, meta in enumerate(request.inputs):
+        _check_tensor_params(meta.parameters, f"inputs[{i}]")
     x = _decode_tensor(request.inputs, request.raw_input_contents, "input", max_tokens, copy=False)
     params = _values_of(request.parameters)
     params.pop(LAYER_PARAM, None)
@@ -245,6 +249,21 @@ def _from_contents(
 
 
 # ---- parameters --------------------------------------------------------------------------
+
+# Tensor parameters of the protocol's extensions that ask for something moefleet does not do:
+# refused, never ignored (the client would read an answer it did not ask for).
+_UNSUPPORTED = {
+    "shared_memory_region": "shared memory is not supported; send the tensor's bytes in the message",
+    "shared_memory_offset": "shared memory is not supported; send the tensor's bytes in the message",
+    "shared_memory_byte_size": "shared memory is not supported; send the tensor's bytes in the message",
+    "classification": "classification is not supported; the output is the layer's hidden states",
+}
+
+
+def _check_tensor_params(params: Mapping[str, pb.InferParameter], where: str) -> None:
+    for name in params:
+        if name in _UNSUPPORTED:
+            raise InvalidArgument(f"{where}.parameters['{name}']: {_UNSUPPORTED[name]}")
 
 
 def _layer_of(params: Mapping[str, pb.InferParameter]) -> int:

@@ -197,6 +197,19 @@ def _layer_unset(r):
     r.parameters["layer"].CopyFrom(pb.InferParameter())
 
 
+def _input_in_shared_memory(r):
+    r.inputs[0].parameters["shared_memory_region"].string_param = "region0"
+
+
+def _output_to_shared_memory(r):
+    out = r.outputs.add(name="hidden_states")
+    out.parameters["shared_memory_byte_size"].int64_param = 96
+
+
+def _output_as_classes(r):
+    r.outputs.add(name="hidden_states").parameters["classification"].int64_param = 2
+
+
 VIOLATIONS = [
     (_no_inputs, r"inputs: expected exactly one tensor named 'hidden_states', got 0"),
     (_two_inputs, r"inputs: expected exactly one .* got 2"),
@@ -214,6 +227,9 @@ VIOLATIONS = [
     (_layer_as_string, r"parameters\['layer'\]: must be an int64_param, got string_param"),
     (_layer_as_double, r"parameters\['layer'\]: must be an int64_param, got double_param"),
     (_layer_unset, r"parameters\['layer'\]: must be an int64_param, got no value"),
+    (_input_in_shared_memory, r"inputs\[0\]\.parameters\['shared_memory_region'\]: shared memory is not"),
+    (_output_to_shared_memory, r"outputs\[0\]\.parameters\['shared_memory_byte_size'\]: shared memory"),
+    (_output_as_classes, r"outputs\[0\]\.parameters\['classification'\]: classification is not"),
 ]
 
 
