@@ -8,7 +8,9 @@ layers, `cost.period_cost`), per-host max/mean rows and the weights moved so far
 from __future__ import annotations
 
 import csv
+import gc
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ _CHUNK = 256  # periods of load drawn at once
 _SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
 _ROWS = 4  # rows of [n, N] compared at once (`_same_as_before`)
 _EVALUATE = 32  # periods costed at once: [32, H, L] temporaries stay in cache
+_GC_YOUNG = 50_000  # allocations between young collections while a run lasts (Python's default: 700)
 _sum, _max, _min = np.add.reduce, np.maximum.reduce, np.minimum.reduce
 
 
@@ -64,6 +67,26 @@ class Summary:
 
 def simulate(sc: Scenario, progress: bool = False) -> dict[str, Series]:
     """Every policy of `sc` over the same load -> policy name -> its per-period Series."""
+    with _fewer_collections():
+        return _simulate(sc, progress)
+
+
+@contextmanager
+def _fewer_collections():
+    """Python's cyclic collector, less often while the block runs. The planners allocate many
+    objects that live for a while (placements, plans, their keys) and make no reference
+    cycles, so at the default thresholds (a young collection every 700 allocations) the
+    collector took about a tenth of a run, walking objects that reference counting frees
+    anyway. Every generation is still collected, each 70 times less often."""
+    was = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG, *was[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*was)
+
+
+def _simulate(sc: Scenario, progress: bool) -> dict[str, Series]:
     src, P = load_source(sc), sc.periods
     hour = min(P, max(1, int(3600 / sc.autoscaling.period_s)))
     first = sum(src.chunk(s, min(_CHUNK, hour - s)).sum(axis=0) for s in range(0, hour, _CHUNK)) / hour

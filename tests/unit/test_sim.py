@@ -122,6 +122,34 @@ def test_evaluate_equals_the_plain_masked_form_saturated_or_not(seed):
             assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluate_on_many_periods_gives_each_the_bits_it_gets_alone(seed):
+    """The simulator costs the periods one profile serves in one call: each row of [n, L]
+    calls (idle, busy and saturated rows mixed, so one call takes the masked form for all)
+    gives the latency, rows and utilisation it gives alone, to the bit."""
+    from moefleet.sim.cost import evaluate, profile, rows_per_call
+
+    rng = np.random.default_rng(seed)
+    sc = Scenario.from_dict({**_HAND, "model": {**_HAND["model"], "layers": 3, "n_routed_experts": 6},
+                             "hosts": {"count": 4, "slots": 12}})
+    hosts = ["a", "b", "c", "d"]
+    placement = {(L, e): list(rng.choice(hosts, rng.integers(1, 3), replace=False))
+                 for L in range(3) for e in range(6) if rng.random() < 0.9}
+    lay = layout(placement, hosts, sc.model)
+    pattern = rng.lognormal(3, 1, 18) * (rng.random(18) < 0.7)
+    x, _ = rows_per_call(sc.cost, sc.model, pattern)
+    prof = profile(sc.cost, sc.model, lay, x)
+    calls = np.stack([rows_per_call(sc.cost, sc.model, pattern * s)[1]
+                      for s in rng.choice([0.0, 1.0, 30.0, 3000.0], 12)])  # [12, L]
+    for rows in (calls, calls[calls.sum(axis=1) < 1e9][:4]):  # and a batch of whatever it holds
+        got = evaluate(sc.cost, prof, rows)
+        for i, c in enumerate(rows):
+            alone = evaluate(sc.cost, prof, c)
+            for a, b in zip((got.latency_s[i], got.host_rows[i], got.utilisation[i]),
+                            (alone.latency_s, alone.host_rows, alone.utilisation), strict=True):
+                assert a.tobytes() == b.tobytes()
+
+
 def _plain_profile(cfg, m, lay, x):
     """`profile` as first written, each step one expression: the reference its faster form (the
     layer of a replica by a shift when E is a power of two, the per-expert time in two buffers)
@@ -282,6 +310,24 @@ _POLICY = {"name": "inv", "duration_s": 240, "model": {"layers": 2, "n_routed_ex
            "policies": [{"name": "s", "kind": "static"},
                         {"name": "r", "kind": "replan", "replan_every_s": 30},
                         {"name": "m", "kind": "autoscale", "rebalance_every_s": 60}]}
+
+
+def test_a_run_makes_no_reference_cycles_and_gives_the_collector_back_as_it_was():
+    """`simulate` collects less often on the grounds that a run makes no cyclic garbage (what
+    the collector would find); it restores the thresholds it found."""
+    import dataclasses
+    import gc
+
+    sc = dataclasses.replace(Scenario.from_dict(_POLICY), duration_s=90.0)
+    was = gc.get_threshold()
+    gc.collect()
+    gc.disable()
+    try:
+        simulate(sc)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert gc.get_threshold() == was
 
 
 def test_every_policy_keeps_slots_experts_and_autoscaler_bounds():
