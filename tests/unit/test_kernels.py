@@ -197,17 +197,42 @@ def _interpreter_worker(case_ids: list[str]) -> dict[str, str]:
     return results
 
 
+_INTERPRETED = "test_triton_kernel_interpreted_matches_reference"
+_worker: subprocess.Popen | None = None  # the interpreter worker, once started
+
+
+def start_interpreter_worker(session) -> None:
+    """Start one fresh TRITON_INTERPRET=1 subprocess for every selected interpreter case.
+    `conftest.py` calls this as collection ends, so the interpreter (the slowest part of the
+    unit tests) runs on another core beside the other tests; the fixture collects its answer."""
+    global _worker
+    selected = [item.callspec.id for item in session.items
+                if getattr(item, "originalname", "") == _INTERPRETED]
+    if _worker is None and selected:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        _worker = subprocess.Popen([sys.executable, "-c", _WORKER, __file__, json.dumps(selected)],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_interpreter_worker() -> None:
+    """End the worker if the session ends before its tests ran (`-x`, a keyboard interrupt)."""
+    if _worker is not None and _worker.poll() is None:
+        _worker.kill()
+        _worker.wait()
+
+
 @pytest.fixture(scope="module")
 def interpreted_results(request) -> dict[str, str]:
-    """Runs every selected interpreter case in one fresh TRITON_INTERPRET=1 subprocess."""
-    selected = [item.callspec.id for item in request.session.items
-                if getattr(item, "originalname", "") == "test_triton_kernel_interpreted_matches_reference"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _WORKER, __file__, json.dumps(selected)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULTS@@")]
-    if proc.returncode or not lines:
-        pytest.fail(f"interpreter worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    """The interpreter worker's answer: 'ok' or the failure, per case."""
+    start_interpreter_worker(request.session)  # if conftest.py's hook did not
+    try:
+        out, err = _worker.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        stop_interpreter_worker()
+        pytest.fail("interpreter worker took over 600 s")
+    lines = [ln for ln in out.splitlines() if ln.startswith("@@RESULTS@@")]
+    if _worker.returncode or not lines:
+        pytest.fail(f"interpreter worker failed (rc {_worker.returncode}):\n{err[-3000:]}")
     return json.loads(lines[-1].removeprefix("@@RESULTS@@"))
 
 
