@@ -203,8 +203,9 @@ _worker: subprocess.Popen | None = None  # the interpreter worker, once started
 
 def start_interpreter_worker(session) -> None:
     """Start one fresh TRITON_INTERPRET=1 subprocess for every selected interpreter case.
-    `conftest.py` calls this as collection ends, so the interpreter (the slowest part of the
-    unit tests) runs on another core beside the other tests; the fixture collects its answer."""
+    `conftest.py` calls this as the first unit test starts, so the interpreter (the slowest
+    part of the unit tests) runs on another core beside the other tests; the fixture collects
+    its answer."""
     global _worker
     selected = [item.callspec.id for item in session.items
                 if getattr(item, "originalname", "") == _INTERPRETED]
