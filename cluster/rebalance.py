@@ -251,7 +251,7 @@ def _single_moves(fleet: _Fleet, hot: str) -> list[_Step]:
                 continue
             l_dst = load[dst]
         s = share[k]
-        peak = max(l_hot - s, l_dst + s)  # _peak(fleet, hot, dst, s)
+        peak = max(l_hot - s, l_dst + s)  # the hotter of the two once s moves
         if peak < limit and (best is None or (peak, k) < best[:2]):
             best = (peak, k, dst)
     return [] if best is None else [(best[0], [(best[1], hot, best[2])])]
@@ -293,15 +293,10 @@ def _swaps(fleet: _Fleet, hot: str) -> list[_Step]:
                     s_b, b = theirs[i]
                     d = s_a - s_b
                     if 0 < d < gap:
-                        peak = max(l_hot - d, l_h + d)  # _peak(fleet, hot, h, d)
+                        peak = max(l_hot - d, l_h + d)  # the hotter once d shifts
                         if peak < limit and (best is None or (peak, a, h, b) < best):
                             best = (peak, a, h, b)
     if best is None:
         return []
     peak, a, h, b = best
     return [(peak, [(a, hot, h), (b, h, hot)])]
-
-
-def _peak(fleet: _Fleet, src: str, dst: str, shift: float) -> float:
-    """The hotter of src and dst once `shift` tokens/s go from src to dst."""
-    return max(fleet.load[src] - shift, fleet.load[dst] + shift)

@@ -576,11 +576,16 @@ def _walked_fleet(rng: random.Random, origin: bool = False):
     return fleet, keys
 
 
+def _peak(fleet, src: str, dst: str, shift: float) -> float:
+    """The hotter of src and dst once `shift` tokens/s go from src to dst."""
+    return max(fleet.load[src] - shift, fleet.load[dst] + shift)
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_the_best_single_move_equals_the_min_over_every_replica_of_the_hottest(seed: int) -> None:
     """`_single_moves` takes one pass (every R not on the coolest host goes there); the plain
     form asks `coolest` for each R of the hottest host and keeps the steps below its load."""
-    from moefleet.cluster.rebalance import _peak, _single_moves
+    from moefleet.cluster.rebalance import _single_moves
 
     fleet, _ = _walked_fleet(random.Random(seed))
     hot = fleet.hottest()
@@ -600,7 +605,7 @@ def test_the_best_swap_equals_the_min_over_every_pair_of_hosts_and_replicas(seed
     (per R of the hottest, the two lighter R nearest the even shift) and takes the least."""
     import bisect
 
-    from moefleet.cluster.rebalance import _peak, _swaps
+    from moefleet.cluster.rebalance import _swaps
 
     rng = random.Random(seed)
     fleet, _ = _walked_fleet(rng)
