@@ -25,6 +25,7 @@ from moefleet.router.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    quote,
 )
 from moefleet.router.gating import Gate
 
@@ -248,13 +249,21 @@ def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[E
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     want = {"gate.weight": (1, h), "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h),
             "down_proj.weight": (h, inter)}
+    bias_key = "gate.e_score_correction_bias"
+    unknown = sorted(set(t) - set(want) - {bias_key})
+    if unknown:  # a misspelt name would otherwise be dropped without a word (a bias: taken as 0)
+        raise InvalidArgument(f"the expert file has tensors moefleet does not take: "
+                              f"{quote(', '.join(unknown))}; it takes {sorted(want)} and {bias_key!r}")
     for key, shape in want.items():
         if key not in t:
             raise InvalidArgument(f"the expert file has no tensor {key!r}; it needs {sorted(want)}")
         if tuple(t[key].shape) != shape:
             raise InvalidArgument(f"{key} has shape {list(t[key].shape)}; model {spec.name!r} "
                                   f"needs {list(shape)}")
-    bias_key = "gate.e_score_correction_bias"
+    for key in [*want, bias_key]:
+        if key in t and not t[key].is_floating_point():  # integer weights need scales moefleet lacks
+            raise InvalidArgument(f"{key} is {str(t[key].dtype).removeprefix('torch.')}; "
+                                  f"expert tensors must be floating point")
     biased = cfg.topk_method == "noaux_tc"
     if bias_key in t and not biased:
         raise InvalidArgument(f"{bias_key} given, but model {spec.name!r} "
@@ -271,13 +280,14 @@ def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[E
     g = 0 if group is None else group
     if not 0 <= g < (cfg.n_group if grouped else 1):
         raise InvalidArgument(f"group {g} is outside 0..{(cfg.n_group if grouped else 1) - 1}")
-    for key in want:
-        if not torch.isfinite(t[key].float()).all():
-            raise InvalidArgument(f"{key} holds non-finite values")
     dt = DTYPES[spec.dtype]
-    weights = ExpertWeights(t["gate_proj.weight"].to(dt), t["down_proj.weight"].to(dt),
-                            t["up_proj.weight"].to(dt))
-    return ExpertRecord(t["gate.weight"][0].to(dt), bias, g), weights
+    cast = {key: t[key].to(dt) for key in want}
+    for key, x in cast.items():  # after the cast: a value past the model dtype's range becomes inf
+        if not torch.isfinite(x).all():
+            raise InvalidArgument(f"{key} holds non-finite values"
+                                  + (f" once cast to {spec.dtype}" if torch.isfinite(t[key]).all() else ""))
+    weights = ExpertWeights(cast["gate_proj.weight"], cast["down_proj.weight"], cast["up_proj.weight"])
+    return ExpertRecord(cast["gate.weight"][0], bias, g), weights
 
 
 def policy_to_plain(p: autoscale.PolicyState) -> dict[str, Any]:

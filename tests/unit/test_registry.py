@@ -352,6 +352,39 @@ def test_an_expert_file_with_a_non_finite_selection_bias_is_refused(bias: float)
         parse_new_expert(spec, expert_file(row, w, bias), group=0)
 
 
+def test_an_expert_file_with_a_tensor_moefleet_does_not_take_is_refused_naming_it() -> None:
+    """A misspelt selection bias would otherwise be dropped and the expert routed with bias 0."""
+    from safetensors.torch import save
+
+    spec = family_spec("deepseek_v3")
+    row, bias, w = random_expert(spec, seed=2)
+    tensors = {"gate.weight": row[None], "gate_proj.weight": w.w1, "up_proj.weight": w.w3,
+               "down_proj.weight": w.w2, "gate.e_score_correction_bias_": torch.tensor([bias])}
+    with pytest.raises(InvalidArgument, match="does not take: 'gate.e_score_correction_bias_'"):
+        parse_new_expert(spec, save(tensors), group=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_an_expert_file_with_integer_weights_is_refused(dtype: torch.dtype) -> None:
+    spec = family_spec("mixtral")
+    row, _, w = random_expert(spec, seed=3)
+    bad = type(w)(w.w1, (w.w2 * 100).to(dtype), w.w3)
+    with pytest.raises(InvalidArgument, match=f"down_proj.weight is {str(dtype)[6:]}; .* floating point"):
+        parse_new_expert(spec, expert_file(row, bad), None)
+
+
+def test_weights_past_the_model_dtypes_range_are_refused_as_non_finite_once_cast() -> None:
+    """1e5 is finite in float32 and inf in float16: the check runs on what would be served."""
+    spec = family_spec("mixtral", dtype="float16")
+    row, _, w = random_expert(spec, seed=4)
+    big = type(w)(w.w1, w.w2, w.w3.clone())
+    big.w3[0, 0] = 1e5
+    with pytest.raises(InvalidArgument, match="up_proj.weight holds non-finite values once cast to float16"):
+        parse_new_expert(spec, expert_file(row, big), None)
+    rec, got = parse_new_expert(spec, expert_file(row, w), None)  # the same file in range is taken
+    assert got.w3.dtype == torch.float16 and rec.weight.dtype == torch.float16
+
+
 @pytest.mark.parametrize("expert", [-1, MAX_EXPERT_ID + 1, 2**40])
 def test_an_added_expert_id_outside_the_documented_range_is_refused(expert: int) -> None:
     m, _ = _model(family_spec("mixtral"))
