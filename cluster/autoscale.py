@@ -63,7 +63,8 @@ class AutoscalingConfig:
         _check(0 < self.smoothing <= 1, "autoscaling.smoothing must be in (0, 1]")
         _check(self.period_s > 0, "autoscaling.period_s must be > 0")
         _check(self.rebalance_max_moves >= 0, "autoscaling.rebalance_max_moves must be >= 0")
-        _check(self.rebalance_min_gain >= 0, "autoscaling.rebalance_min_gain must be >= 0")
+        _check(0 <= self.rebalance_min_gain < math.inf,
+               "autoscaling.rebalance_min_gain must be finite and >= 0")
         _check(self.consolidate_max_moves >= 0, "autoscaling.consolidate_max_moves must be >= 0")
         _check(0 <= self.consolidate_spare < 1, "autoscaling.consolidate_spare must be in [0, 1)")
 

@@ -53,6 +53,7 @@ from .registry import (
     parse_new_expert,
     policy_from_plain,
     policy_to_plain,
+    rebalance_knob,
 )
 from .spec import ModelSpec
 
@@ -269,6 +270,7 @@ class Controller:
         async with self._lock:
             m = self._model(model)
             check_rebalance_total(m, replicas)
+            max_moves, min_gain = rebalance_knob(m, max_moves, min_gain)
             load = {k: m.load.get(k, 0.0) for k in m.keys()}
             if not any(load.values()):
                 raise FailedPrecondition(f"model {model!r} has no measured load yet to plan for")
@@ -592,14 +594,9 @@ _AUTOSCALING_FIELDS = ("enabled", "target_tokens_per_s", "min_replicas", "max_re
 
 
 def _plan_rebalance(m: ModelRecord, load: dict[Key, float], capacity: dict[str, int],
-                    current: dict[Key, list[str]], total: int, max_moves: int | None,
-                    min_gain: float | None) -> placement.PlacementPlan:
-    """placement.rebalance with the knob (unset: the spec's; max_moves 0: no limit)."""
-    a = m.autoscaling
-    max_moves = a.rebalance_max_moves if max_moves is None else max_moves
-    min_gain = a.rebalance_min_gain if min_gain is None else min_gain
-    if max_moves < 0 or not min_gain >= 0:
-        raise InvalidArgument(f"need max_moves >= 0 and min_gain >= 0, got {max_moves}, {min_gain}")
+                    current: dict[Key, list[str]], total: int, max_moves: int,
+                    min_gain: float) -> placement.PlacementPlan:
+    """placement.rebalance with the knob (`rebalance_knob`'s; max_moves 0: no limit)."""
     try:
         return placement.rebalance(load, capacity, current, total, max_replicas=len(capacity),
                                    max_moves=max_moves or None, min_gain=min_gain)

@@ -11,6 +11,7 @@ the policy ask (which host holds what, where a slot is free).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +217,19 @@ def check_rebalance_total(model: ModelRecord, replicas: int) -> None:
         raise InvalidArgument(f"rebalance replicas must be 0 (keep the current total) or {n} (one per "
                               f"expert) … {most} (what hosts.max_count = {hosts.max_count} hosts of "
                               f"{hosts.slots} slots could hold), got {replicas}")
+
+
+def rebalance_knob(model: ModelRecord, max_moves: int | None, min_gain: float | None) -> tuple[int, float]:
+    """The rebalance knob, unset parts from the spec's autoscaling.rebalance_*; refused unless
+    max_moves >= 0 (0: no limit) and min_gain is finite and >= 0 (an infinite one makes the
+    planner's score of a plan with no moves inf · 0, not a number)."""
+    a = model.autoscaling
+    max_moves = a.rebalance_max_moves if max_moves is None else max_moves
+    min_gain = a.rebalance_min_gain if min_gain is None else min_gain
+    if max_moves < 0 or not 0 <= min_gain < math.inf:
+        raise InvalidArgument(f"rebalance needs max_moves >= 0 and a finite min_gain >= 0, "
+                              f"got {max_moves}, {min_gain}")
+    return max_moves, min_gain
 
 
 def check_removable(model: ModelRecord, layer: int, expert: int) -> None:

@@ -22,6 +22,7 @@ from moefleet.cluster.registry import (
     check_removable,
     check_replica_counts,
     parse_new_expert,
+    rebalance_knob,
 )
 from moefleet.cluster.spec import ModelSpec, MoEConfig
 from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -407,6 +408,23 @@ def test_replicas_in_all_past_every_possible_slot_are_refused() -> None:
     check_replica_counts(m, {k: 2 for k in m.keys() if k[0] == 1})  # 8 × 2 + 8 = 24: fits
     with pytest.raises(FailedPrecondition, match=r"32 replicas in all .* \(4 × 6 = 24\)"):
         check_replica_counts(m, {k: 3 for k in m.keys() if k[0] == 1})
+
+
+@pytest.mark.parametrize(("max_moves", "min_gain"), [(-1, None), (None, -0.5), (None, float("nan")),
+                                                     (None, float("inf")), (3, float("-inf"))])
+def test_a_rebalance_knob_out_of_range_is_refused_whatever_the_load(max_moves, min_gain) -> None:
+    """Checked before the Controller looks for measured load: a bad argument is INVALID_ARGUMENT,
+    never the FAILED_PRECONDITION of a model with no load yet."""
+    m, _ = _model(family_spec("mixtral"))
+    with pytest.raises(InvalidArgument, match="max_moves >= 0 and a finite min_gain >= 0"):
+        rebalance_knob(m, max_moves, min_gain)
+
+
+def test_a_rebalance_knob_left_unset_is_the_specs() -> None:
+    spec = family_spec("mixtral", autoscaling={"rebalance_max_moves": 7, "rebalance_min_gain": 0.01})
+    m, _ = _model(spec)
+    assert rebalance_knob(m, None, None) == (7, 0.01)
+    assert rebalance_knob(m, 0, 0.5) == (0, 0.5)
 
 
 @pytest.mark.parametrize("replicas", [-1, 1, 15, 65])

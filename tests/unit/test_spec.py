@@ -224,6 +224,7 @@ BAD_AUTOSCALING = [
     (dict(period_s=0), "autoscaling.period_s"),
     (dict(rebalance_max_moves=-1), "autoscaling.rebalance_max_moves"),
     (dict(rebalance_min_gain=float("nan")), "autoscaling.rebalance_min_gain"),
+    (dict(rebalance_min_gain=float("inf")), "autoscaling.rebalance_min_gain must be finite"),
     (dict(enabled="yes"), "autoscaling.enabled"),
     (dict(min_replicas=1.5), "autoscaling.min_replicas"),
     (dict(max_replicas=True), "autoscaling.max_replicas"),
