@@ -12,9 +12,12 @@ from typing import Any
 
 from moefleet.protos import admin_pb2 as pb
 from moefleet.protos import admin_pb2_grpc as pb_grpc
-from moefleet.router.errors import PermissionDenied, Unauthenticated
+from moefleet.router.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = ["AdminServicer", "status_to_proto", "status_from_proto"]
+
+
+_MAX_GRACE_S = 3600.0  # a Shutdown's drain: an hour at most
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -59,6 +62,9 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Shutdown(self, request, context):
         self._authorize(context)
         grace_s = request.grace_s or 5.0
+        if not 0 <= grace_s <= _MAX_GRACE_S:  # NaN too
+            raise InvalidArgument(f"grace_s must be 0 … {_MAX_GRACE_S:g} s (0: the default, 5 s), "
+                                  f"got {grace_s}")
         return pb.ShutdownResponse(models=await self._controller.shutdown_service.remote(grace_s))
 
     def _authorize(self, context) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from moefleet.cluster.admin import AdminServicer, status_from_proto, status_to_proto
 from moefleet.protos import admin_pb2 as pb
-from moefleet.router.errors import PermissionDenied, Unauthenticated
+from moefleet.router.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 pytestmark = pytest.mark.unit
 
@@ -169,3 +169,19 @@ def test_rebalance_passes_the_knob_only_when_set_and_answers_the_shortfall_and_t
         40, 38, 4, 12)
     assert (reply.host_imbalance_before, reply.host_imbalance_after, reply.host_imbalance_uncut) == (
         1.4, 1.1, 1.01)
+
+
+@pytest.mark.parametrize("grace_s", [float("nan"), -1.0, float("inf"), 1e9])
+def test_a_shutdown_grace_that_is_not_a_time_is_refused_and_nothing_stops(grace_s: float) -> None:
+    stopped: list = []
+
+    async def remote(grace: float) -> list[str]:
+        stopped.append(grace)
+        return ["tiny"]
+
+    servicer = AdminServicer(SimpleNamespace(shutdown_service=SimpleNamespace(remote=remote)))
+    with pytest.raises(InvalidArgument, match=r"grace_s must be 0 … 3600 s"):
+        asyncio.run(servicer.Shutdown(pb.ShutdownRequest(grace_s=grace_s), _Context()))
+    assert stopped == []
+    assert asyncio.run(servicer.Shutdown(pb.ShutdownRequest(), _Context())).models == ["tiny"]
+    assert stopped == [5.0]  # unset: the default
