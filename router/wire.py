@@ -253,9 +253,8 @@ def _from_contents(
 # Tensor parameters of the protocol's extensions that ask for something moefleet does not do:
 # refused, never ignored (the client would read an answer it did not ask for).
 _UNSUPPORTED = {
-    "shared_memory_region": "shared memory is not supported; send the tensor's bytes in the message",
-    "shared_memory_offset": "shared memory is not supported; send the tensor's bytes in the message",
-    "shared_memory_byte_size": "shared memory is not supported; send the tensor's bytes in the message",
+    **dict.fromkeys(("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"),
+                    "shared memory is not supported; send the tensor's bytes in the message"),
     "classification": "classification is not supported; the output is the layer's hidden states",
 }
 
