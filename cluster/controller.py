@@ -36,7 +36,7 @@ from moefleet.router.errors import (
     quote,
 )
 
-from . import autoscale, placement
+from . import autoscale, placement, replan
 from .executor import Executor
 from .hosts import NAMESPACE, end_orphans, no_room
 from .journal import Journal
@@ -277,29 +277,19 @@ class Controller:
             current = m.placement()
             capacity = self._exec.capacity(m)
             total = replicas or sum(len(v) for v in current.values())
-            plan = _plan_rebalance(m, load, capacity, current, total, max_moves, min_gain)
+            plan = replan.plan(m, load, capacity, current, total, max_moves, min_gain)
             placed = sum(len(v) for v in plan.placement.values())
             self._metrics.record_unplaced(m.name, total - placed)
             if placed < total:
-                short = _shortfall(model, placed, total, capacity)
+                short = replan.shortfall(model, placed, total, capacity)
                 if not allow_partial:
                     raise FailedPrecondition(f"{short}; nothing changed (allow_partial places "
                                              f"what fits)")
                 log.warning("rebalance: %s", short)
             scratch = placement.plan_from_scratch(load, capacity, total, max_replicas=len(capacity))
             m.target.update({k: len(v) for k, v in plan.placement.items()})
-            before = _imbalance(placement.replica_loads(load, current))
-            await self._exec.execute(m, plan.moves)
-            uncut = plan.uncut or plan
-            return {"routing_version": m.version, "moves": len(plan.moves),
-                    "moves_from_scratch": _distance(current, scratch.placement),
-                    "imbalance_before": before,
-                    "imbalance_after": _imbalance(placement.replica_loads(load, plan.placement)),
-                    "host_imbalance_before": placement.imbalance(load, capacity, current),
-                    "host_imbalance_after": placement.imbalance(load, capacity, plan.placement),
-                    "replicas_requested": total, "replicas_placed": placed,
-                    "moves_uncut": len(uncut.moves),
-                    "host_imbalance_uncut": placement.imbalance(load, capacity, uncut.placement)}
+            await self._exec.execute(m, plan.moves)  # `current`, `load` and `capacity` are copies
+            return replan.report(load, capacity, current, plan, scratch.placement, total, placed, m.version)
 
     async def set_autoscaling(self, model: str, enabled: bool, **fields: Any) -> dict[str, Any]:
         await self._ready()
@@ -591,36 +581,6 @@ class Controller:
 
 _AUTOSCALING_FIELDS = ("enabled", "target_tokens_per_s", "min_replicas", "max_replicas",
                        "upscale_delay_s", "downscale_delay_s")
-
-
-def _plan_rebalance(m: ModelRecord, load: dict[Key, float], capacity: dict[str, int],
-                    current: dict[Key, list[str]], total: int, max_moves: int,
-                    min_gain: float) -> placement.PlacementPlan:
-    """placement.rebalance with the knob (`rebalance_knob`'s; max_moves 0: no limit)."""
-    try:
-        return placement.rebalance(load, capacity, current, total, max_replicas=len(capacity),
-                                   max_moves=max_moves or None, min_gain=min_gain)
-    except ValueError as e:
-        raise FailedPrecondition(f"model {m.name!r}: {e}; nothing changed") from None
-
-
-def _shortfall(model: str, placed: int, total: int, capacity: dict[str, int]) -> str:
-    return (f"model {model!r}: placed {placed} of {total} replicas asked for ({total - placed} "
-            f"unplaced): {len(capacity)} hosts with {sum(capacity.values())} slots in all, and "
-            f"at most one replica of an expert per host")
-
-
-def _imbalance(loads: list[float]) -> float:
-    """max / mean of per-replica loads (1.0 is perfect)."""
-    mean = sum(loads) / len(loads) if loads else 0.0
-    return max(loads) / mean if mean > 0 else 1.0
-
-
-def _distance(a: dict[Key, list[str]], b: dict[Key, list[str]]) -> int:
-    """Replicas added plus removed to turn placement a into b."""
-    pa = {(k, h) for k, hs in a.items() for h in hs}
-    pb = {(k, h) for k, hs in b.items() for h in hs}
-    return len(pa ^ pb)
 
 
 def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
