@@ -1,9 +1,10 @@
 """Autoscaling policy: how many replicas each logical expert should have, and which idle hosts
 to retire. Pure functions over plain data, after Ray Serve's `autoscaling_policy.py`.
 
-Each period the Controller builds a `Snapshot` (measured tokens/s and ready replicas per expert,
-replicas per live host), calls `decide(snapshot, state, now)` and carries out the returned
-`Decision` through the placement planner and executor. The clock is injected (`now`, seconds)
+Each period the Controller smooths the measured rates (`smooth`: the one rate that the policy,
+placement and `status` all see), builds a `Snapshot` (smoothed tokens/s and ready replicas per
+expert, replicas per live host), calls `decide(snapshot, state, now)` and carries out the
+returned `Decision` through the placement planner and executor. The clock is injected (`now`, seconds)
 and the policy's memory (`PolicyState`) is passed in and handed back, never kept here, so the
 Controller can journal it and a restart loses nothing.
 
@@ -22,8 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Key", "AutoscalingConfig", "Snapshot", "PolicyState", "Decision", "desired_replicas", "decide",
-           "ExpertState", "expert_targets", "idle_hosts",
-           "LOAD_SMOOTHING", "smooth_load", "retirable"]
+           "ExpertState", "expert_targets", "idle_hosts", "smooth", "retirable"]
 
 Key = tuple[int, int]  # (layer, expert id)
 
@@ -43,7 +43,7 @@ class AutoscalingConfig:
     max_replicas: int = 4
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
-    smoothing: float = 0.5  # weight of the newest sample in an exponential moving average (1 = none)
+    smoothing: float = 0.5  # weight of the newest rate in the moving average of `smooth` (1 = none)
     period_s: float = 1.0  # how often the Controller runs decide()
     host_idle_s: float = 60.0  # retire a host that has held no replica for this long
     # Rebalance's balance-vs-moves knob when a call does not set it (see admin.proto):
@@ -74,7 +74,7 @@ class Snapshot:
     """What the Controller measured this period."""
 
     config: AutoscalingConfig
-    tokens_per_s: dict[Key, float]  # measured over the last period, per logical expert
+    tokens_per_s: dict[Key, float]  # per logical expert, smoothed (`smooth`) over the periods so far
     replicas: dict[Key, int]  # ready replicas now, per logical expert (the set of experts that exist)
     host_replicas: dict[str, int]  # replicas each live host holds now (0 = empty)
 
@@ -83,7 +83,6 @@ class Snapshot:
 class PolicyState:
     """The policy's memory between calls; plain data for the Controller to persist."""
 
-    smoothed: dict[Key, float] = field(default_factory=dict)  # tokens/s, moving average
     pending: dict[Key, tuple[int, float]] = field(default_factory=dict)  # key -> (wanted replicas, since)
     host_empty_since: dict[str, float] = field(default_factory=dict)
 
@@ -113,33 +112,25 @@ class ExpertState:
     """The per-expert part of `PolicyState` as arrays over one fixed order of keys [N], for
     callers that run the policy at scale (the simulator). `decide` converts to and from it."""
 
-    smoothed: np.ndarray  # [N] tokens/s; NaN: no sample yet
     pending_n: np.ndarray  # [N] the wished-for count; 0: nothing pending
     pending_since: np.ndarray  # [N] since when (s)
 
     @classmethod
     def empty(cls, n: int) -> ExpertState:
-        return cls(np.full(n, np.nan), np.zeros(n, dtype=np.int64), np.zeros(n))
+        return cls(np.zeros(n, dtype=np.int64), np.zeros(n))
 
 
 def expert_targets(
     cfg: AutoscalingConfig, tokens_per_s: np.ndarray, current: np.ndarray, state: ExpertState, now: float
 ) -> tuple[np.ndarray, ExpertState]:
-    """One period for every expert at once: tokens_per_s, current: [N] -> (replicas to have
-    now [N], the next state). Per expert it smooths the rate (a negative or non-finite rate is
-    a reporting bug and counts as 0), wants `desired_replicas` of the smoothed rate, clamps a
-    count outside [min, max] at once, and moves towards the wish only once it has pointed the
+    """One period for every expert at once: tokens_per_s (smoothed), current: [N] -> (replicas
+    to have now [N], the next state). Per expert it wants `desired_replicas` of the rate, clamps
+    a count outside [min, max] at once, and moves towards the wish only once it has pointed the
     same way for that direction's delay. `state` is not modified."""
-    r = np.asarray(tokens_per_s, dtype=np.float64)
-    x = np.fmax(r, 0.0)  # [N]: NaN and negatives give 0 (what np.where(r > 0, r, 0.0) gives, in one pass)
-    x += 0.0  # and -0.0 gives +0.0
-    if _max(x, initial=0.0) == np.inf:  # the ufunc's own reduce: .max() adds a Python wrapper per call
-        x[np.isinf(x)] = 0.0
-    smoothed = _smooth(cfg.smoothing, x, state.smoothed)
-    # where smoothed is <= 0 or NaN (fmax skips it) this gives min_replicas, as desired_replicas does;
+    # where the rate is <= 0 or NaN (fmax skips it) this gives min_replicas, as desired_replicas does;
     # kept as floats (whole numbers in [min, max]): compared with the int counts as they are, and only
     # the M that differ are made ints
-    desired = smoothed / cfg.target_tokens_per_s
+    desired = np.asarray(tokens_per_s, dtype=np.float64) / cfg.target_tokens_per_s
     np.minimum(desired, cfg.max_replicas, out=desired)
     np.ceil(desired, out=desired)
     np.fmax(desired, cfg.min_replicas, out=desired)
@@ -158,19 +149,7 @@ def expert_targets(
     wait = ~fire
     pending_n, pending_since = np.zeros(len(base), dtype=np.int64), np.zeros(len(base))
     pending_n[n[wait]], pending_since[n[wait]] = want[wait], since[wait]
-    return target, ExpertState(smoothed, pending_n, pending_since)
-
-
-def _smooth(weight: float, x: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """weight · x + (1 − weight) · old, or x where old is NaN (no sample yet)."""
-    out = x * weight
-    out += (1 - weight) * old
-    # old NaN makes out NaN (x is finite here), and a NaN makes the sum NaN: a sum that is not NaN
-    # says no old is, in one pass (one that is, from inf - inf too, checks old itself)
-    if np.isnan(_sum(out)):
-        nan = np.isnan(old)
-        out[nan] = x[nan]
-    return out
+    return target, ExpertState(pending_n, pending_since)
 
 
 _max, _min, _sum = np.maximum.reduce, np.minimum.reduce, np.add.reduce
@@ -202,36 +181,41 @@ def decide(snapshot: Snapshot, state: PolicyState, now: float) -> tuple[Decision
     keys = list(snapshot.replicas)
     pending = [state.pending.get(k) for k in keys]
     arrays = ExpertState(
-        np.array([state.smoothed.get(k, np.nan) for k in keys], dtype=np.float64),
         np.array([p[0] if p else 0 for p in pending], dtype=np.int64),
         np.array([p[1] if p else 0.0 for p in pending], dtype=np.float64))
     current = [snapshot.replicas[k] for k in keys]
     rates = np.array([snapshot.tokens_per_s.get(k, 0.0) for k in keys], dtype=np.float64)
     target, nxt = expert_targets(snapshot.config, rates, np.array(current, dtype=np.int64), arrays, now)
     changes = {k: t for k, t, c in zip(keys, target.tolist(), current, strict=True) if t != c}
-    smoothed = dict(zip(keys, nxt.smoothed.tolist(), strict=True))
     pending_out = {k: (n, t) for k, n, t in zip(keys, nxt.pending_n.tolist(), nxt.pending_since.tolist(),
                                                   strict=True) if n}
     retire, empty_since = idle_hosts(snapshot.config, snapshot.host_replicas, state.host_empty_since, now)
-    return Decision(changes, retire), PolicyState(smoothed, pending_out, empty_since)
+    return Decision(changes, retire), PolicyState(pending_out, empty_since)
 
 
 # ---------------------------------------------------------------------------------------------
 # around the policy: what the Controller (and the simulator, moefleet.sim) do with each period
 
-LOAD_SMOOTHING = 0.5  # weight of the newest period's rate in the load that placement plans for
 
-
-def smooth_load(rate, old):
-    """The load placement plans for: an exponential moving average of the measured rates; the
-    first one starts it. Works on floats and on numpy arrays alike."""
+def smooth(weight: float, tokens_per_s: np.ndarray, old: np.ndarray | None) -> np.ndarray:
+    """The one smoothing step: measured tokens/s [N] and the last smoothed rates [N] (NaN where
+    an expert has none yet; None: none has) -> weight · rate + (1 − weight) · old, or the rate
+    itself where old is NaN. A negative or non-finite rate is a reporting bug and counts as 0.
+    `weight` is `AutoscalingConfig.smoothing`. Neither input is modified."""
+    x = np.asarray(tokens_per_s, dtype=np.float64)
+    # the ufuncs' own reduce: .min() adds a Python wrapper per call; NaN fails both tests
+    if not (_min(x, initial=0.0) >= 0 and _max(x, initial=0.0) < np.inf):
+        x = np.where(np.isfinite(x) & (x > 0), x, 0.0)
     if old is None:
-        return rate
-    if isinstance(rate, np.ndarray) and np.shape(old) == rate.shape:  # the same sum, one temporary fewer
-        out = rate * LOAD_SMOOTHING
-        out += (1 - LOAD_SMOOTHING) * old
-        return out
-    return LOAD_SMOOTHING * rate + (1 - LOAD_SMOOTHING) * old
+        return x + 0.0  # a copy, and -0.0 gives +0.0
+    out = x * weight
+    out += (1 - weight) * old
+    # old NaN makes out NaN (x is finite), and a NaN makes the sum NaN: a sum that is not NaN
+    # says no old is, in one pass (one that is, from inf · 0 too, checks old itself)
+    if np.isnan(_sum(out)):
+        nan = np.isnan(old)
+        out[nan] = x[nan] + 0.0
+    return out
 
 
 def retirable(retire_hosts: list[str], host_replicas: dict[str, int], min_hosts: int) -> list[str]:

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
@@ -254,7 +255,7 @@ class Controller:
 
             def forget():
                 del m.experts[layer][expert]
-                for d in (m.target, m.load, m.rate):
+                for d in (m.target, m.load):
                     d.pop(key, None)
             _, removed, version = await self._exec.apply(m, {key: 0}, before_publish=forget)
             self._weights.pop((model, layer, expert), None)
@@ -445,7 +446,7 @@ class Controller:
 
     async def _autoscale(self, m: ModelRecord, now: float) -> None:
         snap = autoscale.Snapshot(
-            config=m.autoscaling, tokens_per_s=dict(m.rate),  # the policy smooths it
+            config=m.autoscaling, tokens_per_s=dict(m.load),
             replicas={k: len(m.replicas.get(k, [])) for k in m.keys()},
             host_replicas={h: len(rec.slots) for h, rec in self._hosts.items() if rec.model == m.name})
         decision, self._policy[m.name] = autoscale.decide(
@@ -497,9 +498,11 @@ class Controller:
                     for e, n in per.items():
                         rows[(L, e)] = rows.get((L, e), 0.0) + n
                 lat.extend(r["latency_s"].get(name, []))
-            for k in m.keys():
-                rate = m.rate[k] = rows.get(k, 0.0) / elapsed
-                m.load[k] = autoscale.smooth_load(rate, m.load.get(k))
+            keys = m.keys()
+            rate = np.array([rows.get(k, 0.0) for k in keys]) / elapsed
+            old = np.array([m.load.get(k, np.nan) for k in keys])
+            load = autoscale.smooth(m.autoscaling.smoothing, rate, old)
+            m.load = dict(zip(keys, load.tolist(), strict=True))
             m.latency = _latency_summary(lat, elapsed)
             self._metrics.record_model(m)
         self._metrics.record_hosts(self._hosts.values())

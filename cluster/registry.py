@@ -88,8 +88,7 @@ class ModelRecord:
     target: dict[Key, int] = field(default_factory=dict)
     version: int = 0
     next_host: int = 0
-    rate: dict[Key, float] = field(default_factory=dict)  # tokens/s over the last poll
-    load: dict[Key, float] = field(default_factory=dict)  # tokens/s, smoothed over polls
+    load: dict[Key, float] = field(default_factory=dict)  # tokens/s, smoothed (autoscale.smooth)
     latency: dict[str, float] = field(default_factory=dict)  # p50_s, p99_s, requests_per_s
 
     @classmethod
@@ -121,6 +120,7 @@ class ModelRecord:
         m.target = {(L, e): n for L, e, n in d["target"]}
         for L, e, h, s in d["replicas"]:
             m.replicas.setdefault((L, e), []).append((h, s))
+        m.load = {(L, e): v for L, e, v in d.get("load", [])}  # a journal older than it has none
         return m, weights
 
     @property
@@ -175,6 +175,7 @@ class ModelRecord:
             "added": added, "removed": removed,
             "target": [[L, e, n] for (L, e), n in self.target.items()],
             "replicas": [[L, e, h, s] for (L, e), reps in self.replicas.items() for h, s in reps],
+            "load": [[L, e, v] for (L, e), v in self.load.items()],
         }
 
 
@@ -305,12 +306,11 @@ def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[E
 
 
 def policy_to_plain(p: autoscale.PolicyState) -> dict[str, Any]:
-    return {"smoothed": [[L, e, v] for (L, e), v in p.smoothed.items()],
-            "pending": [[L, e, n, t] for (L, e), (n, t) in p.pending.items()],
+    return {"pending": [[L, e, n, t] for (L, e), (n, t) in p.pending.items()],
             "host_empty_since": dict(p.host_empty_since)}
 
 
 def policy_from_plain(d: dict[str, Any]) -> autoscale.PolicyState:
-    return autoscale.PolicyState({(L, e): v for L, e, v in d["smoothed"]},
-                                 {(L, e): (n, t) for L, e, n, t in d["pending"]},
+    # an older journal's "smoothed" rates are dropped: the model's own `load` refills in one period
+    return autoscale.PolicyState({(L, e): (n, t) for L, e, n, t in d["pending"]},
                                  dict(d["host_empty_since"]))

@@ -1,7 +1,7 @@
 """The policies compared, each driving a simulated fleet through moefleet's own pure functions.
 
 `autoscale` does what the Controller's loop does each period: `autoscale.decide` on the
-measured rates (its two halves, `expert_targets` and `idle_hosts`, called on arrays), the
+smoothed rates (`autoscale.smooth`; its two halves, `expert_targets` and `idle_hosts`, called on arrays), the
 targets carried out through `placement.apply_counts` (starting hosts when slots run out, up
 to hosts.max_count, as the executor does), idle hosts retired through `autoscale.retirable`,
 and, every `rebalance_every_s`, `placement.rebalance` as the Controller's Rebalance calls it.
@@ -41,7 +41,7 @@ class Fleet:
         self.capacity = {self._host_id(i): sc.hosts.slots for i in range(sc.hosts.count)}
         self.planner = placement.Planner(self.keys, self.capacity, {})  # shares self.capacity
         self._next_host = sc.hosts.count
-        self.load: np.ndarray | None = None  # [N] smoothed rows/s, what placement plans for
+        self.load: np.ndarray | None = None  # [N] rows/s, autoscale.smooth: what the policies act on
         self.state = autoscale.ExpertState.empty(len(self.keys))
         self.empty_since: dict[str, float] = {}
         self.target = np.full(len(self.keys), sc.autoscaling.min_replicas, dtype=np.int64)  # [N]
@@ -72,9 +72,9 @@ class Fleet:
 
     def step(self, t: float, rate: np.ndarray, load: np.ndarray | None = None) -> None:
         """rate: [N] rows/s measured over the period that ends at t; load: [N] its
-        `autoscale.smooth_load` over the periods so far, when the caller has it (every fleet
-        of a run sees the same rates)."""
-        self.load = autoscale.smooth_load(rate, self.load) if load is None else load
+        `autoscale.smooth` over the periods so far, when the caller has it (every fleet of a
+        run sees the same rates)."""
+        self.load = autoscale.smooth(self.sc.autoscaling.smoothing, rate, self.load) if load is None else load
         if self.loading and t >= self.ready_at:
             self.loading = False
             self._serve()
@@ -89,12 +89,12 @@ class Fleet:
             self.planner.reset(packed, own=True)
             self._schedule(t, adds)
         elif kind == "autoscale":
-            self._autoscale(t, rate)
+            self._autoscale(t)
 
-    def _autoscale(self, t: float, rate: np.ndarray) -> None:
+    def _autoscale(self, t: float) -> None:
         """`autoscale.decide`'s two halves, on arrays (decide itself converts dicts to them)."""
         cfg, count = self.sc.autoscaling, self.layout.count
-        target, self.state = autoscale.expert_targets(cfg, rate, count, self.state, t)
+        target, self.state = autoscale.expert_targets(cfg, self.load, count, self.state, t)
         # the Controller's m.target.update(decision.replicas): target where it differs from count
         np.copyto(self.target, target, where=target != count)
         held = self._host_replicas()

@@ -100,9 +100,9 @@ def _simulate(sc: Scenario, progress: bool) -> dict[str, Series]:
         x = _Rows(sc.model, rates, calls)  # [n, N] rows per call (rows_per_call's x), made as asked for
         same = _same_rows(sc, src, start, x, last)  # [n]
         last = x
-        loads = []  # [n] of [N]: what placement plans for, the same for every fleet
+        loads = []  # [n] of [N]: what the policies act on, the same for every fleet
         for rate in rates:
-            load = autoscale.smooth_load(rate, load)
+            load = autoscale.smooth(sc.autoscaling.smoothing, rate, load)
             loads.append(load)
         for fleet in fleets:
             _run_chunk(sc, fleet, costed[fleet.pol.name], rec[fleet.pol.name], start, (rates, loads),

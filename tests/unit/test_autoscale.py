@@ -8,6 +8,7 @@ import copy
 import math
 import re
 
+import numpy as np
 import pytest
 
 from moefleet.cluster.autoscale import (
@@ -18,7 +19,7 @@ from moefleet.cluster.autoscale import (
     decide,
     desired_replicas,
     retirable,
-    smooth_load,
+    smooth,
 )
 
 pytestmark = pytest.mark.unit
@@ -37,11 +38,21 @@ def _snap(cfg: AutoscalingConfig, tokens: dict, replicas: dict, hosts: dict | No
     return Snapshot(cfg, tokens, replicas, hosts or {})
 
 
+def _smoothed(cfg: AutoscalingConfig, loads: list[float]) -> list[float]:
+    """`smooth` over measured `loads`, one per period, as the Controller's poll runs it."""
+    out, last = [], None
+    for load in loads:
+        last = smooth(cfg.smoothing, np.array([load]), last)
+        out.append(float(last[0]))
+    return out
+
+
 def _simulate(cfg: AutoscalingConfig, loads: list[float], replicas: int = 1) -> list[int]:
-    """Expert K under `loads` (tokens/s), one decide per period at t = 0, 1, 2, ...; each decision
-    is carried out at once. -> replica count after each decide."""
+    """Expert K under measured `loads` (tokens/s), one period at t = 0, 1, 2, ...: smoothed, then
+    decided, as the Controller does; each decision is carried out at once. -> replica count
+    after each decide."""
     state, counts = PolicyState(), []
-    for t, load in enumerate(loads):
+    for t, load in enumerate(_smoothed(cfg, loads)):
         decision, state = decide(_snap(cfg, {K: load}, {K: replicas}), state, float(t))
         replicas = decision.replicas.get(K, replicas)
         counts.append(replicas)
@@ -144,12 +155,8 @@ def test_clamp_to_min_keeps_the_upscale_wait_running() -> None:
 
 def test_smoothing_damps_a_single_spike_below_the_upscale_point() -> None:
     cfg = _cfg(smoothing=0.5, upscale_delay_s=0.0)
-    state, seen = PolicyState(), []
-    for t, load in enumerate([60.0, 130.0, 60.0]):
-        decision, state = decide(_snap(cfg, {K: load}, {K: 1}), state, float(t))
-        assert decision.replicas == {}
-        seen.append(state.smoothed[K])
-    assert seen == [60.0, 95.0, 77.5]  # 0.5*130 + 0.5*60, then 0.5*60 + 0.5*95: never above 100
+    assert _smoothed(cfg, [60.0, 130.0, 60.0]) == [60.0, 95.0, 77.5]  # 0.5*130 + 0.5*60, ...: never > 100
+    assert _simulate(cfg, [60.0, 130.0, 60.0]) == [1, 1, 1]
 
 
 def test_without_smoothing_the_same_spike_upscales() -> None:
@@ -161,18 +168,26 @@ def test_smoothed_load_keeps_a_spike_alive_into_the_delay() -> None:
     assert _simulate(_cfg(smoothing=0.5), [100.0, 500.0, 100.0, 100.0]) == [1, 1, 1, 2]
 
 
-def test_expert_without_a_sample_counts_as_zero_load() -> None:
-    cfg = _cfg(smoothing=0.5)
-    _, state = decide(_snap(cfg, {K: 200.0}, {K: 1}), PolicyState(), 0.0)
-    _, state = decide(_snap(cfg, {}, {K: 1}), state, 1.0)
-    assert state.smoothed == {K: 100.0}
+def test_expert_without_a_rate_counts_as_zero_load() -> None:
+    cfg = _cfg(min_replicas=2, downscale_delay_s=0.0)
+    decision, _ = decide(_snap(cfg, {}, {K: 5}), PolicyState(), 0.0)
+    assert decision.replicas == {K: 2}
 
 
-def test_non_finite_or_negative_sample_counts_as_zero() -> None:
-    cfg = _cfg(smoothing=0.5)
-    state = PolicyState(smoothed={K: 200.0, (0, 1): 200.0})
-    _, state = decide(_snap(cfg, {K: math.nan, (0, 1): -50.0}, {K: 1, (0, 1): 1}), state, 0.0)
-    assert state.smoothed == {K: 100.0, (0, 1): 100.0}
+def test_smooth_starts_at_the_first_rate_then_averages_by_the_weight() -> None:
+    assert smooth(0.5, np.array([10.0]), None).tolist() == [10.0]
+    assert smooth(0.5, np.array([10.0]), np.array([30.0])).tolist() == [20.0]
+    assert smooth(0.25, np.array([10.0]), np.array([30.0])).tolist() == [25.0]
+    assert smooth(1.0, np.array([10.0]), np.array([30.0])).tolist() == [10.0]  # 1: no smoothing
+
+
+def test_smooth_counts_a_non_finite_or_negative_rate_as_zero_and_starts_new_experts_fresh() -> None:
+    rates = np.array([math.nan, -50.0, math.inf, 40.0, -0.0])
+    old = np.array([200.0, 200.0, 200.0, math.nan, math.nan])
+    got = smooth(0.5, rates, old)
+    assert got.tolist() == [100.0, 100.0, 100.0, 40.0, 0.0]  # a new expert's first rate, unsmoothed
+    assert not np.signbit(got).any()
+    assert not np.signbit(smooth(0.5, np.array([-0.0]), None)).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +196,9 @@ def test_non_finite_or_negative_sample_counts_as_zero() -> None:
 
 def test_removed_expert_is_dropped_from_state_and_added_one_starts_fresh() -> None:
     old, new = (0, 1), (0, 2)
-    cfg = _cfg(smoothing=0.5)
-    state = PolicyState(smoothed={K: 100.0, old: 500.0}, pending={old: (5, 0.0)})
-    decision, state = decide(_snap(cfg, {K: 100.0, new: 250.0}, {K: 1, new: 1}), state, 1.0)
+    state = PolicyState(pending={old: (5, 0.0), K: (2, 0.0)})
+    decision, state = decide(_snap(_cfg(), {K: 100.0, new: 250.0}, {K: 1, new: 1}), state, 1.0)
     assert decision.replicas == {}
-    assert state.smoothed == {K: 100.0, new: 250.0}  # the new expert's first sample, unsmoothed
     assert state.pending == {new: (3, 1.0)}
 
 
@@ -257,14 +270,13 @@ def test_default_config_is_valid_and_disabled() -> None:
 def test_decide_does_not_mutate_the_state_passed_in() -> None:
     cfg = _cfg(smoothing=0.5, upscale_delay_s=0.0)
     gone = (9, 9)
-    state = PolicyState(smoothed={K: 100.0, gone: 1.0}, pending={K: (2, 0.0), gone: (3, 0.0)},
-                        host_empty_since={"a": 0.0, "gone": 0.0})
+    state = PolicyState(pending={K: (2, 0.0), gone: (3, 0.0)}, host_empty_since={"a": 0.0, "gone": 0.0})
     before = copy.deepcopy(state)
-    decision, after = decide(_snap(cfg, {K: 900.0}, {K: 1}, {"a": 1, "b": 0}), state, 5.0)
+    decision, after = decide(_snap(cfg, {K: 500.0}, {K: 1}, {"a": 1, "b": 0}), state, 5.0)
     assert state == before
-    assert after is not state and after.smoothed is not state.smoothed
+    assert after is not state and after.pending is not state.pending
     assert decision == Decision({K: 5}, [])
-    assert after == PolicyState(smoothed={K: 500.0}, pending={}, host_empty_since={"b": 5.0})
+    assert after == PolicyState(pending={}, host_empty_since={"b": 5.0})
 
 
 def test_retirable_keeps_the_spec_hosts_and_only_ends_empty_ones():
@@ -274,23 +286,17 @@ def test_retirable_keeps_the_spec_hosts_and_only_ends_empty_ones():
     assert retirable(["a"], held, min_hosts=4) == []
 
 
-def test_smooth_load_starts_at_the_first_rate_then_averages_half_and_half():
-    assert smooth_load(10.0, None) == 10.0
-    assert smooth_load(10.0, 30.0) == 20.0
-
-
 def test_decide_on_dicts_and_expert_targets_on_arrays_agree():
     """The Controller calls `decide`; the simulator calls its array core directly."""
-    import numpy as np
-
     from moefleet.cluster.autoscale import ExpertState, expert_targets
 
     cfg = _cfg(smoothing=0.5)
     keys = [(0, e) for e in range(6)]
-    state, arrays, counts = PolicyState(), ExpertState.empty(6), [1] * 6
+    state, arrays, counts, smoothed = PolicyState(), ExpertState.empty(6), [1] * 6, None
     changed = []
     for t, scale in enumerate([50, 400, 400, 400, 900, 0, 0, 0, 0, 0]):
-        rates = [scale * (e + 1) / 6 for e in range(6)]
+        smoothed = smooth(cfg.smoothing, np.array([scale * (e + 1) / 6 for e in range(6)]), smoothed)
+        rates = smoothed.tolist()
         snap = _snap(cfg, dict(zip(keys, rates, strict=True)), dict(zip(keys, counts, strict=True)))
         decision, state = decide(snap, state, float(t))
         target, arrays = expert_targets(cfg, np.array(rates), np.array(counts), arrays, float(t))
@@ -303,20 +309,23 @@ def test_decide_on_dicts_and_expert_targets_on_arrays_agree():
     assert changed[4] == {(0, 1): 3}  # its wish dates from t=2; the others start a new wait
 
 
+def _plain_smooth(weight, tokens_per_s, old):
+    """`smooth` written out, each step a full-array operation: the reference it must equal."""
+    x = np.where(np.isfinite(tokens_per_s) & (tokens_per_s > 0), tokens_per_s, 0.0)
+    if old is None:
+        return x
+    return np.where(np.isnan(old), x, weight * x + (1 - weight) * old)
+
+
 def _plain_expert_targets(cfg, tokens_per_s, current, state, now):
     """`expert_targets` written out over every expert, each step a full-array operation: the
     reference its faster form (only the experts whose wish differs from their count do more than
-    smooth and wish) must equal bit for bit."""
-    import numpy as np
-
+    wish) must equal bit for bit."""
     from moefleet.cluster.autoscale import ExpertState
 
-    r = np.asarray(tokens_per_s, dtype=np.float64)
-    x = np.where(np.isfinite(r) & (r > 0), r, 0.0)
-    old = state.smoothed
-    smoothed = np.where(np.isnan(old), x, cfg.smoothing * x + (1 - cfg.smoothing) * old)
-    desired = np.where(smoothed > 0, np.maximum(cfg.min_replicas, np.ceil(
-        np.minimum(smoothed / cfg.target_tokens_per_s, cfg.max_replicas))), cfg.min_replicas).astype(np.int64)
+    r = tokens_per_s
+    desired = np.where(r > 0, np.maximum(cfg.min_replicas, np.ceil(
+        np.minimum(r / cfg.target_tokens_per_s, cfg.max_replicas))), cfg.min_replicas).astype(np.int64)
     base = np.clip(np.asarray(current, dtype=np.int64), cfg.min_replicas, cfg.max_replicas)
     up = desired > base
     pn = state.pending_n
@@ -326,17 +335,15 @@ def _plain_expert_targets(cfg, tokens_per_s, current, state, now):
     moving = desired != base
     target = np.where(moving & fire, desired, base)
     wait = moving & ~fire
-    return target, ExpertState(smoothed, np.where(wait, desired, 0), np.where(wait, since, 0.0))
+    return target, ExpertState(np.where(wait, desired, 0), np.where(wait, since, 0.0))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf · 0, both forms
 @pytest.mark.parametrize("seed", range(6))
-def test_expert_targets_equals_its_plain_full_array_form_bit_for_bit(seed: int) -> None:
+def test_smooth_and_expert_targets_equal_their_plain_full_array_forms_bit_for_bit(seed: int) -> None:
     """Over a random walk of rates (NaN, inf, negative and zero among them), counts (some outside
-    [min, max], some carried out, some not) and delays, both give the same targets and the same
-    state, to the bit, and leave their inputs alone."""
-    import numpy as np
-
+    [min, max], some carried out, some not) and delays, both give the same smoothed rates, targets
+    and state, to the bit, and leave their inputs alone."""
     from moefleet.cluster.autoscale import ExpertState, expert_targets
 
     rng = np.random.default_rng(seed)
@@ -344,26 +351,27 @@ def test_expert_targets_equals_its_plain_full_array_form_bit_for_bit(seed: int) 
     cfg = _cfg(smoothing=float(rng.choice([1.0, 0.5, 0.3])), upscale_delay_s=float(rng.integers(0, 4)),
                downscale_delay_s=float(rng.integers(0, 6)), min_replicas=int(rng.integers(1, 3)),
                max_replicas=int(rng.integers(3, 9)))
-    state, counts = ExpertState.empty(n), rng.integers(0, 11, n)
+    state, counts, smoothed = ExpertState.empty(n), rng.integers(0, 11, n), np.full(n, np.nan)  # none yet
     for t in range(60):
         rates = rng.lognormal(4.5, 1.5, n) * rng.choice([0.0, 1.0, 1.0, 3.0])
         odd = rng.random(n) < 0.05
         rates[odd] = rng.choice([np.nan, np.inf, -np.inf, -5.0, 0.0, -0.0], odd.sum())
-        if t == 30:  # a state restored with some experts never sampled, some overflowed
-            state.smoothed[rng.random(n) < 0.3] = np.nan
-            state.smoothed[rng.random(n) < 0.05] = np.inf
-        before = (rates.copy(), counts.copy(), state.smoothed.copy(), state.pending_n.copy(),
-                  state.pending_since.copy())
-        want, want_state = _plain_expert_targets(cfg, rates, counts, state, float(t))
-        got, got_state = expert_targets(cfg, rates, counts, state, float(t))
-        for a, b in zip((got, got_state.smoothed, got_state.pending_n, got_state.pending_since),
-                        (want, want_state.smoothed, want_state.pending_n, want_state.pending_since),
+        if t == 30:  # a load restored with some experts never sampled, some overflowed
+            smoothed[rng.random(n) < 0.3] = np.nan
+            smoothed[rng.random(n) < 0.05] = np.inf
+        inputs = [rates, counts, state.pending_n, state.pending_since, smoothed]
+        before = [a.copy() for a in inputs]
+        want_smoothed = _plain_smooth(cfg.smoothing, rates, smoothed)
+        got_smoothed = smooth(cfg.smoothing, rates, smoothed)
+        want, want_state = _plain_expert_targets(cfg, want_smoothed, counts, state, float(t))
+        got, got_state = expert_targets(cfg, got_smoothed, counts, state, float(t))
+        for a, b in zip((got_smoothed, got, got_state.pending_n, got_state.pending_since),
+                        (want_smoothed, want, want_state.pending_n, want_state.pending_since),
                         strict=True):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
-        for a, b in zip(before, (rates, counts, state.smoothed, state.pending_n, state.pending_since),
-                        strict=True):
+        for a, b in zip(before, inputs, strict=True):
             assert np.array_equal(a, b, equal_nan=True)
-        state = got_state
+        state, smoothed = got_state, got_smoothed
         keep = rng.random(n) < 0.7  # the planner carries out most targets
         counts = np.where(keep, got, counts)
         if t % 17 == 0:

@@ -241,6 +241,15 @@ def test_to_plain_lists_added_and_removed_experts_targets_and_replicas() -> None
     assert model.autoscaling.min_replicas == 1  # a copy, not the live config
 
 
+def test_the_smoothed_load_survives_the_journal_and_an_older_journal_starts_without_one() -> None:
+    model = ModelRecord.from_spec(family_spec("mixtral"))
+    model.load = {(1, 0): 12.5, (3, 7): 0.25}
+    plain = model.to_plain()
+    assert ModelRecord.from_plain(plain)[0].load == model.load
+    del plain["load"]
+    assert ModelRecord.from_plain(plain)[0].load == {}
+
+
 # ---- removals ------------------------------------------------------------------------------
 
 
