@@ -100,13 +100,14 @@ def _simulate(sc: Scenario, progress: bool) -> dict[str, Series]:
         x = _Rows(sc.model, rates, calls)  # [n, N] rows per call (rows_per_call's x), made as asked for
         same = _same_rows(sc, src, start, x, last)  # [n]
         last = x
-        loads = []  # [n] of [N]: what the policies act on, the same for every fleet
-        for rate in rates:
-            load = autoscale.smooth(sc.autoscaling.smoothing, rate, load)
-            loads.append(load)
-        for fleet in fleets:
-            _run_chunk(sc, fleet, costed[fleet.pol.name], rec[fleet.pol.name], start, (rates, loads),
-                       (x, calls, same))
+        runs = [_Chunk(sc, fleet, costed[fleet.pol.name], rec[fleet.pol.name], start, x, calls, same)
+                for fleet in fleets]
+        for i, rate in enumerate(rates):  # every fleet steps on the period's load while it is in cache
+            load = autoscale.smooth(sc.autoscaling.smoothing, rate, load)  # the same for every fleet
+            for run in runs:
+                run.step(i, rate, load)
+        for run in runs:
+            run.cost()
         if bar is not None:
             bar.update(len(rates))
     if bar is not None:
@@ -211,49 +212,58 @@ class _Costed:
     latency: np.ndarray | float = 0.0
 
 
-def _run_chunk(sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndarray], start: int,
-               load: tuple[np.ndarray, list[np.ndarray]],
-               pattern: tuple[_Rows, np.ndarray, np.ndarray]) -> None:
-    """Step `fleet` through periods start.. of `rates` [n, N] (and their smoothed `loads`) and
-    cost each: the profile is made again only when the layout or the pattern of rows per call
-    changed (`same` false). Without merging, the cost does not feed back into the steps, so
-    the periods that one profile serves are costed together, after the steps."""
-    rates, loads = load
-    x, calls, same = pattern
-    merging = sc.cost.max_wait_ms > 0
-    n = len(rates)
-    latency = np.empty((n, sc.model.layers))  # [n, L]
-    spans: list[tuple[int, Profile]] = []  # (first period, profile) of each span one profile serves
-    if costed.profile is not None:
-        spans.append((0, costed.profile))
-    for i, rate in enumerate(rates):
-        fleet.step((start + i + 1) * sc.autoscaling.period_s, rate, loads[i])  # t: the period's end
-        r["hosts"][start + i] = len(fleet.capacity)
-        r["replicas_moved"][start + i] = fleet.adds
-        if merging:  # calls merged by the last period's latency: the pattern moves each period
+class _Chunk:
+    """One fleet through the periods start.. of a chunk: `step` each period, then `cost` them.
+
+    The profile is made again only when the layout or the pattern of rows per call changed
+    (`same` false). Without merging, the cost does not feed back into the steps, so the periods
+    that one profile serves are costed together, after the steps."""
+
+    def __init__(self, sc: Scenario, fleet: Fleet, costed: _Costed, r: dict[str, np.ndarray], start: int,
+                 x: _Rows, calls: np.ndarray, same: np.ndarray):
+        self.sc, self.fleet, self.costed, self.r, self.start = sc, fleet, costed, r, start
+        self.x, self.calls, self.same = x, calls, same
+        self.merging = sc.cost.max_wait_ms > 0
+        self.latency = np.empty((len(calls), sc.model.layers))  # [n, L]
+        # (first period, profile) of each span one profile serves
+        self.spans: list[tuple[int, Profile]] = [] if costed.profile is None else [(0, costed.profile)]
+
+    def step(self, i: int, rate: np.ndarray, load: np.ndarray) -> None:
+        """Period start + i: rate [N] measured, load [N] its `autoscale.smooth`."""
+        sc, fleet, costed, r, t = self.sc, self.fleet, self.costed, self.r, self.start + i
+        fleet.step((t + 1) * sc.autoscaling.period_s, rate, load)  # t: the period's end
+        r["hosts"][t] = len(fleet.capacity)
+        r["replicas_moved"][t] = fleet.adds
+        if self.merging:  # calls merged by the last period's latency: the pattern moves each period
             b = merged_tokens(sc.cost, layer_tokens(sc.model, rate), costed.latency)
             xi, ci = rows_per_call(sc.cost, sc.model, rate, b)
             costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, xi), fleet.version
             cost = evaluate(sc.cost, costed.profile, ci)
-            latency[i] = costed.latency = cost.latency_s
-            r["imbalance"][start + i] = _imbalance(cost.host_rows)
-        elif costed.profile is None or not same[i] or costed.version != fleet.version:
-            costed.profile, costed.version = profile(sc.cost, sc.model, fleet.layout, x[i]), fleet.version
+            self.latency[i] = costed.latency = cost.latency_s
+            r["imbalance"][t] = _imbalance(cost.host_rows)
+        elif costed.profile is None or not self.same[i] or costed.version != fleet.version:
+            costed.profile = profile(sc.cost, sc.model, fleet.layout, self.x[i])
+            costed.version = fleet.version
+            spans = self.spans
             if spans and spans[-1][0] == i:
                 spans.pop()
             spans.append((i, costed.profile))
-    if not merging:
-        ends = [i for i, _ in spans[1:]] + [n]
-        for (a, prof), b in zip(spans, ends, strict=True):
-            for lo in range(a, b, _EVALUATE):
-                hi = min(lo + _EVALUATE, b)
-                cost = evaluate(sc.cost, prof, calls[lo:hi])
-                latency[lo:hi] = cost.latency_s
-                r["imbalance"][start + lo:start + hi] = _imbalance(cost.host_rows)
-        costed.latency = latency[-1]
-    p = slice(start, start + n)
-    r["p50_s"][p] = np.quantile(latency, 0.5, axis=1, method="higher")
-    r["p99_s"][p] = np.quantile(latency, 0.99, axis=1, method="higher")
+
+    def cost(self) -> None:
+        """Latency and imbalance of every period stepped (those `step` has not costed itself)."""
+        r, start, latency, n = self.r, self.start, self.latency, len(self.latency)
+        if not self.merging:
+            ends = [i for i, _ in self.spans[1:]] + [n]
+            for (a, prof), b in zip(self.spans, ends, strict=True):
+                for lo in range(a, b, _EVALUATE):
+                    hi = min(lo + _EVALUATE, b)
+                    cost = evaluate(self.sc.cost, prof, self.calls[lo:hi])
+                    latency[lo:hi] = cost.latency_s
+                    r["imbalance"][start + lo:start + hi] = _imbalance(cost.host_rows)
+            self.costed.latency = latency[-1]
+        p = slice(start, start + n)
+        r["p50_s"][p] = np.quantile(latency, 0.5, axis=1, method="higher")
+        r["p99_s"][p] = np.quantile(latency, 0.99, axis=1, method="higher")
 
 
 def _imbalance(rows: np.ndarray) -> np.ndarray:
