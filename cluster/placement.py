@@ -1,6 +1,5 @@
 """Placement: which host holds which expert replica. Pure functions over plain data.
 
-`initial_placement` deals one replica per expert round-robin over host slots (service bring-up).
 The planner, in the modules this one re-exports (`planning`: the types, `replicate`,
 `apply_counts`; `rebalance`; `planner`: `Planner`; `consolidation`: `hosts_to_drain`, `drain`),
 decides, from measured per-expert load, how many replicas each expert gets
@@ -41,36 +40,11 @@ from .planning import (
 from .rebalance import rebalance
 
 __all__ = [
-    "Key", "Placement", "Move", "PlacementPlan", "initial_placement", "host_loads",
+    "Key", "Placement", "Move", "PlacementPlan", "host_loads",
     "replica_loads", "imbalance", "replicate", "apply_counts", "Planner", "plan_from_scratch",
     "pack_from_scratch", "rebalance", "hosts_to_drain", "drain",
 ]
 
-
-# ---------------------------------------------------------------------------- bring-up
-
-def initial_placement(
-    layers: list[int], n_experts: int, host_slots: list[int]
-) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    """host_slots[h]: free slots of host h -> {(layer, expert): [(host, slot)]}.
-
-    Raises ValueError when the hosts cannot hold one replica of every expert.
-    """
-    need, have = len(layers) * n_experts, sum(host_slots)
-    if need > have:
-        raise ValueError(f"{need} experts ({len(layers)} layers × {n_experts}) need {need} slots; "
-                         f"the hosts have {have}: raise hosts.count or hosts.slots")
-    used = [0] * len(host_slots)
-    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    h = 0
-    for layer in layers:
-        for e in range(n_experts):
-            while used[h] >= host_slots[h]:
-                h = (h + 1) % len(host_slots)
-            out[(layer, e)] = [(h, used[h])]
-            used[h] += 1
-            h = (h + 1) % len(host_slots)
-    return out
 
 def plan_from_scratch(
     load: dict[Key, float], capacity: dict[str, int], num_replicas: int,
