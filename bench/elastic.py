@@ -51,16 +51,10 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import placement, service
-from moefleet.cluster.model import (
-    Reference,
-    VersionedReference,
-    expert_file,
-    gate_of,
-    random_expert,
-    source_of,
-)
+from moefleet.cluster.model import gate_of, source_of
 from moefleet.cluster.spec import ModelSpec
 from moefleet.experts.reference import ExpertWeights
+from moefleet.testing import Reference, VersionedReference, expert_file, random_expert
 
 LAYER = 0
 HOT = 3  # the expert the reaction step makes hot

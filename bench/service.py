@@ -6,7 +6,7 @@ softmax top-k renormalised, no shared experts). Random weights. The paths:
 
     service        the moefleet Python client → Router actor (grpc.aio) → 2 ExpertHost actors,
                    on the router's default transport (auto)
-    reference      the in-process monolithic layer (`moefleet.cluster.model.Reference`)
+    reference      the in-process monolithic layer (`moefleet.testing.Reference`)
     bare-hop       gRPC into an actor that makes one Ray call to a second actor (returns its
                    input, no maths) and replies; same protos and `router.wire` encoding
     bare-hop-grpc  the same, with the one call made over the data plane (`bench/_hop.py`)
@@ -47,8 +47,8 @@ from _hop import EchoHost, HopFront
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference
 from moefleet.cluster.spec import ModelSpec, load_spec
+from moefleet.testing import Reference
 
 SPEC = {
     "name": "bench-mixtral",

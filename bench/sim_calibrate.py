@@ -35,9 +35,9 @@ from elastic import near, wait_for  # bench/elastic.py: inputs near chosen gate 
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference
 from moefleet.cluster.spec import ModelSpec
 from moefleet.sim import Fleet, Scenario, expert_rows_per_s, period_cost
+from moefleet.testing import Reference
 
 E, K, HOT, LAYER = 8, 2, 3, 0
 PERIOD_S, UP_S = 0.5, 1.0

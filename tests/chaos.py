@@ -24,7 +24,7 @@ import grpc
 import ray
 
 from moefleet.client import Client
-from moefleet.cluster.model import VersionedReference
+from moefleet.testing import VersionedReference
 from tests.elastic import LoadResult, new_expert, run_load, wait_for, wrong_answers
 
 CLIENT_DEADLINE_S = 10.0

@@ -1,5 +1,5 @@
 """Helpers for the elasticity tests: new expert files, and a bounded concurrent load that
-records what each request got (checked with `moefleet.cluster.model.VersionedReference`).
+records what each request got (checked with `moefleet.testing.VersionedReference`).
 
 # T = tokens, H = hidden, I = expert intermediate
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moefleet.client import Client
-from moefleet.cluster.model import VersionedReference, expert_file, random_expert
 from moefleet.cluster.spec import ModelSpec
 from moefleet.experts.reference import ExpertWeights
+from moefleet.testing import VersionedReference, expert_file, random_expert
 
 
 @dataclass

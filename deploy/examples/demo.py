@@ -20,8 +20,8 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference, VersionedReference, expert_file, random_expert
 from moefleet.cluster.spec import load_spec
+from moefleet.testing import Reference, VersionedReference, expert_file, random_expert
 
 HERE = Path(__file__).resolve().parent
 

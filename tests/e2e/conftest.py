@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moefleet.cluster.model import Reference
+from moefleet.testing import Reference
 from tests.specs import family_spec
 
 # Tight limits so the error paths are cheap to reach.

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from moefleet.client import Client
-from moefleet.cluster.model import Reference
+from moefleet.testing import Reference
 from tests.specs import family_spec
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moefleet.client import Client
-from moefleet.cluster.model import VersionedReference
+from moefleet.testing import VersionedReference
 from tests.elastic import new_expert
 
 pytestmark = pytest.mark.e2e

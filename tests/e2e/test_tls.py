@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from moefleet.client import Client
-from moefleet.cluster.model import Reference
+from moefleet.testing import Reference
 from tests.e2e.conftest import read_address, stop
 from tests.specs import family_spec
 

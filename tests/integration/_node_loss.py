@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 from moefleet.client import Client  # noqa: E402
 from moefleet.cluster import service  # noqa: E402
-from moefleet.cluster.model import Reference  # noqa: E402
+from moefleet.testing import Reference  # noqa: E402
 from tests.specs import family_spec  # noqa: E402
 
 

@@ -13,8 +13,9 @@ import torch
 from moefleet.client import Client
 from moefleet.cluster import service
 from moefleet.cluster.hosts import NAMESPACE
-from moefleet.cluster.model import Reference, expert_nbytes
+from moefleet.cluster.model import expert_nbytes
 from moefleet.cluster.spec import spec_for_checkpoint
+from moefleet.testing import Reference
 
 pytest.importorskip("transformers")  # the `hf` extra; tests/run.sh installs it
 from tests.hf_models import save_tiny  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import VersionedReference
+from moefleet.testing import VersionedReference
 from tests.elastic import new_expert, run_load, wait_for, wrong_answers
 from tests.specs import family_spec
 

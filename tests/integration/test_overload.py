@@ -21,10 +21,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference
 from moefleet.protos import inference_pb2 as pb
 from moefleet.router.actor import memory_bound
 from moefleet.router.wire import request_for, tensor_from_response
+from moefleet.testing import Reference
 from tests.specs import family_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

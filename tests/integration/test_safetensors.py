@@ -8,7 +8,7 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference
+from moefleet.testing import Reference
 from tests.specs import family_spec, save_hf_checkpoint
 
 pytestmark = pytest.mark.integration

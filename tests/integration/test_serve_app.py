@@ -17,8 +17,8 @@ from ray import serve
 
 from deploy.serve.app import build
 from moefleet.client import Client
-from moefleet.cluster.model import Reference
 from moefleet.cluster.service import CONTROLLER_NAME, NAMESPACE, ROUTER_NAME
+from moefleet.testing import Reference
 from tests.specs import family_spec
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ import torch
 
 from moefleet.client import Client
 from moefleet.cluster import service
-from moefleet.cluster.model import Reference
 from moefleet.experts.dataplane import RUN_METHOD, SECRET_KEY, encode_request
 from moefleet.experts.host import ExpertHost
 from moefleet.experts.weights import RandomSource
+from moefleet.testing import Reference
 from tests.specs import FAMILIES, family_spec
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moefleet.cluster.model import Reference, gate_of, source_args, source_of
+from moefleet.cluster.model import gate_of, source_args, source_of
 from moefleet.cluster.spec import ModelSpec, SpecError, spec_for_checkpoint
 from moefleet.experts.checkpoint import CheckpointError, CheckpointSource
 from moefleet.experts.hf_config import from_dict
@@ -22,6 +22,7 @@ from moefleet.experts.kernels import grouped_swiglu
 from moefleet.experts.reference import ExpertWeights, SharedExperts
 from moefleet.router.dispatch import LayerTable, combine, plan
 from moefleet.router.gating import route
+from moefleet.testing import Reference
 
 pytest.importorskip("transformers")  # the `hf` extra; tests/run.sh installs it
 from tests.hf_models import DENSE_LAYERS, FAMILIES, save_tiny, tiny_config  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moefleet.cluster.model import expert_file, random_expert
 from moefleet.cluster.registry import (
     MAX_EXPERT_ID,
     ExpertRecord,
@@ -27,6 +26,7 @@ from moefleet.cluster.registry import (
 from moefleet.cluster.spec import ModelSpec, MoEConfig
 from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound
 from moefleet.router.gating import Gate, route
+from moefleet.testing import expert_file, random_expert
 from tests.specs import FAMILIES, family_spec
 
 pytestmark = pytest.mark.unit
