@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from moefleet.experts.checkpoint import CheckpointSource
-from moefleet.experts.weights import DTYPES, RandomSource, SafetensorsSource, source_from
+from moefleet.experts.weights import TORCH_DTYPES, RandomSource, SafetensorsSource, source_from
 from moefleet.router.gating import Gate
 
 from .spec import ModelSpec
@@ -50,7 +50,7 @@ def check_source(spec: ModelSpec) -> None:
 
 def expert_nbytes(spec: ModelSpec) -> int:
     """One routed expert's weights in the served dtype: w1, w2, w3 of [I, H]."""
-    return 3 * spec.moe.hidden_size * spec.moe.moe_intermediate_size * DTYPES[spec.dtype].itemsize
+    return 3 * spec.moe.hidden_size * spec.moe.moe_intermediate_size * TORCH_DTYPES[spec.dtype].itemsize
 
 
 def gate_of(spec: ModelSpec, layer: int, source: Any = None) -> Gate:

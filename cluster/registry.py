@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from moefleet.experts.reference import ExpertWeights, SharedExperts
-from moefleet.experts.weights import DTYPES
+from moefleet.experts.weights import TORCH_DTYPES
 from moefleet.router.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -295,7 +295,7 @@ def parse_new_expert(spec: ModelSpec, data: bytes, group: int | None) -> tuple[E
     g = 0 if group is None else group
     if not 0 <= g < (cfg.n_group if grouped else 1):
         raise InvalidArgument(f"group {g} is outside 0..{(cfg.n_group if grouped else 1) - 1}")
-    dt = DTYPES[spec.dtype]
+    dt = TORCH_DTYPES[spec.dtype]
     cast = {key: t[key].to(dt) for key in want}
     for key, x in cast.items():  # after the cast: a value past the model dtype's range becomes inf
         if not torch.isfinite(x).all():

@@ -39,10 +39,10 @@ __all__ = [
     "SpecError",
     "load_spec",
     "spec_for_checkpoint",
-    "DTYPES",
+    "DTYPE_NAMES",
 ]
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # HF spells the routed-expert count three ways, by family.
@@ -207,7 +207,7 @@ class ModelSpec:
         _check(bool(self.name), "name must not be empty")
         _check(len(self.layers) > 0, "layers must list at least one MoE layer index")
         _check(len(set(self.layers)) == len(self.layers), "layers must not repeat")
-        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}")
+        _check(self.dtype in DTYPE_NAMES, f"dtype must be one of {DTYPE_NAMES}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
@@ -278,8 +278,8 @@ def _fill_from_checkpoint(d: dict[str, Any], checkpoint: str) -> None:
         _check(not wrong, "moe: " + "; ".join(wrong))
     d["moe"] = hf.moe
     if "dtype" not in d:
-        _check(hf.dtype in DTYPES, f"{checkpoint} stores {hf.dtype or 'an unstated dtype'}: give `dtype` "
-                                   f"(one of {DTYPES}) to say what to serve in")
+        _check(hf.dtype in DTYPE_NAMES, f"{checkpoint} stores {hf.dtype or 'an unstated dtype'}: give "
+                                        f"`dtype` (one of {DTYPE_NAMES}) to say what to serve in")
         d["dtype"] = hf.dtype
 
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from .hf_config import CheckpointError, HFConfig, read_config
 from .reference import ExpertWeights, SharedExperts
-from .weights import DTYPES, GateWeights
+from .weights import TORCH_DTYPES, GateWeights
 
 __all__ = ["CheckpointSource", "CheckpointError"]
 
@@ -197,7 +197,7 @@ class CheckpointSource:
 
     def _read(self, wants: list[_Want], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """The tensors `wants` name: checked, dequantised, converted; each shard opened once."""
-        dtype = dtype or DTYPES[self.dtype]
+        dtype = dtype or TORCH_DTYPES[self.dtype]
         out, cache = [], {}
         with _Shards(self) as shards:
             for w in wants:

@@ -24,9 +24,9 @@ from safetensors import safe_open
 
 from .reference import ExpertWeights, SharedExperts
 
-__all__ = ["GateWeights", "RandomSource", "SafetensorsSource", "DTYPES", "source_from"]
+__all__ = ["GateWeights", "RandomSource", "SafetensorsSource", "TORCH_DTYPES", "source_from"]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -58,7 +58,7 @@ class RandomSource:
         h, e = self.hidden_size, self.n_routed_experts
         weight = torch.randn(e, h, generator=g) / h**0.5  # [E, H]
         bias = 0.1 * torch.randn(e, generator=g) if self.gate_bias else None  # [E]
-        return GateWeights(weight.to(DTYPES[self.dtype]), bias)
+        return GateWeights(weight.to(TORCH_DTYPES[self.dtype]), bias)
 
     def shared(self, layer: int) -> SharedExperts | None:
         if not self.shared_intermediate_size:
@@ -68,7 +68,7 @@ class RandomSource:
         gate = None
         if self.shared_expert_gate:
             gate = (torch.randn(1, self.hidden_size, generator=g) / self.hidden_size**0.5)
-            gate = gate.to(DTYPES[self.dtype])
+            gate = gate.to(TORCH_DTYPES[self.dtype])
         return SharedExperts(ffn, gate)
 
     def _gen(self, layer: int, stream: int) -> torch.Generator:
@@ -81,7 +81,7 @@ def _random_ffn(g: torch.Generator, h: int, inter: int, dtype: str) -> ExpertWei
     w1 = torch.randn(inter, h, generator=g) / h**0.5  # [I, H]
     w3 = torch.randn(inter, h, generator=g) / h**0.5  # [I, H]
     w2 = torch.randn(h, inter, generator=g) / inter**0.5  # [H, I]
-    dt = DTYPES[dtype]
+    dt = TORCH_DTYPES[dtype]
     return ExpertWeights(w1.to(dt), w2.to(dt), w3.to(dt))
 
 
@@ -125,7 +125,7 @@ class SafetensorsSource:
     def _get(self, f, keys: set[str], key: str) -> torch.Tensor:
         if key not in keys:
             raise KeyError(f"{self.path}: missing tensor {key!r}")
-        return f.get_tensor(key).to(DTYPES[self.dtype])
+        return f.get_tensor(key).to(TORCH_DTYPES[self.dtype])
 
 
 def source_from(args: dict[str, Any]):

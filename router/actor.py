@@ -30,7 +30,7 @@ import torch
 from moefleet.cluster.admin import AdminServicer
 from moefleet.cluster.metrics import RouterMetrics
 from moefleet.cluster.spec import MoEConfig, RouterConfig
-from moefleet.experts.weights import DTYPES
+from moefleet.experts.weights import TORCH_DTYPES
 from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .batcher import MicroBatcher
@@ -76,7 +76,7 @@ def state_from_controller(d: dict[str, Any]) -> ModelState:
                       parts.get("shared"))
         for L, parts in d["layers"].items()
     }
-    return ModelState(spec.name, spec.moe, DTYPES[spec.dtype], d["version"], layers, host_links(d),
+    return ModelState(spec.name, spec.moe, TORCH_DTYPES[spec.dtype], d["version"], layers, host_links(d),
                       d["host_ids"])
 
 

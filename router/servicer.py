@@ -26,7 +26,7 @@ from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
 
 from .errors import DeadlineExceeded, InvalidArgument, MoefleetError, Overloaded, message_of
-from .wire import DTYPES, MODEL_VERSION, TENSOR_NAME, check_version, decode_infer, encode_infer
+from .wire import MODEL_VERSION, TENSOR_NAME, WIRE_DTYPES, check_version, decode_infer, encode_infer
 
 __all__ = ["InferenceServicer", "ErrorInterceptor", "CallSlots", "serve_grpc", "ServerLimits",
            "TlsConfig", "SERVER_NAME"]
@@ -34,7 +34,7 @@ __all__ = ["InferenceServicer", "ErrorInterceptor", "CallSlots", "serve_grpc", "
 log = logging.getLogger(__name__)
 SERVER_NAME = "moefleet"
 _VERSION = version("moefleet")
-_DATATYPE_OF = {d.torch_dtype: d.datatype for d in DTYPES}
+_DATATYPE_OF = {d.torch_dtype: d.datatype for d in WIRE_DTYPES}
 
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"

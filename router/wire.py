@@ -41,7 +41,7 @@ __all__ = [
     "MODEL_VERSION",
     "check_version",
     "WireDtype",
-    "DTYPES",
+    "WIRE_DTYPES",
     "InferCall",
     "decode_infer",
     "encode_infer",
@@ -66,13 +66,13 @@ class WireDtype:
     itemsize: int  # bytes per element
 
 
-DTYPES = (
+WIRE_DTYPES = (
     WireDtype("FP32", torch.float32, 4),
     WireDtype("FP16", torch.float16, 2),
     WireDtype("BF16", torch.bfloat16, 2),
 )
-_BY_DATATYPE = {d.datatype: d for d in DTYPES}
-_BY_TORCH = {d.torch_dtype: d for d in DTYPES}
+_BY_DATATYPE = {d.datatype: d for d in WIRE_DTYPES}
+_BY_TORCH = {d.torch_dtype: d for d in WIRE_DTYPES}
 _ACCEPTED = ", ".join(_BY_DATATYPE)
 
 

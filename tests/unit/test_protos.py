@@ -35,7 +35,7 @@ GENERATED = [
     for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 ]
 H = 8
-_DATATYPE = {d.torch_dtype: d.datatype for d in wire.DTYPES}
+_DATATYPE = {d.torch_dtype: d.datatype for d in wire.WIRE_DTYPES}
 
 
 def _needs_tritonclient() -> None:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from moefleet.cluster.autoscale import AutoscalingConfig
-from moefleet.cluster.spec import ModelSpec, MoEConfig, SpecError, load_spec
+from moefleet.cluster.spec import DTYPE_NAMES, ModelSpec, MoEConfig, SpecError, load_spec
+from moefleet.experts.weights import TORCH_DTYPES
 
 pytestmark = pytest.mark.unit
 
@@ -278,3 +279,7 @@ def test_hosts_resources_that_are_not_numbers_by_name_are_refused(resources) -> 
 def test_hosts_resources_ray_cannot_schedule_are_refused(resources: dict) -> None:
     with pytest.raises(SpecError, match="hosts.resources"):
         ModelSpec.from_dict(_spec(hosts={"resources": resources}))
+
+
+def test_the_spec_accepts_exactly_the_dtypes_the_weights_load_in() -> None:
+    assert DTYPE_NAMES == tuple(TORCH_DTYPES)

@@ -116,9 +116,9 @@ def test_request_parameters_other_than_layer_are_passed_through() -> None:
 
 
 def test_dtype_table_itemsizes_match_torch() -> None:
-    for d in wire.DTYPES:
+    for d in wire.WIRE_DTYPES:
         assert d.itemsize == d.torch_dtype.itemsize
-    assert {d.datatype for d in wire.DTYPES} == {"FP32", "FP16", "BF16"}
+    assert {d.datatype for d in wire.WIRE_DTYPES} == {"FP32", "FP16", "BF16"}
 
 
 def test_client_side_rejects_unsupported_tensors() -> None:
