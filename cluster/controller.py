@@ -23,7 +23,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
@@ -342,28 +341,11 @@ class Controller:
         """The registry and its live figures as plain data (what `moefleet status` shows)."""
         await self._ready()
         names = [model] if model else sorted(self._models)
-        return {"models": [self._model_status(self._model(n)) for n in names],
+        return {"models": [self._model(n).status() for n in names],
                 "hosts": [{**rec.info, "slots_used": len(rec.slots)}
                           for _, rec in sorted(self._hosts.items())],
                 "routers": [{"name": n, "address": self._router_addresses.get(n, "")}
                             for n in sorted(self._routers)]}
-
-    def _model_status(self, m: ModelRecord) -> dict[str, Any]:
-        layers = []
-        for L in sorted(m.experts):
-            experts = [{"expert": e, "group": r.group,
-                        "replicas": [{"host": h, "slot": s} for h, s in m.replicas.get((L, e), [])],
-                        "tokens_per_s": m.load.get((L, e), 0.0),
-                        "target_replicas": m.target.get((L, e), 0)}
-                       for e, r in sorted(m.experts[L].items())]
-            layers.append({"layer": L, "experts": experts})
-        a = m.autoscaling
-        return {"name": m.name, "routing_version": m.version, "dtype": m.spec.dtype,
-                "hidden_size": m.spec.moe.hidden_size, "layers": layers,
-                "autoscaling": {k: getattr(a, k) for k in _AUTOSCALING_FIELDS},
-                "latency_p50_s": m.latency.get("p50_s", 0.0),
-                "latency_p99_s": m.latency.get("p99_s", 0.0),
-                "requests_per_s": m.latency.get("requests_per_s", 0.0)}
 
     # ---- the background loop ---------------------------------------------------------------
 
@@ -488,22 +470,9 @@ class Controller:
         elapsed, self._last_poll = max(now - self._last_poll, 1e-3), now
         for name, r in zip(names, got, strict=True):
             self._reconcile_router(name, r)
-        for name, m in self._models.items():
-            rows: dict[Key, float] = {}
-            lat: list[float] = []
-            for r in got:
-                if isinstance(r, BaseException):
-                    continue
-                for L, per in r["rows"].get(name, {}).items():
-                    for e, n in per.items():
-                        rows[(L, e)] = rows.get((L, e), 0.0) + n
-                lat.extend(r["latency_s"].get(name, []))
-            keys = m.keys()
-            rate = np.array([rows.get(k, 0.0) for k in keys]) / elapsed
-            old = np.array([m.load.get(k, np.nan) for k in keys])
-            load = autoscale.smooth(m.autoscaling.smoothing, rate, old)
-            m.load = dict(zip(keys, load.tolist(), strict=True))
-            m.latency = _latency_summary(lat, elapsed)
+        replies = [r for r in got if not isinstance(r, BaseException)]
+        for m in self._models.values():
+            m.observe(replies, elapsed)
             self._metrics.record_model(m)
         self._metrics.record_hosts(self._hosts.values())
 
@@ -580,18 +549,6 @@ class Controller:
         if name not in self._models:
             raise NotFound(f"unknown model {quote(name)}; serving {sorted(self._models)}")
         return self._models[name]
-
-
-_AUTOSCALING_FIELDS = ("enabled", "target_tokens_per_s", "min_replicas", "max_replicas",
-                       "upscale_delay_s", "downscale_delay_s")
-
-
-def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
-    if not lat:
-        return {"p50_s": 0.0, "p99_s": 0.0, "requests_per_s": 0.0}
-    s = sorted(lat)
-    pick = lambda q: s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]  # noqa: E731
-    return {"p50_s": pick(0.5), "p99_s": pick(0.99), "requests_per_s": len(s) / elapsed_s}
 
 
 def _log_to_stderr() -> None:

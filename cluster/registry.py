@@ -3,8 +3,9 @@ published replicas, target replica counts and hosts, and their snapshot for the 
 
 No Ray and no effects: the Controller and its executor own the actors and carry changes out;
 this module only records them, builds each layer's `Gate` from its experts' rows, checks a
-new expert's file and a removal against the model, and answers the questions placement and
-the policy ask (which host holds what, where a slot is free).
+new expert's file and a removal against the model, turns a poll of the routers into each
+model's smoothed load and latency, and answers the questions placement, the policy and
+`status` ask (which host holds what, where a slot is free).
 
 # H = hidden, E = experts of a layer
 """
@@ -15,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
@@ -126,6 +128,41 @@ class ModelRecord:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def observe(self, replies: list[dict[str, Any]], elapsed_s: float) -> None:
+        """One poll of the routers (each reply `Router.take_load`'s): this model's rows per
+        expert over `elapsed_s` become its smoothed `load`, its request latencies `latency`."""
+        rows: dict[Key, float] = {}
+        lat: list[float] = []
+        for r in replies:
+            for L, per in r["rows"].get(self.name, {}).items():
+                for e, n in per.items():
+                    rows[(L, e)] = rows.get((L, e), 0.0) + n
+            lat.extend(r["latency_s"].get(self.name, []))
+        keys = self.keys()
+        rate = np.array([rows.get(k, 0.0) for k in keys]) / elapsed_s
+        old = np.array([self.load.get(k, np.nan) for k in keys])
+        load = autoscale.smooth(self.autoscaling.smoothing, rate, old)
+        self.load = dict(zip(keys, load.tolist(), strict=True))
+        self.latency = _latency_summary(lat, elapsed_s)
+
+    def status(self) -> dict[str, Any]:
+        """The model as plain data (its part of what `moefleet status` shows)."""
+        layers = []
+        for L in sorted(self.experts):
+            experts = [{"expert": e, "group": r.group,
+                        "replicas": [{"host": h, "slot": s} for h, s in self.replicas.get((L, e), [])],
+                        "tokens_per_s": self.load.get((L, e), 0.0),
+                        "target_replicas": self.target.get((L, e), 0)}
+                       for e, r in sorted(self.experts[L].items())]
+            layers.append({"layer": L, "experts": experts})
+        a = self.autoscaling
+        return {"name": self.name, "routing_version": self.version, "dtype": self.spec.dtype,
+                "hidden_size": self.spec.moe.hidden_size, "layers": layers,
+                "autoscaling": {k: getattr(a, k) for k in _AUTOSCALING_FIELDS},
+                "latency_p50_s": self.latency.get("p50_s", 0.0),
+                "latency_p99_s": self.latency.get("p99_s", 0.0),
+                "requests_per_s": self.latency.get("requests_per_s", 0.0)}
 
     def layer(self, layer: int) -> dict[int, ExpertRecord]:
         """The layer's experts by id; NotFound for a layer the model does not have."""
@@ -314,3 +351,15 @@ def policy_from_plain(d: dict[str, Any]) -> autoscale.PolicyState:
     # an older journal's "smoothed" rates are dropped: the model's own `load` refills in one period
     return autoscale.PolicyState({(L, e): (n, t) for L, e, n, t in d["pending"]},
                                  dict(d["host_empty_since"]))
+
+
+_AUTOSCALING_FIELDS = ("enabled", "target_tokens_per_s", "min_replicas", "max_replicas",
+                       "upscale_delay_s", "downscale_delay_s")
+
+
+def _latency_summary(lat: list[float], elapsed_s: float) -> dict[str, float]:
+    if not lat:
+        return {"p50_s": 0.0, "p99_s": 0.0, "requests_per_s": 0.0}
+    s = sorted(lat)
+    pick = lambda q: s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]  # noqa: E731
+    return {"p50_s": pick(0.5), "p99_s": pick(0.99), "requests_per_s": len(s) / elapsed_s}

@@ -1,10 +1,11 @@
 """The policies compared, each driving a simulated fleet through moefleet's own pure functions.
 
 `autoscale` does what the Controller's loop does each period: `autoscale.decide` on the
-smoothed rates (`autoscale.smooth`; its two halves, `expert_targets` and `idle_hosts`, called on arrays), the
-targets carried out through `placement.apply_counts` (starting hosts when slots run out, up
-to hosts.max_count, as the executor does), idle hosts retired through `autoscale.retirable`,
-and, every `rebalance_every_s`, `placement.rebalance` as the Controller's Rebalance calls it.
+smoothed rates (`autoscale.smooth`; decide's two halves, `expert_targets` and `idle_hosts`,
+called on arrays), the targets carried out through `placement.apply_counts` (starting hosts
+when slots run out, up to hosts.max_count, as the executor does), idle hosts retired through
+`autoscale.retirable`, and, every `rebalance_every_s`, `placement.rebalance` as the
+Controller's Rebalance calls it.
 `static` packs once with `placement.plan_from_scratch` (its placement, `pack_from_scratch`) from
 the first hour's mean load; `replan` packs from scratch every `replan_every_s` (EPLB-style).
 

@@ -444,3 +444,17 @@ def test_a_rebalance_total_below_one_per_expert_or_past_what_hosts_could_hold_is
         check_rebalance_total(m, replicas)
     for fine in (0, 16, 64):
         check_rebalance_total(m, fine)
+
+
+def test_a_poll_sums_the_models_rows_over_routers_and_smooths_them_into_its_load() -> None:
+    model = ModelRecord.from_spec(family_spec("mixtral"))
+    L = model.spec.layers[0]
+    model.load = {(L, 0): 100.0}
+    replies = [{"rows": {model.name: {L: {0: 30, 1: 10}}, "other": {L: {0: 999}}},
+                "latency_s": {model.name: [0.01, 0.03]}},
+               {"rows": {model.name: {L: {0: 10}}}, "latency_s": {}}]
+    model.observe(replies, elapsed_s=2.0)
+    # expert 0: 40 rows / 2 s = 20, smoothed with 100 at weight 0.5; expert 1 starts at its rate
+    assert (model.load[(L, 0)], model.load[(L, 1)], model.load[(L, 2)]) == (60.0, 5.0, 0.0)
+    assert set(model.load) == set(model.keys())
+    assert model.latency == {"p50_s": 0.01, "p99_s": 0.03, "requests_per_s": 1.0}
