@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import platform
 import statistics
 import time
@@ -58,6 +59,7 @@ DEADLINE_S = 10.0
 class Tally:
     ok_s: list[float] = field(default_factory=list)  # latency of each admitted request
     refused_s: list[float] = field(default_factory=list)  # time to each RESOURCE_EXHAUSTED
+    refused_at: list[float] = field(default_factory=list)  # when each refused call was sent
     other: dict[str, int] = field(default_factory=dict)
     wrong: int = 0
 
@@ -79,21 +81,25 @@ class Load:
         self.data = [request_for(spec.name, 0, x).SerializeToString() for x in self.xs]
         self.want = [ref(0, x) for x in self.xs]
 
-    async def one(self, call, i: int, tally: Tally, check: bool) -> None:
+    async def one(self, call, i: int, tally: Tally, check: bool) -> float:
+        """Send request i; returns the pushback of a refusal (s), else 0."""
         t0 = time.perf_counter()
         try:
             raw = await call(self.data[i % len(self.data)], timeout=DEADLINE_S)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 tally.refused_s.append(time.perf_counter() - t0)
-            else:
-                tally.other[e.code().name] = tally.other.get(e.code().name, 0) + 1
-            return
+                tally.refused_at.append(t0)
+                trailers = dict(e.trailing_metadata() or ())
+                return int(trailers.get("grpc-retry-pushback-ms", 0)) / 1e3
+            tally.other[e.code().name] = tally.other.get(e.code().name, 0) + 1
+            return 0.0
         tally.ok_s.append(time.perf_counter() - t0)
         if check:
             y = tensor_from_response(pb.ModelInferResponse.FromString(raw))
             if not torch.allclose(y, self.want[i % len(self.want)], rtol=1e-4, atol=1e-4):
                 tally.wrong += 1
+        return 0.0
 
 
 async def unloaded(call, load: Load, seconds: float) -> Tally:
@@ -104,18 +110,20 @@ async def unloaded(call, load: Load, seconds: float) -> Tally:
     return tally
 
 
-async def closed_loop(call, load: Load, callers: int, seconds: float) -> float:
-    """Requests/s that `callers` back-to-back callers get."""
+async def closed_loop(call, load: Load, callers: int, seconds: float) -> tuple[float, float]:
+    """(requests/s, refusals/s) that `callers` back-to-back callers get; a refused caller waits
+    out the pushback, as gRPC's own retries would."""
     tally, end = Tally(), time.monotonic() + seconds
 
     async def caller(c: int) -> None:
         i = c
         while time.monotonic() < end:
-            await load.one(call, i, tally, check=False)
+            await asyncio.sleep(await load.one(call, i, tally, check=False))
             i += callers
     t0 = time.monotonic()
     await asyncio.gather(*(caller(c) for c in range(callers)))
-    return len(tally.ok_s) / (time.monotonic() - t0)
+    took = time.monotonic() - t0
+    return len(tally.ok_s) / took, len(tally.refused_s) / took
 
 
 async def open_loop(call, load: Load, rate: float, seconds: float) -> Tally:
@@ -132,12 +140,13 @@ async def open_loop(call, load: Load, rate: float, seconds: float) -> Tally:
 
 
 async def watch(channel, router, pid: int, stop: asyncio.Event, period_s: float = 0.25
-                ) -> tuple[int, list[float], int, int]:
+                ) -> tuple[int, list[float], int, int, list[dict]]:
     """(health checks SERVING within 1 s, each check's time, peak Router RSS, peak of its own
-    part) until `stop`."""
+    part, the router's admission state at each check) until `stop`."""
     health = health_pb2_grpc.HealthStub(channel)
-    serving, times, peak, peak_own = 0, [], 0, 0
+    serving, times, peak, peak_own, admission = 0, [], 0, 0, []
     while not stop.is_set():
+        admission.append(await router.admission.remote())
         t0 = time.perf_counter()
         try:
             r = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
@@ -148,7 +157,7 @@ async def watch(channel, router, pid: int, stop: asyncio.Event, period_s: float 
         m = memory(pid)
         peak, peak_own = max(peak, m["rss"]), max(peak_own, m["own"])
         await asyncio.sleep(period_s)
-    return serving, times, peak, peak_own
+    return serving, times, peak, peak_own, admission
 
 
 async def run(address: str, router, spec, factor: float, seconds: float, fixed_rate: float | None) -> None:
@@ -159,18 +168,32 @@ async def run(address: str, router, spec, factor: float, seconds: float, fixed_r
         await unloaded(call, load, 1.0)  # warm up
         idle = memory(pid)
         base = await unloaded(call, load, 4.0)
-        rate = await closed_loop(call, load, callers=8, seconds=5.0)
+        rate, refused = await closed_loop(call, load, callers=8, seconds=5.0)
+        print(f"closed loop   {refused:.1f} refusals/s")
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch(channel, router, pid, stop))
         offered = fixed_rate or factor * rate
         over = await open_loop(call, load, offered, seconds)
         stop.set()
-        serving, checks, peak_rss, peak_own = await watcher
+        serving, checks, peak_rss, peak_own, admission = await watcher
         after = []
         for wait_s in (5.0, 10.0):  # 5 s and 15 s after
             await asyncio.sleep(wait_s)
             after.append(memory(pid))
     _report(spec, base, rate, offered, over, serving, checks, idle, peak_rss, peak_own, after)
+    _report_admission(admission)
+
+
+def _report_admission(trace: list[dict]) -> None:
+    """The door's cap and the machine's idle CPU share, every 0.25 s of the overload."""
+    if not trace or not trace[0]:
+        print("admission     no cap (router.min_idle_cpu = 0)")
+        return
+    caps = " ".join("-" if math.isinf(a["cap"]) else f"{a['cap']:.0f}" for a in trace)
+    idle = " ".join(f"{a['idle']:.2f}" for a in trace)
+    print(f"admission     {trace[-1]['refused_by_cap']} refused by the cap; cap (calls/s, - = none) "
+          f"every 0.25 s: {caps}")
+    print(f"              idle CPU share (smoothed) every 0.25 s: {idle}")
 
 
 def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, serving: int,
@@ -190,6 +213,12 @@ def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, se
     print(f"refused       {len(over.refused_s):7d}   RESOURCE_EXHAUSTED after p50 "
           f"{_pct(over.refused_s, 0.5) * 1e3:.1f} ms, p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms")
     print(f"other         {over.other or 'none'}")
+    if over.refused_at:
+        start, by_s = min(over.refused_at), {}
+        for at, took in zip(over.refused_at, over.refused_s, strict=True):
+            by_s.setdefault(int(at - start), []).append(took)
+        print("              refusal p99 by second sent (ms): "
+              + " ".join(f"{_pct(v, 0.99) * 1e3:.0f}" for _, v in sorted(by_s.items())))
     print(f"health        {serving}/{len(checks)} checks SERVING within 1 s during the overload, "
           f"p50 {_pct(checks, 0.5) * 1e3:.1f} ms, max {max(checks or [0]) * 1e3:.0f} ms")
     print(f"router RSS    idle {idle_rss / mib:.0f} MiB, peak {peak_rss / mib:.0f} MiB, "

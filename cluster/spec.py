@@ -169,6 +169,7 @@ class RouterConfig:
     max_wait_ms: float = 1.0  # ... and wait at most this long for more requests
     max_queue_tokens: int = 262144  # tokens queued or in flight; beyond it, RESOURCE_EXHAUSTED
     max_queue_delay_s: float = 0.1  # refuse a request whose queue ahead would take longer (s)
+    min_idle_cpu: float = 0.08  # overloaded with less CPU idle than this: cap calls admitted/s (0: never)
     max_request_tokens: int = 65536
     max_message_mb: int = 256  # gRPC send limit; the receive limit is derived (see actor.py)
     max_concurrent_rpcs: int = 128  # more ModelInfer calls open at once are refused on arrival
@@ -185,6 +186,7 @@ class RouterConfig:
         _check(self.start_timeout_s > 0, "router.start_timeout_s must be > 0")
         _check(self.max_wait_ms >= 0, "router.max_wait_ms must be >= 0")
         _check(self.max_queue_delay_s > 0, "router.max_queue_delay_s must be > 0")
+        _check(0 <= self.min_idle_cpu < 1, "router.min_idle_cpu must be in [0, 1)")
         _check(0 <= self.restore_wait_s < math.inf, "router.restore_wait_s must be >= 0 and finite")
         for name in ("max_queue_tokens", "max_request_tokens", "max_message_mb", "max_concurrent_rpcs"):
             _check(getattr(self, name) >= 1, f"router.{name} must be >= 1")

@@ -33,6 +33,7 @@ from moefleet.cluster.spec import MoEConfig, RouterConfig
 from moefleet.experts.weights import TORCH_DTYPES
 from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from .admission import Admission, AdmissionPolicy
 from .batcher import MicroBatcher
 from .dispatch import LayerTable
 from .engine import Engine, LayerState, ModelState
@@ -112,6 +113,9 @@ class Router:
         self._batcher = MicroBatcher(
             self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens,
             cfg.max_queue_delay_s)
+        self._admission = (Admission(self._batcher.refusal, AdmissionPolicy(cfg.min_idle_cpu),
+                                     refused_later=lambda: self._batcher.refused)
+                           if cfg.min_idle_cpu > 0 else None)
         self._intake = Intake()
         self._ready = False
         self._served_since_trim = False
@@ -164,8 +168,11 @@ class Router:
         limits = ServerLimits(max_receive_bytes=receive_limit(self._cfg, models),
                               max_send_bytes=self._cfg.max_message_mb << 20,
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
-        bound = await self._intake.start(servicers, self._host, port, limits, self._tls,
-                                         infer_refusal=self._batcher.refusal)
+        admission = self._admission
+        bound = await self._intake.start(
+            servicers, self._host, port, limits, self._tls,
+            infer_refusal=self._batcher.refusal if admission is None else admission.refusal,
+            on_tick=None if admission is None else admission.tick)
         freeze_startup_objects()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())
         self._ready = True
@@ -259,6 +266,14 @@ class Router:
         """This process's resident memory, split (`router.memory.memory`); its "own" part, the
         RSS less the object store's shared pages, is what `memory_bound` bounds."""
         return memory()
+
+    def admission(self) -> dict[str, float]:
+        """The door's overload control (`router.admission`): cap is inf while not engaged."""
+        a = self._admission
+        if a is None:
+            return {}
+        return {"cap": a.cap, "idle": a.idle, "admitted_per_s": a.admitted_per_s,
+                "refused_by_cap": a.refused_by_cap}
 
     def model_names(self) -> list[str]:
         return self._engine.model_names()

@@ -16,7 +16,8 @@ small batches, whose time is mostly fixed per-call cost, would make its queue lo
 under overload the excess is refused within the time it takes to look, and admitted requests
 wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
 (`Overloaded`) says how long the caller should wait before it tries again. `refusal()` asks
-the same for a request not yet read (the gRPC door asks it before reading a call's payload).
+the same for a request not yet read (the gRPC door asks it before reading a call's payload),
+counting the calls the door let in whose payloads are still on their way.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -57,15 +58,16 @@ class _Queue:
     def in_flight(self) -> int:
         return len(self.flights)
 
-    def wait_s(self) -> float:
+    def wait_s(self, coming: float = 0.0) -> float:
         """How long the work ahead of a new request should take (0 when not known): the queued
-        tokens, and what is left of each batch in flight by the time it has run so far."""
+        tokens and `coming` tokens more, and what is left of each batch in flight by the time
+        it has run so far."""
         rate = self.tokens_per_s
         if rate <= 0:
             return 0.0
         now = time.perf_counter()
         left = sum(max(n / rate - (now - sent), 0.0) for sent, n in tuple(self.flights))
-        return self.tokens / rate + left
+        return (self.tokens + coming) / rate + left
 
     def ran(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -86,6 +88,9 @@ class MicroBatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._queues: dict[Hashable, _Queue] = {}
         self._outstanding_tokens = 0
+        self.refused = 0  # requests `submit` refused: the door's check let them in a moment before
+        self._outstanding_requests = 0
+        self._request_tokens = 0.0  # the mean request's tokens, smoothed
 
     @property
     def idle(self) -> bool:
@@ -98,6 +103,7 @@ class MicroBatcher:
         q = self._queues.setdefault(key, _Queue())
         refusal = self._refusal(q, n)
         if refusal is not None:
+            self.refused += 1
             try:
                 raise refusal
             finally:  # the traceback holds this frame: without this, a cycle holding `x`
@@ -106,27 +112,39 @@ class MicroBatcher:
         q.items.append((x, fut))
         q.tokens += n
         self._outstanding_tokens += n
+        self._outstanding_requests += 1
+        old = self._request_tokens
+        self._request_tokens = n if old == 0 else _RATE_SMOOTHING * n + (1 - _RATE_SMOOTHING) * old
         self._schedule(key, q)
         return await fut
 
-    def refusal(self) -> Overloaded | None:
+    def refusal(self, open_calls: int = 0) -> Overloaded | None:
         """The refusal the smallest request would get now, whatever its key: for a check at the
-        door, before the request is read. None while the busiest key's queue is short. Safe
-        to call from another thread (the gRPC intake's): it reads a copy of the queues."""
+        door, before the request is read. None while the busiest key's queue is short.
+        open_calls: the calls the door has let in and not yet answered; those not yet here
+        (their payload being read) count as coming to the busiest key, at the mean request's
+        size. Safe to call from another thread (the gRPC intake's): it reads a copy of the
+        queues."""
         busy = [q for q in list(self._queues.values()) if q.in_flight]
-        return self._refusal(max(busy, key=_Queue.wait_s), 1) if busy else None
+        if not busy:
+            return None
+        coming = max(open_calls - self._outstanding_requests, 0) * self._request_tokens
+        return self._refusal(max(busy, key=_Queue.wait_s), 1, coming)
 
-    def _refusal(self, q: _Queue, n: int) -> Overloaded | None:
-        """Why a request of `n` tokens for the key of `q` is refused now, or None."""
-        if self._outstanding_tokens + n > self.max_queue_tokens:
+    def _refusal(self, q: _Queue, n: int, coming: float = 0.0) -> Overloaded | None:
+        """Why a request of `n` tokens for the key of `q` is refused now, or None; `coming`
+        tokens more are on their way to that key."""
+        if self._outstanding_tokens + coming + n > self.max_queue_tokens:
+            on_way = f" and about {coming:.0f} on their way" if coming else ""
             return Overloaded(
-                f"router queue is full ({self._outstanding_tokens} tokens outstanding, "
+                f"router queue is full ({self._outstanding_tokens} tokens outstanding{on_way}, "
                 f"limit {self.max_queue_tokens})", max(q.wait_s(), _MIN_PUSHBACK_S))
-        if q.in_flight and q.wait_s() > self.max_queue_delay_s:
+        wait = q.wait_s(coming)
+        if q.in_flight and wait > self.max_queue_delay_s:
             return Overloaded(
-                f"router is overloaded: the work queued ahead would take {q.wait_s() * 1e3:.0f} ms, "
+                f"router is overloaded: the work queued ahead would take {wait * 1e3:.0f} ms, "
                 f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later",
-                max(q.wait_s() - self.max_queue_delay_s, _MIN_PUSHBACK_S))
+                max(wait - self.max_queue_delay_s, _MIN_PUSHBACK_S))
         return None
 
     def _schedule(self, key: Hashable, q: _Queue) -> None:
@@ -164,6 +182,7 @@ class MicroBatcher:
         finally:
             q.flights.remove(flight)
             self._outstanding_tokens -= tokens
+            self._outstanding_requests -= len(batch)
             self._schedule(key, q)
 
     async def _run_live(self, key: Hashable, live: list) -> None:

@@ -6,6 +6,9 @@ they waited unseen inside gRPC, for seconds, before the door (`servicer.CallSlot
 batcher's check) could refuse them. On a loop of its own the door sees each call as it
 arrives (bench/RESULTS.md, "Overload and hostile input").
 
+A timer on the intake's loop ticks `on_tick` (the router's `Admission`, which admits fewer
+calls while the machine's CPU is saturated), on the same thread as the door it controls.
+
 The engine stays on the actor's loop. `OnLoop` carries the servicers' calls there: a
 coroutine method runs on the actor's loop, a plain one (a read of the router's state) is
 called directly.
@@ -17,6 +20,7 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from .servicer import ServerLimits, TlsConfig, serve_grpc
@@ -24,6 +28,7 @@ from .servicer import ServerLimits, TlsConfig, serve_grpc
 __all__ = ["Intake", "OnLoop"]
 
 _JOIN_TIMEOUT_S = 5.0
+_TICK_S = 0.05  # how often `on_tick` runs
 
 
 class OnLoop:
@@ -52,6 +57,7 @@ class Intake:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
+        self._ticker: Future | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -65,18 +71,25 @@ class Intake:
 
     async def start(self, servicers: list[tuple[Callable[[Any, Any], None], Any, str]], host: str,
                     port: int, limits: ServerLimits, tls: TlsConfig | None = None,
-                    infer_refusal: Callable[[], Any] | None = None) -> int:
-        """Listen; returns the bound port. On failure the intake's thread is ended too."""
+                    infer_refusal: Callable[[int], Any] | None = None,
+                    on_tick: Callable[[], None] | None = None) -> int:
+        """Listen; returns the bound port. On failure the intake's thread is ended too.
+        on_tick() is called on the intake's thread every `_TICK_S` while it listens."""
         try:
             self._server, bound, _ = await self._on_intake(
                 serve_grpc(servicers, host, port, limits, tls, infer_refusal))
         except BaseException:
             await self._end_thread()
             raise
+        if on_tick is not None:
+            self._ticker = asyncio.run_coroutine_threadsafe(_every(_TICK_S, on_tick), self.loop)
         return bound
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking calls, let open ones finish within grace_s, then end the thread."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         if self._server is not None:
             await self._on_intake(self._server.stop(grace_s))
             self._server = None
@@ -94,3 +107,9 @@ class Intake:
         await asyncio.to_thread(thread.join, _JOIN_TIMEOUT_S)
         if not thread.is_alive():
             loop.close()
+
+
+async def _every(period_s: float, fn: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        fn()

@@ -53,7 +53,7 @@ class CallSlots:
     kind: str
     limit: int
     taken: int = 0
-    refusal: Callable[[], Overloaded | None] = lambda: None  # a further check at the door
+    refusal: Callable[[int], Overloaded | None] = lambda taken: None  # a further check, given `taken`
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -63,9 +63,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     admin) `max_other_rpcs`; health checks are not counted."""
 
     def __init__(self, limits: ServerLimits | None = None,
-                 infer_refusal: Callable[[], Overloaded | None] | None = None):
-        """infer_refusal: asked as each ModelInfer call arrives, before its message is read;
-        the refusal it returns is the call's answer (the router's queue-delay check)."""
+                 infer_refusal: Callable[[int], Overloaded | None] | None = None):
+        """infer_refusal(open calls): asked as each ModelInfer call arrives, before its message
+        is read, with how many ModelInfer calls are open; the refusal it returns is the call's
+        answer (the router's queue-delay check)."""
         self._wrapped: dict[str, Any] = {}  # method -> its guarded handler, made once
         self.infer_slots = self.other_slots = None
         if limits is not None:
@@ -113,7 +114,7 @@ def _admitted(unary: Callable[[Any, Any], Any], method: str, slots: CallSlots):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"router is overloaded: {slots.taken} {slots.kind} calls open, the most it takes "
                 f"at once; retry later", trailing_metadata=_pushback(_SLOT_PUSHBACK_S))
-        refusal = slots.refusal()
+        refusal = slots.refusal(slots.taken)
         if refusal is not None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _details(message_of(refusal)),
                                 trailing_metadata=_pushback(refusal.retry_after_s))
@@ -290,7 +291,7 @@ async def serve_grpc(
     port: int,
     limits: ServerLimits,
     tls: TlsConfig | None = None,
-    infer_refusal: Callable[[], Overloaded | None] | None = None,
+    infer_refusal: Callable[[int], Overloaded | None] | None = None,
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Start a grpc.aio server on the running loop with the given (add_fn, servicer,
     full service name) triples, health checking and reflection. Returns the bound port.

@@ -400,6 +400,40 @@ def test_the_door_check_refuses_while_any_key_has_too_much_work_ahead_and_not_af
     asyncio.run(main())
 
 
+def test_the_door_check_counts_open_calls_not_yet_queued_as_work_on_its_way(monkeypatch) -> None:
+    async def main():
+        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=20, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        (x,) = _xs([10], seed=3)
+        await b.submit("k", x)  # measures the key's rate and the mean request (10 tokens)
+        now = batcher.time.perf_counter()
+        monkeypatch.setattr(batcher.time, "perf_counter", lambda: now)
+        task = asyncio.create_task(b.submit("k", x))  # one in flight, whole: under 30 ms
+        await _settle()
+        assert b.refusal(open_calls=1) is None  # the one open call is the one in flight
+        # Calls the door let in whose payload is still being read: each brings a mean request
+        # (10 tokens, about 10 ms at this key's rate), so ten more pass the 30 ms bound.
+        ahead = b.refusal(open_calls=1 + 10)
+        assert ahead is not None and "max_queue_delay_s" in str(ahead)
+        await asyncio.wait_for(task, TIMEOUT_S)
+
+    asyncio.run(main())
+
+
+def test_the_door_check_counts_open_calls_not_yet_queued_against_a_full_queue() -> None:
+    async def main():
+        run = FakeRun(hold=(1,))
+        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=25)
+        first = asyncio.create_task(b.submit("L0", _xs([10], seed=4)[0]))
+        await run.started(1)
+        assert b.refusal(open_calls=2) is None  # 10 outstanding + 10 coming + 1 <= 25
+        assert "queue is full" in str(b.refusal(open_calls=3))  # 10 + 20 coming + 1 > 25
+        run.release.set()
+        await first
+
+    _run(main())
+
+
 def test_the_door_check_refuses_a_full_queue() -> None:
     async def main():
         run = FakeRun(hold=(1,))

@@ -1,6 +1,6 @@
 """router/intake.py: the gRPC server on a loop of its own refuses calls at the door while the
 router's own loop is blocked, serves admitted calls through `OnLoop` on the router's loop, and
-ends its thread when stopped.
+ends its thread when stopped; `on_tick` runs on its thread while it listens.
 """
 
 from __future__ import annotations
@@ -89,3 +89,21 @@ async def _scenario() -> None:
 
 def test_the_door_refuses_while_the_router_loop_is_blocked_and_admitted_calls_run_on_it() -> None:
     asyncio.run(_scenario())
+
+
+async def _ticking() -> None:
+    intake, ticks = Intake(), []
+    limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=SLOTS)
+    await intake.start([], "127.0.0.1", 0, limits, on_tick=lambda: ticks.append(threading.get_ident()))
+    thread = intake._thread
+    while len(ticks) < 3:
+        await asyncio.sleep(0.02)
+    await intake.stop(0.5)
+    assert set(ticks) == {thread.ident}, "on_tick ran off the intake's thread"
+    seen = len(ticks)
+    await asyncio.sleep(0.2)
+    assert len(ticks) == seen, "on_tick ran after stop"
+
+
+def test_on_tick_runs_on_the_intake_thread_while_it_listens_and_not_after() -> None:
+    asyncio.run(asyncio.wait_for(_ticking(), 10))

@@ -1,0 +1,174 @@
+"""The door's overload control (`router.admission`: a cap on admitted calls while the CPU is
+saturated), on a fake clock and a fake CPU reading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moefleet.router.admission import Admission, AdmissionPolicy, CpuIdle
+from moefleet.router.errors import Overloaded
+
+pytestmark = pytest.mark.unit
+
+TICK_S = 0.05  # as the intake ticks
+
+
+class World:
+    """Calls arriving evenly, a queue that refuses a share of them, and a CPU reading."""
+
+    def __init__(self, policy: AdmissionPolicy | None = None):
+        self.now = 0.0
+        self.idle = 0.5
+        self.queue_refuses = 0.0  # share of calls the queue's own check refuses
+        self._debt = 0.0
+        self.admission = Admission(self._check, policy or AdmissionPolicy(min_idle=0.08),
+                                   idle=lambda: self.idle, clock=lambda: self.now)
+
+    def _check(self, open_calls: int) -> Overloaded | None:
+        self._debt += self.queue_refuses
+        if self._debt >= 1.0:
+            self._debt -= 1.0
+            return Overloaded("queue full", 0.05)
+        return None
+
+    def run(self, seconds: float, calls_per_s: float) -> tuple[int, int]:
+        """(admitted, refused) over `seconds` of calls at `calls_per_s`, ticking as the intake does."""
+        admitted = refused = 0
+        per_tick = calls_per_s * TICK_S
+        owed = 0.0
+        for _ in range(round(seconds / TICK_S)):
+            start, owed = self.now, owed + per_tick
+            n = int(owed)
+            owed -= n
+            for i in range(n):
+                self.now = start + i * TICK_S / n
+                if self.admission.refusal() is None:
+                    admitted += 1
+                else:
+                    refused += 1
+            self.now = start + TICK_S
+            self.admission.tick()
+        return admitted, refused
+
+
+def test_no_cap_without_refusals_even_on_a_saturated_cpu():
+    w = World()
+    w.idle = 0.0
+    admitted, refused = w.run(5.0, 80)
+    assert (admitted, refused) == (400, 0)
+    assert not w.admission.engaged
+
+
+def test_a_closed_loop_whose_queue_refuses_a_few_calls_is_not_capped():
+    w = World()
+    w.run(5.0, 80)
+    w.idle, w.queue_refuses = 0.02, 0.2  # a fifth refused: not overloaded
+    w.run(5.0, 100)
+    assert not w.admission.engaged
+
+
+def test_overload_on_a_saturated_cpu_caps_at_the_floor_of_the_rate_served_before():
+    w = World()
+    w.run(10.0, 80)  # served 80/s
+    served = w.admission.served_per_s
+    assert served == pytest.approx(80, rel=0.15)
+    w.idle, w.queue_refuses = 0.02, 0.9
+    w.run(0.5, 800)
+    assert w.admission.engaged
+    assert w.admission.cap == pytest.approx(0.25 * served)
+    admitted, refused = w.run(4.0, 800)
+    # the cap and the queue's own check both refuse; at most the cap's rate gets through
+    assert admitted <= 4.0 * w.admission.cap + w.admission.policy.burst_s * w.admission.cap + 1
+    assert refused > 10 * admitted
+
+
+def test_overload_with_idle_cpu_is_left_to_the_queue():
+    w = World()
+    w.run(5.0, 80)
+    w.queue_refuses = 0.9
+    w.run(5.0, 800)
+    assert not w.admission.engaged
+
+
+def test_the_cap_grows_while_cpu_is_spare_and_falls_by_decrease_when_it_is_not():
+    w = World()
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses = 0.02, 0.9
+    w.run(0.5, 800)
+    floor = w.admission.cap
+    w.idle = 0.5  # the cap freed CPU
+    w.run(5.0, 800)
+    grown = w.admission.cap
+    assert grown == pytest.approx(floor * (1 + 0.3 * TICK_S) ** 100, rel=0.05)
+    w.idle = 0.02
+    w.run(0.3, 800)  # the smoothed idle share falls under min_idle: one decrease
+    assert w.admission.cap == pytest.approx(grown * 0.4, rel=0.05)
+    w.run(1.0, 800)  # still no idle CPU: down to the floor, never below it
+    assert w.admission.cap == pytest.approx(floor)
+
+
+def test_the_cap_does_not_grow_while_something_else_refuses():
+    w = World()
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses = 0.02, 0.9
+    w.run(0.5, 800)
+    cap = w.admission.cap
+    w.idle = 0.5
+    w.run(0.5, cap / 2)  # fewer calls than the cap: once the bucket has refilled, it refuses none
+    cap = w.admission.cap
+    w.run(2.0, cap / 2)
+    assert w.admission.cap == pytest.approx(cap)
+
+
+def test_the_cap_is_lifted_once_the_overload_has_been_gone_for_quiet_s():
+    w = World()
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses = 0.02, 0.9
+    w.run(1.0, 800)
+    assert w.admission.engaged
+    w.queue_refuses = 0.0
+    w.run(1.0, 5)  # the cap admits all of these: not overloaded any more
+    assert w.admission.engaged
+    w.run(2.0, 5)
+    assert not w.admission.engaged
+    assert w.run(1.0, 80) == (80, 0)
+
+
+def test_a_refusal_by_the_cap_says_when_to_retry_and_quotes_nothing_from_the_caller():
+    w = World()
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses = 0.02, 0.9
+    w.run(1.0, 800)
+    w.queue_refuses = 0.0
+    before = w.admission.refused_by_cap
+    refusals = [r for r in (w.admission.refusal() for _ in range(50)) if r is not None]
+    assert refusals, "a burst of 50 calls at one instant must overflow the bucket"
+    r = refusals[-1]
+    assert isinstance(r, Overloaded)
+    assert r.retry_after_s == pytest.approx(1.0 / w.admission.cap)
+    assert "calls/s" in str(r) and len(str(r)) < 200
+    assert w.admission.refused_by_cap - before == len(refusals)
+
+
+def test_a_cpu_reading_that_is_missing_or_not_finite_leaves_the_idle_share_alone():
+    w = World()
+    w.run(1.0, 10)
+    before = w.admission.idle
+    for bad in (None, math.nan, math.inf):
+        w.idle = bad
+        w.run(0.5, 10)
+        assert w.admission.idle == pytest.approx(before)
+
+
+def test_cpu_idle_reads_the_idle_and_iowait_share_between_two_calls(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4 5\n")
+    idle = CpuIdle(str(stat))
+    assert idle() is None  # no time passed
+    stat.write_text("cpu  150 0 150 750 150 0 0 0 0 0\n")
+    assert idle() == pytest.approx(100 / 200)
+    assert CpuIdle(str(tmp_path / "missing"))() is None
+    stat.write_text("cpu  garbage\n")
+    assert CpuIdle(str(stat))() is None
