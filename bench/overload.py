@@ -185,15 +185,18 @@ async def run(address: str, router, spec, factor: float, seconds: float, fixed_r
 
 
 def _report_admission(trace: list[dict]) -> None:
-    """The door's cap and the machine's idle CPU share, every 0.25 s of the overload."""
+    """The door's cap, the machine's idle CPU share and the router's cores, every 0.25 s of
+    the overload."""
     if not trace or not trace[0]:
         print("admission     no cap (router.min_idle_cpu = 0)")
         return
     caps = " ".join("-" if math.isinf(a["cap"]) else f"{a['cap']:.0f}" for a in trace)
     idle = " ".join(f"{a['idle']:.2f}" for a in trace)
+    busy = " ".join(f"{a['busy']:.2f}" for a in trace)
     print(f"admission     {trace[-1]['refused_by_cap']} refused by the cap; cap (calls/s, - = none) "
           f"every 0.25 s: {caps}")
     print(f"              idle CPU share (smoothed) every 0.25 s: {idle}")
+    print(f"              router's cores (smoothed) every 0.25 s: {busy}")
 
 
 def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, serving: int,

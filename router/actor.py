@@ -272,7 +272,7 @@ class Router:
         a = self._admission
         if a is None:
             return {}
-        return {"cap": a.cap, "idle": a.idle, "admitted_per_s": a.admitted_per_s,
+        return {"cap": a.cap, "idle": a.idle, "busy": a.busy, "admitted_per_s": a.admitted_per_s,
                 "refused_by_cap": a.refused_by_cap}
 
     def model_names(self) -> list[str]:

@@ -12,23 +12,27 @@ wait grew by a second every second. The intake event loop's own lag stayed under
 throughout, so it is not the signal. The share of idle CPU is.
 
 Where the cliff lies depends on the machine, so the cap is found as it goes, by
-multiplicative steps on that one signal (smoothed):
+multiplicative steps on that signal (smoothed):
 
     overloaded    more than `overload` calls are refused for each call served (half: more
                   than 1.5 times what is served is offered), counting those the queue refused
-                  just after the door let them in. A closed loop of callers at the sustained
-                  rate is not: the queue refuses a few of them now and then.
-    not engaged   no cap: the usual state, and whenever the door has not been overloaded for
-                  `quiet_s`
-    engaged       overloaded, and idle CPU fell under `min_idle`: at most `cap` calls are
-                  admitted a second (a token bucket). The cap starts at its floor, `floor`
-                  times the rate served before the overload (`served_per_s`: the admitted
-                  rate, smoothed over `served_smoothing_s` while not overloaded), so that the
-                  calls that already wait before the door are refused soon. The rate admitted
-                  during the overload is no base: those calls arrive in bursts.
-                  Each time idle is under `min_idle` again, at most once per `hold_s`, the cap
-                  is multiplied by `decrease`. While idle is over `spare_idle` and the cap is
-                  what refuses, it grows by `increase` of itself a second. In between it holds.
+                  just after the door let them in, and more than `min_refused_per_s` a second
+    squeezed      idle CPU under `min_idle`, and this process (the router) using at least
+                  `min_busy_cores`. Serving less frees CPU for the intake only when the router
+                  is what is busy. Where the experts saturate the CPU (the router at 0.4-0.55
+                  of a core in bench/overload.py with I=2048, against 0.8-1.0 at I=128) the
+                  refusals already come back within milliseconds, and a cap would only cost
+                  throughput.
+    engaged       from the first tick both hold: at most `cap` calls are admitted a second (a
+                  token bucket). The cap starts at its floor, `floor` times the rate served
+                  before the overload (`served_per_s`: the admitted rate, smoothed over
+                  `served_smoothing_s` while not overloaded), so that the calls already
+                  waiting before the door are refused soon; the rate admitted during the
+                  overload is no base, as those calls arrive in bursts. Each time both hold
+                  again, at most once per `hold_s`, the cap is multiplied by `decrease`. While
+                  idle is over `spare_idle` and the cap is what refuses, it grows by
+                  `increase` of itself a second. In between it holds.
+    lifted        no cap once the door has not been overloaded for `quiet_s`: the usual state
 
 The floor is for callers that retry at once when refused. Against them no cap frees CPU (each
 cap refusal brings another call), and without a floor it would fall to nothing.
@@ -36,7 +40,7 @@ cap refusal brings another call), and without a floor it would fall to nothing.
 A caller refused by the cap is told to retry after one token's time (1 / cap).
 
 Runs on the intake's thread: `refusal` at the door, `tick` from the intake's timer. Plain
-Python with an injected clock and CPU reading: knows nothing of gRPC, Ray or torch.
+Python with an injected clock and CPU readings: knows nothing of gRPC, Ray or torch.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 
 from .errors import Overloaded
 
-__all__ = ["Admission", "AdmissionPolicy", "CpuIdle"]
+__all__ = ["Admission", "AdmissionPolicy", "CpuIdle", "ProcessCpu"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,11 @@ class AdmissionPolicy:
     hold_s: float = 0.3  # the least time between two decreases: the backlog takes a while to go
     quiet_s: float = 2.0  # this long without a refusal, the cap is lifted
     idle_smoothing_s: float = 0.1  # the time constant of the idle share's smoothing
+    busy_smoothing_s: float = 0.5  # ... and of the busy cores', longer: they come in bursts
     overload: float = 0.5  # overloaded: refusing more than this many calls a second per call admitted
-    floor: float = 0.25  # the cap never goes under this share of the rate admitted before it
+    min_refused_per_s: float = 50.0  # ... and more than this many: fewer cost too little CPU to matter
+    min_busy_cores: float = 0.7  # the cap engages only while this process uses this many cores
+    floor: float = 0.15  # the cap never goes under this share of the rate admitted before it
     rate_smoothing_s: float = 0.1  # the time constant of the admitted and refused rates' smoothing
     served_smoothing_s: float = 5.0  # ... and of the rate served while not overloaded
     burst_s: float = 0.1  # the bucket holds this many seconds of the cap (at least one call)
@@ -95,22 +102,38 @@ class CpuIdle:
         return (fields[3] + fields[4], sum(fields)) if len(fields) >= 5 else None
 
 
+class ProcessCpu:
+    """The cores this process used since the last call (all its threads together)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._last = (time.process_time(), clock())
+
+    def __call__(self) -> float | None:
+        now = (time.process_time(), self._clock())
+        last, self._last = self._last, now
+        return (now[0] - last[0]) / (now[1] - last[1]) if now[1] > last[1] else None
+
+
 class Admission:
     """The door's last check: the queue's own `check`, then, while engaged, the cap."""
 
     def __init__(self, check: Callable[[int], Overloaded | None], policy: AdmissionPolicy,
                  idle: Callable[[], float | None] | None = None,
+                 busy: Callable[[], float | None] | None = None,
                  refused_later: Callable[[], int] = lambda: 0,
                  clock: Callable[[], float] = time.monotonic):
         """check: the door's refusal without the cap (the batcher's `refusal`); idle: the
-        CPU's idle share since the last call (default `CpuIdle()`); refused_later: how many
+        CPU's idle share since the last call (default `CpuIdle()`); busy: the cores this
+        process used since the last call (default `ProcessCpu()`); refused_later: how many
         calls the door let in were refused after it so far (the batcher's `refused`: its
         check at the door cannot see the calls between the door and its queue)."""
         self._check, self.policy, self._clock = check, policy, clock
         self._refused_later, self._later_seen = refused_later, refused_later()
         self._idle = CpuIdle() if idle is None else idle
+        self._busy = ProcessCpu(clock) if busy is None else busy
         self.cap = math.inf  # calls/s admitted while engaged
-        self.idle = 1.0  # smoothed
+        self.idle, self.busy = 1.0, 0.0  # smoothed
         self.admitted_per_s = self.refused_per_s = self.served_per_s = 0.0  # smoothed
         self.refused_by_cap = 0  # a count, for `Router.admission()`
         self._tokens = 0.0
@@ -138,7 +161,7 @@ class Admission:
 
     def tick(self) -> None:
         """Read the CPU, then move the cap. Called every few tens of milliseconds."""
-        now, idle = self._clock(), self._idle()
+        now, idle, busy = self._clock(), self._idle(), self._busy()
         dt, self._ticked_at = now - self._ticked_at, now
         if dt <= 0:
             return
@@ -153,7 +176,10 @@ class Admission:
         if idle is not None and math.isfinite(idle):
             w = 1.0 - math.exp(-dt / p.idle_smoothing_s)
             self.idle += w * (min(max(idle, 0.0), 1.0) - self.idle)
-        if self.refused_per_s > p.overload * self.admitted_per_s:
+        if busy is not None and math.isfinite(busy):
+            w = 1.0 - math.exp(-dt / p.busy_smoothing_s)
+            self.busy += w * (max(busy, 0.0) - self.busy)
+        if self.refused_per_s > max(p.overload * self.admitted_per_s, p.min_refused_per_s):
             self._overloaded_at = now
         elif not self.engaged:
             w = 1.0 - math.exp(-dt / p.served_smoothing_s)
@@ -163,7 +189,7 @@ class Admission:
                 log.warning("overload over: the cap on admitted calls is lifted (%d refused by it)",
                             self.refused_by_cap)
             self.cap = math.inf
-        elif self.idle < p.min_idle and now == self._overloaded_at:
+        elif self.idle < p.min_idle and self.busy >= p.min_busy_cores and now == self._overloaded_at:
             if now - self._decreased_at >= p.hold_s:
                 self._set_cap(self.cap * p.decrease if self.engaged else 0.0, now)  # or: its floor
                 self._decreased_at = now

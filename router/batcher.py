@@ -10,14 +10,20 @@ Admission: a request is refused at once with RESOURCE_EXHAUSTED when
   * its key is busy and the work ahead of it (its key's queued tokens, and what is left of
     its batches in flight, at the rate that key's recent batches ran) would take longer than
     `max_queue_delay_s`.
-The rate is measured only on batches at least half of `max_batch_tokens`: a key whose batches
-never fill that far is not overloaded (its callers wait for at most about one batch), and
-small batches, whose time is mostly fixed per-call cost, would make its queue look slow. So
-under overload the excess is refused within the time it takes to look, and admitted requests
-wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
-(`Overloaded`) says how long the caller should wait before it tries again. `refusal()` asks
-the same for a request not yet read (the gRPC door asks it before reading a call's payload),
-counting the calls the door let in whose payloads are still on their way.
+A key's rate is measured on the batches that come back while another of its batches is in
+flight, as its throughput (tokens over the time since the later of the batch's sending and
+the key's last batch coming back), and on batches of at least half of `max_batch_tokens` run
+alone, by their latency. A small batch run alone is not measured: its callers wait for at
+most about one batch, and its time, mostly fixed per-call cost, would make the key's queue
+look slow. Small batches that overlap are measured: while one is in flight the next is sent
+after `max_wait_s`, so under load a key with small requests keeps many small batches in
+flight, and without their rate it would never be refused for delay. The work in flight counts
+as one queue at that rate, not as batches running side by side. So under overload the excess
+is refused within the time it takes to look, and admitted requests wait about
+`max_queue_delay_s` at most, rather than piling up in a queue. A refusal (`Overloaded`) says
+how long the caller should wait before it tries again. `refusal()` asks the same for a
+request not yet read (the gRPC door asks it before reading a call's payload), counting the
+calls the door let in whose payloads are still on their way.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -53,6 +59,7 @@ class _Queue:
     flights: list[tuple[float, int]] = field(default_factory=list)  # (sent at, tokens) per batch in flight
     tokens_per_s: float = 0.0  # how fast this key's large batches ran lately (0 = not known yet)
     timer: asyncio.TimerHandle | None = None
+    done_at: float = 0.0  # when this key's last batch came back
 
     @property
     def in_flight(self) -> int:
@@ -60,13 +67,16 @@ class _Queue:
 
     def wait_s(self, coming: float = 0.0) -> float:
         """How long the work ahead of a new request should take (0 when not known): the queued
-        tokens and `coming` tokens more, and what is left of each batch in flight by the time
-        it has run so far."""
+        tokens and `coming` tokens more, and what is left of the batches in flight, all at the
+        key's rate; the batches in flight have been worked on since the later of the oldest's
+        sending and the last batch coming back."""
         rate = self.tokens_per_s
         if rate <= 0:
             return 0.0
-        now = time.perf_counter()
-        left = sum(max(n / rate - (now - sent), 0.0) for sent, n in tuple(self.flights))
+        flights, left = tuple(self.flights), 0.0
+        if flights:
+            since = max(min(sent for sent, _ in flights), self.done_at)
+            left = max(sum(n for _, n in flights) / rate - (time.perf_counter() - since), 0.0)
         return (self.tokens + coming) / rate + left
 
     def ran(self, tokens: int, seconds: float) -> None:
@@ -177,8 +187,11 @@ class MicroBatcher:
         try:
             if live:
                 await self._run_live(key, live)
-                if 2 * tokens >= self.max_batch_tokens:
-                    q.ran(sum(x.shape[0] for x, _ in live), time.perf_counter() - sent)
+                now = time.perf_counter()
+                overlapped = q.in_flight > 1 or q.done_at > sent
+                if overlapped or 2 * tokens >= self.max_batch_tokens:
+                    q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at))
+                q.done_at = now
         finally:
             q.flights.remove(flight)
             self._outstanding_tokens -= tokens

@@ -4,10 +4,11 @@ saturated), on a fake clock and a fake CPU reading."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
-from moefleet.router.admission import Admission, AdmissionPolicy, CpuIdle
+from moefleet.router.admission import Admission, AdmissionPolicy, CpuIdle, ProcessCpu
 from moefleet.router.errors import Overloaded
 
 pytestmark = pytest.mark.unit
@@ -21,10 +22,12 @@ class World:
     def __init__(self, policy: AdmissionPolicy | None = None):
         self.now = 0.0
         self.idle = 0.5
+        self.busy = 0.9  # cores the router uses
         self.queue_refuses = 0.0  # share of calls the queue's own check refuses
         self._debt = 0.0
         self.admission = Admission(self._check, policy or AdmissionPolicy(min_idle=0.08),
-                                   idle=lambda: self.idle, clock=lambda: self.now)
+                                   idle=lambda: self.idle, busy=lambda: self.busy,
+                                   clock=lambda: self.now)
 
     def _check(self, open_calls: int) -> Overloaded | None:
         self._debt += self.queue_refuses
@@ -77,7 +80,7 @@ def test_overload_on_a_saturated_cpu_caps_at_the_floor_of_the_rate_served_before
     w.idle, w.queue_refuses = 0.02, 0.9
     w.run(0.5, 800)
     assert w.admission.engaged
-    assert w.admission.cap == pytest.approx(0.25 * served)
+    assert w.admission.cap == pytest.approx(w.admission.policy.floor * served)
     admitted, refused = w.run(4.0, 800)
     # the cap and the queue's own check both refuse; at most the cap's rate gets through
     assert admitted <= 4.0 * w.admission.cap + w.admission.policy.burst_s * w.admission.cap + 1
@@ -114,12 +117,30 @@ def test_the_cap_does_not_grow_while_something_else_refuses():
     w.run(10.0, 80)
     w.idle, w.queue_refuses = 0.02, 0.9
     w.run(0.5, 800)
+    w.idle, w.queue_refuses = 0.5, 0.99  # the queue lets through 8/s: under the cap, so it binds not
+    w.run(0.5, 800)  # the bucket refills
     cap = w.admission.cap
-    w.idle = 0.5
-    w.run(0.5, cap / 2)  # fewer calls than the cap: once the bucket has refilled, it refuses none
-    cap = w.admission.cap
-    w.run(2.0, cap / 2)
-    assert w.admission.cap == pytest.approx(cap)
+    w.run(2.0, 800)
+    assert w.admission.engaged and w.admission.cap == pytest.approx(cap)
+
+
+def test_overload_on_a_cpu_the_router_does_not_saturate_is_left_to_the_queue():
+    w = World()  # the experts, not the router, use the CPU
+    w.busy = 0.45
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses = 0.0, 0.9
+    w.run(5.0, 800)
+    assert not w.admission.engaged
+
+
+def test_few_refusals_a_second_do_not_engage_the_cap_whatever_their_share():
+    # 8 callers that wait out the pushback: the queue refuses two calls for each it serves,
+    # but only 30 a second.
+    w = World()
+    w.run(10.0, 15)
+    w.idle, w.queue_refuses = 0.0, 2 / 3
+    w.run(5.0, 45)
+    assert not w.admission.engaged
 
 
 def test_the_cap_is_lifted_once_the_overload_has_been_gone_for_quiet_s():
@@ -156,10 +177,22 @@ def test_a_cpu_reading_that_is_missing_or_not_finite_leaves_the_idle_share_alone
     w = World()
     w.run(1.0, 10)
     before = w.admission.idle
+    busy = w.admission.busy
     for bad in (None, math.nan, math.inf):
-        w.idle = bad
+        w.idle = w.busy = bad
         w.run(0.5, 10)
-        assert w.admission.idle == pytest.approx(before)
+        assert w.admission.idle == pytest.approx(before) and w.admission.busy == pytest.approx(busy)
+
+
+def test_process_cpu_counts_the_cores_this_process_used():
+    now = [0.0]
+    cores = ProcessCpu(clock=lambda: now[0])
+    assert cores() is None  # no time passed
+    now[0] = 0.05
+    end = time.process_time() + 0.02
+    while time.process_time() < end:  # burn 20 ms of CPU in 50 ms of fake wall time
+        pass
+    assert 0.4 <= cores() <= 2.0
 
 
 def test_cpu_idle_reads_the_idle_and_iowait_share_between_two_calls(tmp_path):

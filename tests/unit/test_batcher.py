@@ -331,13 +331,18 @@ def test_work_ahead_longer_than_max_queue_delay_is_refused_at_once_and_admitted_
     asyncio.run(main())
 
 
-def test_the_work_ahead_counts_only_what_is_left_of_each_batch_in_flight(monkeypatch) -> None:
-    # 100 tokens/s. At t = 10.0: 20 tokens queued (0.2 s); a batch of 50 sent at 9.7 has 0.2 s
-    # of its 0.5 s left; one of 10 sent at 9.5 should have ended (nothing left, not less).
+def test_the_work_ahead_counts_what_is_left_of_the_batches_in_flight_as_one_queue(monkeypatch) -> None:
+    # 100 tokens/s. At t = 10.0: 20 tokens queued (0.2 s); batches of 50 (sent at 9.7) and 10
+    # (sent at 9.5) in flight: 0.6 s of work, worked on since 9.5, so 0.1 s is left.
     q = batcher._Queue(tokens=20, flights=[(9.7, 50), (9.5, 10)], tokens_per_s=100.0)
     monkeypatch.setattr(batcher.time, "perf_counter", lambda: 10.0)
     assert q.in_flight == 2
-    assert q.wait_s() == pytest.approx(0.2 + 0.2)
+    assert q.wait_s() == pytest.approx(0.2 + 0.1)
+    assert q.wait_s(coming=30) == pytest.approx(0.5 + 0.1)  # 30 tokens more on their way
+    q.done_at = 9.8  # a batch came back at 9.8: the ones still out were worked on since then
+    assert q.wait_s() == pytest.approx(0.2 + 0.4)
+    q.flights = [(5.0, 10)]  # overdue: nothing left, not less
+    assert q.wait_s() == pytest.approx(0.2)
     q.flights.clear()
     assert q.wait_s() == pytest.approx(0.2)
     assert batcher._Queue(tokens=20).wait_s() == 0.0  # rate not known yet
@@ -362,15 +367,49 @@ def test_a_refused_request_is_freed_at_once_not_at_the_next_collection() -> None
         gc.enable()
 
 
-def test_a_key_whose_batches_never_fill_half_of_max_batch_tokens_is_never_refused_for_delay() -> None:
+def test_a_key_whose_small_batches_run_one_at_a_time_is_never_refused_for_delay() -> None:
     async def main():
         b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=1e-6)
-        for seed in range(3):  # batches of 5 to 20 tokens: their rate is never measured
-            xs = _xs([5] * 4, seed=seed)
-            got = await asyncio.wait_for(asyncio.gather(*(b.submit("k", x) for x in xs)), TIMEOUT_S)
-            for (y, _), x in zip(got, xs, strict=True):
+        for seed in range(3):  # batches of 5 to 20 tokens, never two at once: never measured
+            for x in _xs([5, 20, 10], seed=seed):
+                y, _ = await asyncio.wait_for(b.submit("k", x), TIMEOUT_S)
                 torch.testing.assert_close(y, _f(x))
+            assert b.refusal() is None
+
+    asyncio.run(main())
+
+
+class SerialRun(SlowRun):
+    """As SlowRun, but one batch at a time, as a host's kernel runs them."""
+
+    def __init__(self, s_per_token: float):
+        super().__init__(s_per_token)
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        async with self.lock:
+            return await super().__call__(key, x)
+
+
+def test_small_batches_that_overlap_are_measured_and_refused_once_they_back_up() -> None:
+    # Each request is sent as its own batch at once (max_wait_s=0) and the batches run one
+    # after another, 5 ms each: far below half of max_batch_tokens, yet they queue up.
+    async def main():
+        b = MicroBatcher(SerialRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        xs = _xs([5] * 40, seed=5)
+        tasks = []
+        for x in xs:  # one request a millisecond; they take 5 ms each
+            tasks.append(asyncio.create_task(b.submit("k", x)))
+            await asyncio.sleep(1e-3)
+        got = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT_S)
+        refused = [r for r in got if isinstance(r, ResourceExhausted)]
+        assert refused and all("max_queue_delay_s" in str(r) for r in refused)
+        served = [(x, r) for x, r in zip(xs, got, strict=True) if not isinstance(r, BaseException)]
+        assert len(served) + len(refused) == len(xs) and served
+        for x, (y, _) in served:
+            torch.testing.assert_close(y, _f(x))
 
     asyncio.run(main())
 
