@@ -10,17 +10,17 @@ Admission: a request is refused at once with RESOURCE_EXHAUSTED when
   * its key is busy and the work ahead of it (its key's queued tokens, and what is left of
     its batches in flight, at the rate that key's recent batches ran) would take longer than
     `max_queue_delay_s`.
-A key's rate is measured on the batches that come back while another of its batches is in
-flight, as its throughput (tokens over the time since the later of the batch's sending and
-the key's last batch coming back), and on batches of at least half of `max_batch_tokens` run
-alone, by their latency. A small batch run alone is not measured: its callers wait for at
-most about one batch, and its time, mostly fixed per-call cost, would make the key's queue
-look slow. Small batches that overlap are measured: while one is in flight the next is sent
-after `max_wait_s`, so under load a key with small requests keeps many small batches in
-flight, and without their rate it would never be refused for delay. The work in flight counts
-as one queue at that rate, not as batches running side by side. So under overload the excess
-is refused within the time it takes to look, and admitted requests wait about
-`max_queue_delay_s` at most, rather than piling up in a queue. A refusal (`Overloaded`) says
+A key's rate is measured on batches of at least half of `max_batch_tokens`, by their latency,
+and on the batches that come back while the key has at least that much work out (in flight
+or queued) in several batches, as its throughput: tokens over the time since the later of the
+batch's sending and the key's last batch coming back. A few small batches are not measured:
+their callers wait for about one batch, and their time, mostly fixed per-call cost, would
+make the key's queue look slow. Many small batches are: while one is in flight the next is
+sent after `max_wait_s`, so under load a key with mid-sized requests keeps many batches in
+flight, none of them half full, and without their rate it would never be refused for delay.
+The work in flight counts as one queue at that rate, not as batches running side by side. So
+under overload the excess is refused within the time it takes to look, and admitted requests
+wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal (`Overloaded`) says
 how long the caller should wait before it tries again. `refusal()` asks the same for a
 request not yet read (the gRPC door asks it before reading a call's payload), counting the
 calls the door let in whose payloads are still on their way.
@@ -189,7 +189,8 @@ class MicroBatcher:
                 await self._run_live(key, live)
                 now = time.perf_counter()
                 overlapped = q.in_flight > 1 or q.done_at > sent
-                if overlapped or 2 * tokens >= self.max_batch_tokens:
+                loaded = 2 * (sum(n for _, n in q.flights) + q.tokens) >= self.max_batch_tokens
+                if overlapped and loaded or 2 * tokens >= self.max_batch_tokens:
                     q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at))
                 q.done_at = now
         finally:

@@ -367,6 +367,20 @@ def test_a_refused_request_is_freed_at_once_not_at_the_next_collection() -> None
         gc.enable()
 
 
+def test_a_few_small_batches_at_once_are_never_measured_nor_refused_for_delay() -> None:
+    async def main():
+        b = MicroBatcher(SerialRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=1e-6)
+        for seed in range(3):  # four callers at once, 5 to 16 tokens each: never 500 out
+            xs = _xs([5, 16, 9, 12], seed=seed)
+            got = await asyncio.wait_for(asyncio.gather(*(b.submit("k", x) for x in xs)), TIMEOUT_S)
+            for (y, _), x in zip(got, xs, strict=True):
+                torch.testing.assert_close(y, _f(x))
+        assert b.refusal() is None
+
+    asyncio.run(main())
+
+
 def test_a_key_whose_small_batches_run_one_at_a_time_is_never_refused_for_delay() -> None:
     async def main():
         b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
@@ -394,9 +408,9 @@ class SerialRun(SlowRun):
 
 def test_small_batches_that_overlap_are_measured_and_refused_once_they_back_up() -> None:
     # Each request is sent as its own batch at once (max_wait_s=0) and the batches run one
-    # after another, 5 ms each: far below half of max_batch_tokens, yet they queue up.
+    # after another, 5 ms each: each a quarter of half of max_batch_tokens, yet they queue up.
     async def main():
-        b = MicroBatcher(SerialRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+        b = MicroBatcher(SerialRun(1e-3), max_batch_tokens=40, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=0.03)
         xs = _xs([5] * 40, seed=5)
         tasks = []
