@@ -56,6 +56,15 @@ class World:
         return admitted, refused
 
 
+def _engaged(overload_s: float = 0.5) -> World:
+    """80 calls/s served for 10 s, then 800/s offered, 90 % refused by the queue, no CPU idle."""
+    w = World()
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses = 0.02, 0.9
+    w.run(overload_s, 800)
+    return w
+
+
 def test_no_cap_without_refusals_even_on_a_saturated_cpu():
     w = World()
     w.idle = 0.0
@@ -96,10 +105,7 @@ def test_overload_with_idle_cpu_is_left_to_the_queue():
 
 
 def test_the_cap_grows_while_cpu_is_spare_and_falls_by_decrease_when_it_is_not():
-    w = World()
-    w.run(10.0, 80)
-    w.idle, w.queue_refuses = 0.02, 0.9
-    w.run(0.5, 800)
+    w = _engaged()
     floor = w.admission.cap
     w.idle = 0.5  # the cap freed CPU
     w.run(5.0, 800)
@@ -113,10 +119,7 @@ def test_the_cap_grows_while_cpu_is_spare_and_falls_by_decrease_when_it_is_not()
 
 
 def test_the_cap_does_not_grow_while_something_else_refuses():
-    w = World()
-    w.run(10.0, 80)
-    w.idle, w.queue_refuses = 0.02, 0.9
-    w.run(0.5, 800)
+    w = _engaged()
     w.idle, w.queue_refuses = 0.5, 0.99  # the queue lets through 8/s: under the cap, so it binds not
     w.run(0.5, 800)  # the bucket refills
     cap = w.admission.cap
@@ -144,10 +147,7 @@ def test_few_refusals_a_second_do_not_engage_the_cap_whatever_their_share():
 
 
 def test_the_cap_is_lifted_once_the_overload_has_been_gone_for_quiet_s():
-    w = World()
-    w.run(10.0, 80)
-    w.idle, w.queue_refuses = 0.02, 0.9
-    w.run(1.0, 800)
+    w = _engaged(1.0)
     assert w.admission.engaged
     w.queue_refuses = 0.0
     w.run(1.0, 5)  # the cap admits all of these: not overloaded any more
@@ -158,10 +158,7 @@ def test_the_cap_is_lifted_once_the_overload_has_been_gone_for_quiet_s():
 
 
 def test_a_refusal_by_the_cap_says_when_to_retry_and_quotes_nothing_from_the_caller():
-    w = World()
-    w.run(10.0, 80)
-    w.idle, w.queue_refuses = 0.02, 0.9
-    w.run(1.0, 800)
+    w = _engaged(1.0)
     w.queue_refuses = 0.0
     before = w.admission.refused_by_cap
     refusals = [r for r in (w.admission.refusal() for _ in range(50)) if r is not None]
