@@ -60,18 +60,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AdmissionPolicy:
-    min_idle: float  # idle CPU share under this, while refusing: admit fewer calls
+    min_idle: float  # idle CPU share under this, while overloaded: admit fewer calls
     spare_idle: float = 0.2  # idle CPU share over this: let the cap grow
     decrease: float = 0.4  # the cap is multiplied by this on each decrease
     increase: float = 0.3  # while idle is over spare_idle, the cap grows by this fraction a second
     hold_s: float = 0.3  # the least time between two decreases: the backlog takes a while to go
-    quiet_s: float = 2.0  # this long without a refusal, the cap is lifted
+    quiet_s: float = 2.0  # this long not overloaded, the cap is lifted
     idle_smoothing_s: float = 0.1  # the time constant of the idle share's smoothing
     busy_smoothing_s: float = 0.5  # ... and of the busy cores', longer: they come in bursts
     overload: float = 0.5  # overloaded: refusing more than this many calls a second per call admitted
     min_refused_per_s: float = 50.0  # ... and more than this many: fewer cost too little CPU to matter
     min_busy_cores: float = 0.7  # the cap engages only while this process uses this many cores
-    floor: float = 0.15  # the cap never goes under this share of the rate admitted before it
+    floor: float = 0.15  # the cap never goes under this share of served_per_s
     rate_smoothing_s: float = 0.1  # the time constant of the admitted and refused rates' smoothing
     served_smoothing_s: float = 5.0  # ... and of the rate served while not overloaded
     burst_s: float = 0.1  # the bucket holds this many seconds of the cap (at least one call)
