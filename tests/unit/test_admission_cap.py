@@ -1,15 +1,23 @@
 """The door's overload control (`router.admission`: a cap on admitted calls while the CPU is
-saturated), on a fake clock and a fake CPU reading."""
+saturated), on a fake clock and a fake CPU reading; last, through the real gRPC door."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
+import grpc
 import pytest
+import torch
 
+from moefleet.protos import inference_pb2 as pb
+from moefleet.protos import inference_pb2_grpc as pb_grpc
 from moefleet.router.admission import Admission, AdmissionPolicy, CpuIdle, ProcessCpu
 from moefleet.router.errors import Overloaded
+from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
+from moefleet.router.wire import request_for, tensor_from_response
+from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
 
@@ -202,3 +210,40 @@ def test_cpu_idle_reads_the_idle_and_iowait_share_between_two_calls(tmp_path):
     assert CpuIdle(str(tmp_path / "missing"))() is None
     stat.write_text("cpu  garbage\n")
     assert CpuIdle(str(stat))() is None
+
+
+class _Doubler(FakeRouter):
+    async def submit(self, model, layer, x):
+        return x * 2, 1
+
+
+async def _through_the_door() -> None:
+    w = _engaged(1.0)
+    w.queue_refuses = 0.0  # from here only the cap refuses; the fake clock stands still
+    limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=8)
+    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(_Doubler(), 1024),
+                  pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
+    server, port, _ = await serve_grpc(servicers, "127.0.0.1", 0, limits,
+                                       infer_refusal=w.admission.refusal)
+    x = torch.randn(3, 4)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ModelInfer(request_for("m", 0, x), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "calls/s" in refused.value.details()
+            pushback = dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"]
+            assert pushback == str(math.ceil(1e3 / w.admission.cap))
+            w.now += 1.0  # a second later the bucket holds a call again
+            y = tensor_from_response(await stub.ModelInfer(request_for("m", 0, x), timeout=10))
+            torch.testing.assert_close(y, x * 2)
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await stub.ModelInfer(request_for("m", 0, x), timeout=10)
+            assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop(None)
+
+
+def test_the_cap_refuses_at_the_grpc_door_with_its_pushback_and_admits_a_call_per_token():
+    asyncio.run(asyncio.wait_for(_through_the_door(), 30))
