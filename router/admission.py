@@ -169,21 +169,17 @@ class Admission:
         later, self._later_seen = total - self._later_seen, total
         self._admitted, self._refused = max(self._admitted - later, 0), self._refused + later
         p = self.policy
-        w = 1.0 - math.exp(-dt / p.rate_smoothing_s)
-        self.admitted_per_s += w * (self._admitted / dt - self.admitted_per_s)
-        self.refused_per_s += w * (self._refused / dt - self.refused_per_s)
+        self.admitted_per_s = _toward(self.admitted_per_s, self._admitted / dt, dt, p.rate_smoothing_s)
+        self.refused_per_s = _toward(self.refused_per_s, self._refused / dt, dt, p.rate_smoothing_s)
         self._admitted = self._refused = 0
         if idle is not None and math.isfinite(idle):
-            w = 1.0 - math.exp(-dt / p.idle_smoothing_s)
-            self.idle += w * (min(max(idle, 0.0), 1.0) - self.idle)
+            self.idle = _toward(self.idle, min(max(idle, 0.0), 1.0), dt, p.idle_smoothing_s)
         if busy is not None and math.isfinite(busy):
-            w = 1.0 - math.exp(-dt / p.busy_smoothing_s)
-            self.busy += w * (max(busy, 0.0) - self.busy)
+            self.busy = _toward(self.busy, max(busy, 0.0), dt, p.busy_smoothing_s)
         if self.refused_per_s > max(p.overload * self.admitted_per_s, p.min_refused_per_s):
             self._overloaded_at = now
         elif not self.engaged:
-            w = 1.0 - math.exp(-dt / p.served_smoothing_s)
-            self.served_per_s += w * (self.admitted_per_s - self.served_per_s)
+            self.served_per_s = _toward(self.served_per_s, self.admitted_per_s, dt, p.served_smoothing_s)
         if now - self._overloaded_at > p.quiet_s:
             if self.engaged:
                 log.warning("overload over: the cap on admitted calls is lifted (%d refused by it)",
@@ -197,10 +193,10 @@ class Admission:
             self._set_cap(self.cap * (1.0 + p.increase * dt), now)
 
     def _set_cap(self, cap: float, now: float) -> None:
-        if self.engaged:
-            self._refill(now)
         cap = max(cap, self.policy.floor * self.served_per_s, 1.0)
-        if not self.engaged:  # a new bucket starts full
+        if self.engaged:
+            self._refill(now)  # at the old cap, up to now
+        else:  # a new bucket starts full
             self._tokens, self._filled_at = self._depth(cap), now
             log.warning("overloaded with %.0f%% of the CPU idle: admitting at most %.0f calls/s "
                         "(%.0f/s served before)", self.idle * 100, cap, self.served_per_s)
@@ -223,3 +219,8 @@ class Admission:
         return Overloaded(
             f"router is overloaded: with {self.idle:.0%} of the CPU idle it admits at most "
             f"{self.cap:.0f} calls/s for now; retry later", 1.0 / self.cap)
+
+
+def _toward(old: float, new: float, dt: float, time_constant_s: float) -> float:
+    """`old` moved towards `new` by an exponential smoothing step of `dt` seconds."""
+    return old + (1.0 - math.exp(-dt / time_constant_s)) * (new - old)

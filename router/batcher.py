@@ -20,10 +20,10 @@ sent after `max_wait_s`, so under load a key with mid-sized requests keeps many 
 flight, none of them half full, and without their rate it would never be refused for delay.
 The work in flight counts as one queue at that rate, not as batches running side by side. So
 under overload the excess is refused within the time it takes to look, and admitted requests
-wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal (`Overloaded`) says
-how long the caller should wait before it tries again. `refusal()` asks the same for a
-request not yet read (the gRPC door asks it before reading a call's payload), counting the
-calls the door let in whose payloads are still on their way.
+wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
+(`Overloaded`) says how long the caller should wait before it tries again. `refusal()` asks
+the same for a request not yet read (the gRPC door asks it before reading a call's payload),
+counting the calls the door let in whose payloads are still on their way.
 
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
@@ -81,9 +81,12 @@ class _Queue:
 
     def ran(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
-            rate = tokens / seconds
-            old = self.tokens_per_s
-            self.tokens_per_s = rate if old == 0 else _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * old
+            self.tokens_per_s = _smoothed(self.tokens_per_s, tokens / seconds)
+
+
+def _smoothed(old: float, new: float) -> float:
+    """`new` weighed in at `_RATE_SMOOTHING`; the first value (old = 0) taken as it is."""
+    return new if old == 0 else _RATE_SMOOTHING * new + (1 - _RATE_SMOOTHING) * old
 
 
 class MicroBatcher:
@@ -123,8 +126,7 @@ class MicroBatcher:
         q.tokens += n
         self._outstanding_tokens += n
         self._outstanding_requests += 1
-        old = self._request_tokens
-        self._request_tokens = n if old == 0 else _RATE_SMOOTHING * n + (1 - _RATE_SMOOTHING) * old
+        self._request_tokens = _smoothed(self._request_tokens, n)
         self._schedule(key, q)
         return await fut
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,6 +27,8 @@ from typing import Any
 from .servicer import ServerLimits, TlsConfig, serve_grpc
 
 __all__ = ["Intake", "OnLoop"]
+
+log = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT_S = 5.0
 _TICK_S = 0.05  # how often `on_tick` runs
@@ -110,6 +113,11 @@ class Intake:
 
 
 async def _every(period_s: float, fn: Callable[[], None]) -> None:
+    """fn() every period_s until cancelled; one that raises is logged, and the ticks go on
+    (a tick that stopped for good would leave an engaged cap in place)."""
     while True:
         await asyncio.sleep(period_s)
-        fn()
+        try:
+            fn()
+        except Exception:
+            log.exception("intake tick %s failed", getattr(fn, "__qualname__", fn))

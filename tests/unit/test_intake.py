@@ -107,3 +107,22 @@ async def _ticking() -> None:
 
 def test_on_tick_runs_on_the_intake_thread_while_it_listens_and_not_after() -> None:
     asyncio.run(asyncio.wait_for(_ticking(), 10))
+
+
+async def _ticking_past_a_failure() -> None:
+    intake, ticks = Intake(), []
+
+    def tick() -> None:
+        ticks.append(1)
+        if len(ticks) == 1:
+            raise RuntimeError("a tick that fails once")
+
+    limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=SLOTS)
+    await intake.start([], "127.0.0.1", 0, limits, on_tick=tick)
+    while len(ticks) < 3:
+        await asyncio.sleep(0.02)
+    await intake.stop(0.5)
+
+
+def test_a_tick_that_raises_does_not_stop_the_ticks() -> None:
+    asyncio.run(asyncio.wait_for(_ticking_past_a_failure(), 10))
