@@ -18,9 +18,9 @@ import torch
 
 from moefleet.experts import dataplane
 from moefleet.protos import inference_pb2_grpc
+from moefleet.protos.oip import decode_infer, encode_infer
 from moefleet.router.dispatch import HostBatch
 from moefleet.router.transport import HostLink, Transport
-from moefleet.router.wire import decode_infer, encode_infer
 
 __all__ = ["EchoHost", "HopFront", "SECRET"]
 

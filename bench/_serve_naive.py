@@ -23,8 +23,8 @@ from ray import serve
 from moefleet.cluster.model import gate_of, source_of
 from moefleet.cluster.spec import ModelSpec
 from moefleet.experts.reference import swiglu
+from moefleet.protos.oip import decode_infer, encode_infer
 from moefleet.router.gating import route
-from moefleet.router.wire import decode_infer, encode_infer
 
 __all__ = ["APP_NAME", "SERVICER_FUNCTION", "start", "stop"]
 

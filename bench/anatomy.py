@@ -43,9 +43,9 @@ from moefleet.cluster.model import gate_of, source_of
 from moefleet.cluster.spec import load_spec
 from moefleet.experts.dataplane import decode_request, encode_reply, encode_request
 from moefleet.experts.host import ExpertHost, to_wire
+from moefleet.protos.oip import decode_infer, encode_infer, request_for, tensor_from_response
 from moefleet.router.dispatch import LayerTable, combine, plan
 from moefleet.router.gating import route
-from moefleet.router.wire import decode_infer, encode_infer, request_for, tensor_from_response
 
 DEMO = Path(__file__).resolve().parent.parent / "deploy/examples/tiny.yaml"
 TOKENS = (1, 8)
@@ -72,7 +72,7 @@ def parts(t: int) -> dict[str, float]:
     e = cfg.n_routed_experts
     host = ExpertHost("h", e, 1, "cpu")
     for i in range(e):
-        host.load(i, LAYER, i, src.expert(LAYER, i))
+        host.load_weights(slot=i, layer=LAYER, expert=i, weights=src.expert(LAYER, i))
     table = LayerTable.from_replicas({i: [(0, i)] for i in range(e)})
     shared = src.shared(LAYER)
     x = torch.randn(t, cfg.hidden_size)

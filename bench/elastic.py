@@ -198,7 +198,7 @@ def measure_reaction(c: Client, addr: str, spec: ModelSpec, rows: torch.Tensor, 
     time.sleep(s.measure_s)
     rates = list(snapshot(c, spec.name)[1].values())
     target = s.target_factor * statistics.mean(rates)
-    c.set_autoscaling(spec.name, True, target_tokens_per_s=target)
+    c.set_autoscaling(spec.name, enabled=True, target_tokens_per_s=target)
     out = {"target": target, "uniform_max": max(rates), "published_s": [], "served_s": []}
     for _ in range(s.repeats):
         t0, load.make_x = time.monotonic(), hot
@@ -211,8 +211,8 @@ def measure_reaction(c: Client, addr: str, spec: ModelSpec, rows: torch.Tensor, 
         wait_for(lambda: hot_version(c, spec.name, 1, fewer=True), 30)
         time.sleep(1.0)  # some controller periods of uniform load before the next step
     load.stop()
-    c.set_autoscaling(spec.name, False)
-    c.scale_expert(spec.name, LAYER, replicas=1)
+    c.set_autoscaling(spec.name, enabled=False)
+    c.scale_expert(spec.name, layer=LAYER, replicas=1)
     out["errors"] = load.errors
     return out
 
@@ -267,7 +267,7 @@ def measure_add_remove(c: Client, spec: ModelSpec, s: Settings) -> dict:
     for i in range(s.adds):
         row, w, data = new_expert(spec, seed=100 + i)
         t0 = time.monotonic()
-        resp = c.add_expert(spec.name, LAYER, data)
+        resp = c.add_expert(spec.name, layer=LAYER, safetensors=data)
         ref.added(resp.routing_version, LAYER, resp.expert, row, w)
         t1, version = time.monotonic(), 0
         while version < resp.routing_version:  # aligned requests until one runs on it
@@ -277,7 +277,7 @@ def measure_add_remove(c: Client, spec: ModelSpec, s: Settings) -> dict:
         torch.testing.assert_close(y, ref(version, LAYER, x))
         share = (ref.route(version, LAYER, x)[1] == resp.expert).any(-1).float().mean().item()
         t3 = time.monotonic()
-        r = c.remove_expert(spec.name, LAYER, resp.expert)
+        r = c.remove_expert(spec.name, layer=LAYER, expert=resp.expert)
         ref.removed(r.routing_version, LAYER, resp.expert)
         rounds.append((t1 - t0, t2 - t1, time.monotonic() - t3, share))
     cols = zip(*rounds, strict=True)

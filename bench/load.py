@@ -6,7 +6,7 @@ config.json, model.safetensors.index.json and ~1 GB shards holding every MoE lay
 and experts, per-expert layout, in bf16. Then it times, side by side in one run:
 
     load_file     safetensors.torch.load_file of every shard (every tensor materialised)
-    moefleet      ExpertHost.load_source of every (layer, expert) into its slots: each read
+    moefleet      ExpertHost.load_weights_from of every (layer, expert) into its slots: each read
                   opens only the shards that hold the expert (safe_open), and the host stacks
                   the tensors into the kernel's w13 [S, 2I, H] / w2 [S, H, I] layout
     check         CheckpointSource.check: every key and shape from the headers alone
@@ -96,7 +96,7 @@ def _fill_host(source: dict, layers: int, device: str) -> ExpertHost:
     host = ExpertHost("bench", num_slots=layers * E, num_cpus=torch.get_num_threads(), device=device)
     for L in range(layers):
         for e in range(E):
-            host.load_source(L * E + e, L, e, source)
+            host.load_weights_from(slot=L * E + e, layer=L, expert=e, source=source)
     return host
 
 

@@ -45,8 +45,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moefleet.cluster import service
 from moefleet.cluster.spec import load_spec
 from moefleet.protos import inference_pb2 as pb
+from moefleet.protos.oip import request_for, tensor_from_response
 from moefleet.router.memory import memory
-from moefleet.router.wire import request_for, tensor_from_response
 from moefleet.testing import Reference
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"

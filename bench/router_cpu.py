@@ -25,14 +25,14 @@ import time
 
 import torch
 
-from moefleet.cluster.spec import MoEConfig
+from moefleet.core.config import MoEConfig
 from moefleet.experts.dataplane import decode_reply, encode_request
 from moefleet.experts.weights import RandomSource
+from moefleet.protos.oip import decode_infer, encode_infer, request_for
 from moefleet.router import engine as engine_module
 from moefleet.router.dispatch import HostBatch, LayerTable
 from moefleet.router.engine import Engine, LayerState, ModelState
 from moefleet.router.gating import Gate
-from moefleet.router.wire import decode_infer, encode_infer, request_for
 
 H, E, K, LAYER = 1024, 8, 2, 0
 STEPS = {  # label -> function name cProfile reports (cumulative)

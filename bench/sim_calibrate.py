@@ -108,7 +108,7 @@ def measure(svc, rows: torch.Tensor) -> dict:
     sat = drive(svc.address, partial(near, rows, hot, 64), 3, 0.0, 8)
     out["hot_rows_s"] = len(sat) * 64 / 8
     with Client(svc.address) as c:
-        c.set_autoscaling("calib", True, target_tokens_per_s=2 * out["rate_light"] * K / E)
+        c.set_autoscaling("calib", enabled=True, target_tokens_per_s=2 * out["rate_light"] * K / E)
         t_step = [time.monotonic()]
         res: list = []
         th = threading.Thread(target=lambda: res.extend(drive(svc.address, partial(near, rows, hot, 16),
@@ -118,7 +118,7 @@ def measure(svc, rows: torch.Tensor) -> dict:
         th.join()
         served = [t for t, _, v in res if version and v >= version]
         out["reaction_s"] = (min(served) - t_step[0]) if served else float("nan")
-        c.set_autoscaling("calib", False)
+        c.set_autoscaling("calib", enabled=False)
     return out
 
 

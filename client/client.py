@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-from moefleet.router.wire import request_for, tensor_from_response
+from moefleet.protos.oip import request_for, tensor_from_response
 
 __all__ = ["Client"]
 
@@ -85,13 +85,13 @@ class Client:
         req = admin_pb2.StatusRequest(model=model)
         return self._call(self._admin.Status, req, timeout_s)
 
-    def scale_expert(self, model: str, layer: int, *, replicas: int, expert: int | None = None,
+    def scale_expert(self, model: str, *, layer: int, expert: int | None = None, replicas: int,
                      timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
         """Set one expert's replica count, or every expert's of the layer (expert=None)."""
         req = admin_pb2.ScaleExpertRequest(model=model, layer=layer, expert=expert, replicas=replicas)
         return self._call(self._admin.ScaleExpert, req, timeout_s)
 
-    def add_expert(self, model: str, layer: int, safetensors: bytes, *, expert: int | None = None,
+    def add_expert(self, model: str, *, layer: int, safetensors: bytes, expert: int | None = None,
                    group: int | None = None, timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
         """Add an expert from a safetensors file's bytes; the response names its id. Retried
         on UNAVAILABLE only with a given `expert` id (a retry then cannot add it twice)."""
@@ -99,7 +99,7 @@ class Client:
                                          safetensors=safetensors)
         return self._call(self._admin.AddExpert, req, timeout_s, retry=expert is not None)
 
-    def remove_expert(self, model: str, layer: int, expert: int,
+    def remove_expert(self, model: str, *, layer: int, expert: int,
                       timeout_s: float = 300.0) -> admin_pb2.ChangeResponse:
         req = admin_pb2.RemoveExpertRequest(model=model, layer=layer, expert=expert)
         return self._call(self._admin.RemoveExpert, req, timeout_s)
@@ -113,14 +113,14 @@ class Client:
                                          min_gain=min_gain, allow_partial=allow_partial)
         return self._call(self._admin.Rebalance, req, timeout_s)
 
-    def set_autoscaling(self, model: str, enabled: bool, timeout_s: float = 30.0,
+    def set_autoscaling(self, model: str, *, enabled: bool, timeout_s: float = 30.0,
                         **policy: float | int | None) -> admin_pb2.AutoscalingStatus:
         """Switch the autoscaler; policy fields (target_tokens_per_s, min_replicas, ...) that
         are given change too."""
         req = admin_pb2.SetAutoscalingRequest(model=model, enabled=enabled, **policy)
         return self._call(self._admin.SetAutoscaling, req, timeout_s)
 
-    def shutdown(self, grace_s: float = 5.0, timeout_s: float = 30.0) -> admin_pb2.ShutdownResponse:
+    def shutdown(self, *, grace_s: float = 5.0, timeout_s: float = 30.0) -> admin_pb2.ShutdownResponse:
         """Stop the whole service (it answers first, then goes away)."""
         return self._call(self._admin.Shutdown, admin_pb2.ShutdownRequest(grace_s=grace_s), timeout_s)
 

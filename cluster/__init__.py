@@ -3,6 +3,6 @@
 Only the spec (plain data) is exported here, so importing the package needs no Ray.
 """
 
-from .spec import HostsConfig, ModelSpec, MoEConfig, RouterConfig, SpecError, load_spec
+from .spec import HostsConfig, ModelSpec, load_spec
 
-__all__ = ["ModelSpec", "MoEConfig", "HostsConfig", "RouterConfig", "SpecError", "load_spec"]
+__all__ = ["ModelSpec", "HostsConfig", "load_spec"]

@@ -1,5 +1,6 @@
 """The admin gRPC API (`moefleet.v1.Admin`): checks the token, converts, delegates to the
-Controller. Served on the router's port, beside the inference API. No logic of its own.
+Controller. Served on the router's port, beside the inference API: `admin_service` is what
+the cluster hands each Router it starts. No logic of its own.
 
 With an admin token configured, every call needs `authorization: Bearer <token>` metadata:
 without it the call fails UNAUTHENTICATED, with a wrong one PERMISSION_DENIED.
@@ -10,14 +11,21 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from moefleet.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from moefleet.protos import admin_pb2 as pb
 from moefleet.protos import admin_pb2_grpc as pb_grpc
-from moefleet.router.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from moefleet.router.server import Service
 
-__all__ = ["AdminServicer", "status_to_proto", "status_from_proto"]
+__all__ = ["AdminServicer", "admin_service", "status_to_proto", "status_from_proto"]
 
 
 _MAX_GRACE_S = 3600.0  # a Shutdown's drain: an hour at most
+
+
+def admin_service(controller: Any, token: str | None = None) -> Service:
+    """The admin API as a service the Router serves beside inference, on its one port."""
+    return (pb_grpc.add_AdminServicer_to_server, AdminServicer(controller, token),
+            pb.DESCRIPTOR.services_by_name["Admin"].full_name)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -27,36 +35,38 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Status(self, request, context):
         self._authorize(context)
-        return status_to_proto(await self._controller.status.remote(request.model))
+        return status_to_proto(await self._controller.status.remote(model=request.model))
 
     async def ScaleExpert(self, request, context):
         self._authorize(context)
         expert = request.expert if request.HasField("expert") else None
         return pb.ChangeResponse(**await self._controller.scale_expert.remote(
-            request.model, request.layer, expert=expert, replicas=request.replicas))
+            model=request.model, layer=request.layer, expert=expert, replicas=request.replicas))
 
     async def AddExpert(self, request, context):
         self._authorize(context)
         expert = request.expert if request.HasField("expert") else None
         group = request.group if request.HasField("group") else None
         return pb.ChangeResponse(**await self._controller.add_expert.remote(
-            request.model, request.layer, request.safetensors, expert=expert, group=group))
+            model=request.model, layer=request.layer, safetensors=request.safetensors,
+            expert=expert, group=group))
 
     async def RemoveExpert(self, request, context):
         self._authorize(context)
         return pb.ChangeResponse(**await self._controller.remove_expert.remote(
-            request.model, request.layer, request.expert))
+            model=request.model, layer=request.layer, expert=request.expert))
 
     async def Rebalance(self, request, context):
         self._authorize(context)
         knob = {f: getattr(request, f) for f in ("max_moves", "min_gain") if request.HasField(f)}
         return pb.RebalanceResponse(**await self._controller.rebalance.remote(
-            request.model, replicas=request.replicas, allow_partial=request.allow_partial, **knob))
+            model=request.model, replicas=request.replicas, allow_partial=request.allow_partial, **knob))
 
     async def SetAutoscaling(self, request, context):
         self._authorize(context)
         fields = {f: getattr(request, f) for f in _POLICY_FIELDS if request.HasField(f)}
-        out = await self._controller.set_autoscaling.remote(request.model, request.enabled, **fields)
+        out = await self._controller.set_autoscaling.remote(model=request.model, enabled=request.enabled,
+                                                            **fields)
         return pb.AutoscalingStatus(**{k: out[k] for k in ("enabled", *_POLICY_FIELDS)})
 
     async def Shutdown(self, request, context):
@@ -65,7 +75,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         if not 0 <= grace_s <= _MAX_GRACE_S:  # NaN too
             raise InvalidArgument(f"grace_s must be 0 … {_MAX_GRACE_S:g} s (0: the default, 5 s), "
                                   f"got {grace_s}")
-        return pb.ShutdownResponse(models=await self._controller.shutdown_service.remote(grace_s))
+        return pb.ShutdownResponse(models=await self._controller.shutdown_service.remote(grace_s=grace_s))
 
     def _authorize(self, context) -> None:
         if self._token is None:

@@ -3,8 +3,10 @@
 A plain async class that the cluster runs as a named, detached Ray actor, restarted on
 failure. It takes operators' changes (scale, add or remove an expert, rebalance, autoscaling
 on or off), serialises them under one lock, decides them with `placement` and `autoscale`
-(pure) and has the `Executor` carry them out. The registry is journalled (msgpack) after
-every change, so a restarted Controller restores it.
+(pure) and has the `Executor` carry them out: the executor owns the hosts, the routers and
+every effect on them, and the Controller reads them through it. The registry is journalled
+(msgpack) after every change, each of the two writing its own part, so a restarted
+Controller restores it.
 
 A background loop, every period: collect per-expert load and latencies from the routers
 (and re-send the current version to a router that lacks it, e.g. one that restarted), drop
@@ -24,9 +26,8 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError
 
-from moefleet.router.errors import (
+from moefleet.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -35,15 +36,15 @@ from moefleet.router.errors import (
     message_of,
     quote,
 )
+from moefleet.router.state import RoutingState
 
 from . import autoscale, placement, replan
-from .executor import Executor
-from .hosts import NAMESPACE, end_orphans, no_room
+from .executor import Admit, Executor, Forget
+from .hosts import no_room
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .model import check_source, expert_nbytes
 from .registry import (
-    HostRecord,
     Key,
     ModelRecord,
     check_new_expert_id,
@@ -60,18 +61,13 @@ from .spec import ModelSpec
 __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
-_PING_TIMEOUT_S = 10.0
 _SPARE_RETRY_S = 30.0  # after a spare host could not start, wait this long before trying again
 
 
 class Controller:
-    def __init__(self, state_dir: str | None = None, tick_s: float = 1.0):
+    def __init__(self, *, state_dir: str | None = None, tick_s: float = 1.0):
         _log_to_stderr()
         self._models: dict[str, ModelRecord] = {}
-        self._hosts: dict[str, HostRecord] = {}
-        self._routers: dict[str, Any] = {}  # actor name -> handle
-        self._router_addresses: dict[str, str] = {}  # actor name -> HOST:PORT
-        self._weights: dict[tuple[str, int, int], Any] = {}  # added experts' FFN weights (refs)
         self._policy: dict[str, autoscale.PolicyState] = {}
         self._deploys: dict[str, tuple[float, int, int]] = {}  # model -> (start, replicas, bytes each)
         self._journal = Journal(state_dir) if state_dir else None
@@ -83,7 +79,7 @@ class Controller:
         self._spare_after: dict[str, float] = {}  # model -> when a spare may be started next
         self._last_poll = time.monotonic()
         self._metrics = ControllerMetrics()
-        self._exec = Executor(self._hosts, self._routers, self._weights, self._save, self._metrics)
+        self._exec = Executor(self._metrics, self._journal)
         self._restore = bool(self._journal and ray.get_runtime_context().was_current_actor_reconstructed)
         if self._journal and not self._restore:
             self._journal.clear()
@@ -92,7 +88,7 @@ class Controller:
 
     # ---- bring-up --------------------------------------------------------------------------
 
-    async def deploy(self, spec: ModelSpec) -> int:
+    async def deploy(self, *, spec: ModelSpec) -> int:
         """Start the model's hosts, load one replica of every expert, publish version 1."""
         await self._ready()
         async with self._lock:
@@ -114,26 +110,25 @@ class Controller:
             await self._exec.apply(m, counts)
             return m.version
 
-    async def load_progress(self, name: str) -> dict[str, Any]:
-        """How far the deploy of model `name` is: replicas loaded of total, their bytes (in
-        the served dtype) and the seconds since it began. Answers while `deploy` runs."""
-        t0, total, nbytes = self._deploys.get(name, (time.monotonic(), 0, 0))
-        loaded = min(self._exec.loaded.get(name, 0), total)
+    async def load_progress(self, *, model: str) -> dict[str, Any]:
+        """How far the deploy of `model` is: replicas loaded of total, their bytes (in the
+        served dtype) and the seconds since it began. Answers while `deploy` runs."""
+        t0, total, nbytes = self._deploys.get(model, (time.monotonic(), 0, 0))
+        loaded = min(self._exec.replicas_loaded(model), total)
         return {"loaded": loaded, "total": total, "bytes": loaded * nbytes, "total_bytes": total * nbytes,
                 "elapsed_s": time.monotonic() - t0}
 
-    async def add_router(self, name: str, handle: Any, address: str = "") -> None:
+    async def add_router(self, *, name: str, handle: Any, address: str = "") -> None:
         await self._ready()
-        self._routers[name] = handle
-        self._router_addresses[name] = address
-        self._save()
+        self._exec.add_router(name, handle, address)
 
-    async def router_address(self, name: str) -> str:
+    async def router_address(self, *, name: str) -> str:
         """HOST:PORT of router `name`: where a restarted router listens again."""
         await self._ready()
-        if name not in self._router_addresses:
+        address = self._exec.router_address(name)
+        if address is None:
             raise NotFound(f"no router named {quote(name)}")
-        return self._router_addresses[name]
+        return address
 
     async def wait_stopping(self) -> None:
         """Returns once the service is being shut down (a foreground `moefleet serve` waits
@@ -147,13 +142,11 @@ class Controller:
             self._stopping.set()  # no spare host starts from now on
         if self._loop_task:
             self._loop_task.cancel()
-        for rec in self._hosts.values():
-            ray.kill(rec.handle, no_restart=True)
-        self._hosts.clear()
+        self._exec.end_hosts()
         if self._journal:
             self._journal.clear()
 
-    async def shutdown_service(self, grace_s: float = 5.0) -> list[str]:
+    async def shutdown_service(self, *, grace_s: float = 5.0) -> list[str]:
         """The admin Shutdown: answer now, then stop the routers (they drain for grace_s),
         end the hosts, the routers and this actor. For a service that outlives the shell
         that started it (`serve --detach`)."""
@@ -165,17 +158,15 @@ class Controller:
     async def _teardown(self, grace_s: float) -> None:
         # The Shutdown call that started this is still open in its router: the router's stop
         # lets open calls finish, so its answer leaves before the router ends.
-        routers = list(self._routers.values())
-        await asyncio.gather(*(r.stop.remote(grace_s) for r in routers), return_exceptions=True)
+        await self._exec.stop_routers(grace_s)
         await self.shutdown()
-        for r in routers:
-            ray.kill(r, no_restart=True)
+        self._exec.end_routers()
         log.info("moefleet shut down")
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     # ---- operator changes ------------------------------------------------------------------
 
-    async def scale_expert(self, model: str, layer: int, *, expert: int | None,
+    async def scale_expert(self, *, model: str, layer: int, expert: int | None,
                            replicas: int) -> dict[str, int]:
         """Set the replica count of one expert, or of every expert of `layer`."""
         await self._ready()
@@ -205,7 +196,7 @@ class Controller:
             self._save()
             raise ResourceExhausted(f"{e}; the target replicas stay as they were") from None
 
-    async def add_expert(self, model: str, layer: int, safetensors: bytes, *,
+    async def add_expert(self, *, model: str, layer: int, safetensors: bytes,
                          expert: int | None = None, group: int | None = None) -> dict[str, int]:
         """Load a new expert into a slot, then publish a version whose gate has its row."""
         await self._ready()
@@ -219,13 +210,9 @@ class Controller:
             check_replica_counts(m, counts)
             if self._journal:
                 rec.file = self._journal.write_blob(f"{model}-L{layer}-E{e}.safetensors", safetensors)
-            self._weights[(model, layer, e)] = ray.put(weights)
             m.target.update(counts)
-
-            def admit():
-                m.experts[layer][e] = rec
             try:
-                added, _, version = await self._exec.apply(m, counts, before_publish=admit)
+                added, _, version = await self._exec.apply(m, counts, Admit(key, rec, ray.put(weights)))
             except BaseException:
                 await self._forget_added(m, key)
                 raise
@@ -233,35 +220,28 @@ class Controller:
                     "replicas_removed": 0}
 
     async def _forget_added(self, m: ModelRecord, key: Key) -> None:
-        """Undo a failed add: unpublish and free whatever of the expert got loaded."""
-        admitted = m.experts[key[0]].pop(key[1], None) is not None
+        """Undo a failed add: unpublish and free whatever of the expert got published (an add
+        that failed before its first version left nothing to undo)."""
         m.target.pop(key, None)
-        self._weights.pop((m.name, *key), None)
-        if admitted or key in m.replicas:
+        if key[1] in m.experts[key[0]] or key in m.replicas:
             try:
-                await self._exec.apply(m, {key: 0})
+                await self._exec.apply(m, {key: 0}, Forget(key))
             except Exception:
                 log.exception("%s: could not free the replicas of failed add %s", m.name, key)
         self._save()
 
-    async def remove_expert(self, model: str, layer: int, expert: int) -> dict[str, int]:
+    async def remove_expert(self, *, model: str, layer: int, expert: int) -> dict[str, int]:
         """Publish a version without the expert's gate row, drain, then free its slots."""
         await self._ready()
         async with self._lock:
             m = self._model(model)
             check_removable(m, layer, expert)
             key = (layer, expert)
-
-            def forget():
-                del m.experts[layer][expert]
-                for d in (m.target, m.load):
-                    d.pop(key, None)
-            _, removed, version = await self._exec.apply(m, {key: 0}, before_publish=forget)
-            self._weights.pop((model, layer, expert), None)
+            _, removed, version = await self._exec.apply(m, {key: 0}, Forget(key))
             return {"routing_version": version, "expert": expert, "replicas_added": 0,
                     "replicas_removed": removed}
 
-    async def rebalance(self, model: str, *, replicas: int = 0, max_moves: int | None = None,
+    async def rebalance(self, *, model: str, replicas: int = 0, max_moves: int | None = None,
                         min_gain: float | None = None, allow_partial: bool = False) -> dict[str, Any]:
         """Re-plan the model's replicas for its measured load, with few moves. The knob
         (max_moves, min_gain) defaults to the spec's autoscaling.rebalance_*; a plan that
@@ -271,7 +251,7 @@ class Controller:
             m = self._model(model)
             check_rebalance_total(m, replicas)
             max_moves, min_gain = rebalance_knob(m, max_moves, min_gain)
-            load = {k: m.load.get(k, 0.0) for k in m.keys()}
+            load = {k: m.tokens_per_s.get(k, 0.0) for k in m.keys()}
             if not any(load.values()):
                 raise FailedPrecondition(f"model {model!r} has no measured load yet to plan for")
             current = m.placement()
@@ -291,7 +271,7 @@ class Controller:
             await self._exec.execute(m, plan.moves)  # `current`, `load` and `capacity` are copies
             return replan.report(load, capacity, current, plan, scratch.placement, total, placed, m.version)
 
-    async def set_autoscaling(self, model: str, enabled: bool, **fields: Any) -> dict[str, Any]:
+    async def set_autoscaling(self, *, model: str, enabled: bool, **fields: Any) -> dict[str, Any]:
         await self._ready()
         async with self._lock:
             m = self._model(model)
@@ -310,11 +290,11 @@ class Controller:
             self._save()
             return vars(m.autoscaling).copy()
 
-    async def host_gone(self, host_id: str) -> None:
+    async def host_gone(self, *, host_id: str) -> None:
         """A router saw `host_id` fail: check it, and if it is gone, stop routing to it."""
         await self._ready()
-        rec = self._hosts.get(host_id)
-        if rec is not None and not await _alive(rec.handle):
+        rec = self._exec.hosts.get(host_id)
+        if rec is not None and not await self._exec.host_alive(host_id):
             async with self._lock:
                 await self._exec.lose_host(host_id, self._models)
                 if (m := self._models.get(rec.model)) is not None:
@@ -331,21 +311,20 @@ class Controller:
 
     async def hosts(self) -> dict[str, Any]:
         await self._ready()
-        return {h: rec.handle for h, rec in self._hosts.items()}
+        return {h: rec.handle for h, rec in self._exec.hosts.items()}
 
-    async def model_state(self, model: str) -> dict[str, Any]:
+    async def model_state(self, *, model: str) -> RoutingState:
         await self._ready()
         return self._exec.model_state(self._model(model))
 
-    async def status(self, model: str = "") -> dict[str, Any]:
+    async def status(self, *, model: str = "") -> dict[str, Any]:
         """The registry and its live figures as plain data (what `moefleet status` shows)."""
         await self._ready()
         names = [model] if model else sorted(self._models)
         return {"models": [self._model(n).status() for n in names],
                 "hosts": [{**rec.info, "slots_used": len(rec.slots)}
-                          for _, rec in sorted(self._hosts.items())],
-                "routers": [{"name": n, "address": self._router_addresses.get(n, "")}
-                            for n in sorted(self._routers)]}
+                          for _, rec in sorted(self._exec.hosts.items())],
+                "routers": [{"name": n, "address": a} for n, a in sorted(self._exec.routers().items())]}
 
     # ---- the background loop ---------------------------------------------------------------
 
@@ -375,9 +354,7 @@ class Controller:
 
     async def _tick(self) -> None:
         await self._poll_routers()
-        hosts = list(self._hosts.items())
-        alive = await asyncio.gather(*(_alive(rec.handle) for _, rec in hosts))
-        dead = [h for (h, _), ok in zip(hosts, alive, strict=True) if not ok]
+        dead = await self._exec.dead_hosts()
         async with self._lock:
             for h in dead:
                 await self._exec.lose_host(h, self._models)
@@ -402,7 +379,7 @@ class Controller:
         """Start one idle host in the background while m has fewer than hosts.spare of them
         (and fewer than hosts.max_count hosts in all). Not under the lock: a restore after a
         lost host must not wait for a spare to come up."""
-        hosts = [rec for rec in self._hosts.values() if rec.model == m.name]
+        hosts = [rec for rec in self._exec.hosts.values() if rec.model == m.name]
         idle = sum(1 for rec in hosts if not rec.slots)
         if (time.monotonic() < self._spare_after.get(m.name, 0.0) or idle >= m.spec.hosts.spare
                 or len(hosts) >= m.spec.hosts.max_count or self._stopping.is_set()):
@@ -419,7 +396,7 @@ class Controller:
                 return
             host_id = await self._exec.start_host(m)
             if self._stopping.is_set():  # shut down while it started
-                ray.kill(self._hosts.pop(host_id).handle, no_restart=True)
+                self._exec.end_host(host_id)
             retry = 0.0
         except Exception as e:
             log.warning("%s: a spare host did not start: %s", m.name, message_of(e))
@@ -428,9 +405,9 @@ class Controller:
 
     async def _autoscale(self, m: ModelRecord, now: float) -> None:
         snap = autoscale.Snapshot(
-            config=m.autoscaling, tokens_per_s=dict(m.load),
+            config=m.autoscaling, tokens_per_s=dict(m.tokens_per_s),
             replicas={k: len(m.replicas.get(k, [])) for k in m.keys()},
-            host_replicas={h: len(rec.slots) for h, rec in self._hosts.items() if rec.model == m.name})
+            host_replicas={h: len(rec.slots) for h, rec in self._exec.hosts.items() if rec.model == m.name})
         decision, self._policy[m.name] = autoscale.decide(
             snap, self._policy.get(m.name, autoscale.PolicyState()), now)
         if decision.replicas:
@@ -440,7 +417,7 @@ class Controller:
         idle = sum(1 for n in snap.host_replicas.values() if n == 0)
         for h in retire[:max(0, idle - m.spec.hosts.spare)]:  # the spares stay
             log.info("retiring idle host %s", h)
-            ray.kill(self._hosts.pop(h).handle)
+            self._exec.end_host(h)
         if m.autoscaling.consolidate_max_moves:
             await self._consolidate(m)
         self._save()
@@ -448,100 +425,51 @@ class Controller:
     async def _consolidate(self, m: ModelRecord) -> None:
         """Empty the lightly used hosts `placement.hosts_to_drain` names, then retire them."""
         a, capacity = m.autoscaling, self._exec.capacity(m)
-        held = {h: len(self._hosts[h].slots) for h in capacity}
+        held = {h: len(self._exec.hosts[h].slots) for h in capacity}
         hosts = placement.hosts_to_drain(held, capacity, a.consolidate_max_moves, m.spec.hosts.count,
                                          a.consolidate_spare)
         if not hosts:
             return
         serving = {h: n for h, n in capacity.items() if held[h]}  # not onto idle (spare) hosts
-        plan, emptied = placement.drain(dict(m.load), serving, m.placement(), hosts)
+        plan, emptied = placement.drain(dict(m.tokens_per_s), serving, m.placement(), hosts)
         await self._exec.execute(m, plan.moves)
-        held = {h: len(self._hosts[h].slots) for h in capacity if h in self._hosts}
+        held = {h: len(self._exec.hosts[h].slots) for h in capacity if h in self._exec.hosts}
         for h in autoscale.retirable(emptied, held, m.spec.hosts.count):
             log.info("retiring drained host %s", h)
-            ray.kill(self._hosts.pop(h).handle)
+            self._exec.end_host(h)
 
     async def _poll_routers(self) -> None:
         """Collect per-expert rows and request latencies from every router since last poll."""
-        names = list(self._routers)
-        got = await asyncio.gather(*(asyncio.wait_for(self._routers[n].take_load.remote(), 5.0)
-                                     for n in names), return_exceptions=True)
+        replies = await self._exec.poll_routers(self._models.values())
         now = time.monotonic()
         elapsed, self._last_poll = max(now - self._last_poll, 1e-3), now
-        for name, r in zip(names, got, strict=True):
-            self._reconcile_router(name, r)
-        replies = [r for r in got if not isinstance(r, BaseException)]
         for m in self._models.values():
             m.observe(replies, elapsed)
             self._metrics.record_model(m)
-        self._metrics.record_hosts(self._hosts.values())
-
-    def _reconcile_router(self, name: str, took: Any) -> None:
-        """Forget a router that is gone for good; have one that Ray restarted but that does not
-        listen yet come back (it normally does so by itself); send the current version of each
-        model to one that lacks it (a restarted router that fetched its state before a publish)."""
-        if isinstance(took, ActorDiedError):
-            log.warning("router %s is gone for good", name)
-            self._routers.pop(name, None)
-            self._save()
-            return
-        if isinstance(took, BaseException):
-            return  # busy or restarting: next period
-        if took.get("versions") is None:  # registered, so it listened once: restarted
-            self._routers[name].restart.remote()
-            return
-        for m in self._models.values():
-            if took["versions"].get(m.name, 0) < m.version:
-                log.info("router %s lacks %s version %d; sending it", name, m.name, m.version)
-                self._routers[name].install.remote(self._exec.model_state(m))
+        self._metrics.record_hosts(self._exec.hosts.values())
 
     # ---- journal ---------------------------------------------------------------------------
 
     def _save(self) -> None:
+        """Journal the Controller's part: the models and the autoscaling policies' state (the
+        executor journals its own after each of its effects)."""
         if self._journal is None:
             return
-        self._journal.save({
-            "models": {n: m.to_plain() for n, m in self._models.items()},
-            "hosts": [{"id": h.id, "model": h.model, "info": h.info,
-                       "slots": [[s, L, e] for s, (L, e) in h.slots.items()]}
-                      for h in self._hosts.values()],
-            "routers": {n: self._router_addresses.get(n, "") for n in self._routers},
-            "policy": {n: policy_to_plain(p) for n, p in self._policy.items()},
-            "dataplane_secret": self._exec.dataplane_secret,  # the live hosts check it
-        })
+        self._journal.update(models={n: m.to_plain() for n, m in self._models.items()},
+                             policy={n: policy_to_plain(p) for n, p in self._policy.items()})
 
     async def _restore_journal(self) -> None:
         state = self._journal.load()
         if state is None:
             return
-        self._exec.dataplane_secret = state.get("dataplane_secret", self._exec.dataplane_secret)
-        for h in state["hosts"]:
-            try:
-                handle = ray.get_actor(h["id"], namespace=NAMESPACE)
-            except ValueError:
-                continue  # gone while the Controller was down: its replicas are dropped below
-            self._hosts[h["id"]] = HostRecord(h["id"], h["model"], handle, h["info"],
-                                              {s: (L, e) for s, L, e in h["slots"]})
-        for name, address in state["routers"].items():
-            try:
-                self._routers[name] = ray.get_actor(name, namespace=NAMESPACE)
-                self._router_addresses[name] = address
-            except ValueError:
-                pass
+        self._exec.restore(state)  # the hosts and routers still alive, the data-plane secret
         self._policy = {n: policy_from_plain(p) for n, p in state.get("policy", {}).items()}
-        for name, d in state["models"].items():
+        for name, d in state.get("models", {}).items():
             m, weights = ModelRecord.from_plain(d)
-            for key, reps in list(m.replicas.items()):  # replicas of hosts still alive
-                m.replicas[key] = [(h, s) for h, s in reps if h in self._hosts]
-                if not m.replicas[key]:
-                    del m.replicas[key]
-            for (L, e), w in weights.items():
-                self._weights[(name, L, e)] = ray.put(w)
             self._models[name] = m
-            end_orphans(m.name, m.next_host, self._hosts)
-            await self._exec.publish(m)
+            await self._exec.restore_model(m, weights)
         log.info("restored %d model(s) and %d host(s) from %s", len(self._models),
-                 len(self._hosts), self._journal.path)
+                 len(self._exec.hosts), self._journal.path)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -560,13 +488,3 @@ def _log_to_stderr() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
 
-
-async def _alive(handle: Any, timeout_s: float = _PING_TIMEOUT_S) -> bool:
-    """False only when Ray says the actor is dead; a busy host is alive."""
-    try:
-        await asyncio.wait_for(handle.info.remote(), timeout_s)
-    except RayActorError:
-        return False
-    except asyncio.TimeoutError:
-        return True
-    return True

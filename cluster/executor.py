@@ -4,9 +4,12 @@ for the Controller, in DESIGN.md's order:
     scale up / add expert    load weights into free slots → publish a version with them
     scale down / remove      publish a version without them → drain the routers → free slots
 
-It starts hosts when slots run out, publishes routing-table versions (each awaited by every
-router), and drops hosts that are gone. The Controller decides what to do and serialises the
-changes; what goes where is decided by `placement`.
+It owns what those effects touch: the expert hosts (it starts, retires and drops them), the
+routers (it registers, polls, updates and stops them), the weights of experts added at
+runtime and the data plane's secret; it journals them, with the model a change touched,
+after every effect. Each routing-table version it publishes is awaited by every router.
+The Controller decides what to do and serialises the changes, and a change's gate row
+reaches the executor as data (`Admit`, `Forget`); what goes where is decided by `placement`.
 """
 
 from __future__ import annotations
@@ -14,133 +17,212 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
+import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from moefleet.router.errors import FailedPrecondition, ResourceExhausted, message_of
+from moefleet.core.errors import FailedPrecondition, ResourceExhausted, message_of
+from moefleet.experts.reference import ExpertWeights
+from moefleet.router.state import HostEntry, LayerRouting, RoutingState
 
 from . import placement
-from .hosts import host_name, no_room, start_host
+from .hosts import LOADS, NAMESPACE, end_orphans, host_name, no_room, start_host
+from .journal import Journal
 from .metrics import ControllerMetrics
 from .model import source_args
-from .registry import HostRecord, Key, ModelRecord
+from .registry import ExpertRecord, HostRecord, Key, ModelRecord
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "Admit", "Forget"]
 
 log = logging.getLogger(__name__)
 _DRAIN_TIMEOUT_S = 30.0
 _CALL_TIMEOUT_S = 30.0
+_POLL_TIMEOUT_S = 5.0
+_PING_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Admit:
+    """A new expert: its gate record joins the first version the change publishes. `weights`
+    is the object ref of its FFN weights (ExpertWeights), which its replicas load."""
+
+    key: Key
+    record: ExpertRecord
+    weights: Any
+
+
+@dataclass(frozen=True)
+class Forget:
+    """An expert that leaves the first version the change publishes: its gate row, target,
+    measured load and added weights go."""
+
+    key: Key
 
 
 class Executor:
-    """hosts: host id -> record; routers: actor name -> handle; weights: (model, layer,
-    expert) -> object ref of the FFN weights of experts added at runtime. All three are the
-    Controller's own dicts, shared. `save` journals the registry after each change."""
+    """Owns the hosts (id -> record), the routers (name -> handle, and the HOST:PORT each
+    listens on), the object refs of added experts' FFN weights ((model, layer, expert) -> ref)
+    and the data-plane secret. The Controller reads them through `hosts`, `routers`,
+    `router_address`, `capacity`, `replicas_loaded` and `model_state`."""
 
-    def __init__(self, hosts: dict[str, HostRecord], routers: dict[str, Any],
-                 weights: dict[tuple[str, int, int], Any], save: Callable[[], None],
-                 metrics: ControllerMetrics):
-        self.hosts, self.routers, self.weights = hosts, routers, weights
-        self._save = save
-        self._metrics = metrics
-        self.loaded: dict[str, int] = {}  # model -> replicas loaded so far (for progress)
-        self.dataplane_secret = secrets.token_urlsafe(32)  # hosts' and routers' only (journalled)
+    def __init__(self, metrics: ControllerMetrics, journal: Journal | None = None):
+        self._metrics, self._journal = metrics, journal
+        self._hosts: dict[str, HostRecord] = {}
+        self._routers: dict[str, Any] = {}  # name -> handle: the routers that get new versions
+        self._addresses: dict[str, str] = {}  # router name -> HOST:PORT
+        self._weights: dict[tuple[str, int, int], Any] = {}  # added experts' FFN weights (refs)
+        self._loaded: dict[str, int] = {}  # model -> replicas loaded so far (for progress)
+        self._secret = secrets.token_urlsafe(32)  # hosts' and routers' only (journalled)
 
-    def model_state(self, m: ModelRecord) -> dict[str, Any]:
-        """What a router needs for one version: spec, gates, shared experts, replicas by host
-        index, and the host handles and ids those indices refer to."""
+    # ---- reads -----------------------------------------------------------------------------
+
+    @property
+    def hosts(self) -> Mapping[str, HostRecord]:
+        """host id -> record, read-only."""
+        return MappingProxyType(self._hosts)
+
+    @property
+    def dataplane_secret(self) -> str:
+        return self._secret
+
+    def routers(self) -> dict[str, str]:
+        """name -> HOST:PORT of every router that gets new versions."""
+        return {n: self._addresses.get(n, "") for n in self._routers}
+
+    def router_address(self, name: str) -> str | None:
+        """Where router `name` was registered to listen (None: never registered)."""
+        return self._addresses.get(name)
+
+    def replicas_loaded(self, model: str) -> int:
+        return self._loaded.get(model, 0)
+
+    def capacity(self, m: ModelRecord) -> dict[str, int]:
+        return {h: rec.slots_total for h, rec in self._hosts.items() if rec.model == m.name}
+
+    def model_state(self, m: ModelRecord) -> RoutingState:
+        """What a router needs for m's current version: gates, shared experts, and each
+        replica as (index into the hosts it lists, slot)."""
         host_ids = sorted({h for reps in m.replicas.values() for h, _ in reps})
         index = {h: i for i, h in enumerate(host_ids)}
-        replicas: dict[int, dict[int, list[tuple[int, int]]]] = {L: {} for L in m.experts}
+        replicas: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {L: {} for L in m.experts}
         for (L, e), reps in m.replicas.items():
             if reps:
-                replicas[L][e] = [(index[h], s) for h, s in reps]
-        return {
-            "spec": m.spec, "version": m.version,
-            "layers": {L: {"gate": m.gate(L), "shared": m.shared[L]} for L in m.experts},
-            "replicas": replicas,
-            "hosts": [self.hosts[h].handle for h in host_ids], "host_ids": host_ids,
-            "dataplane": [self.hosts[h].info.get("dataplane", "") for h in host_ids],
-            "dataplane_secret": self.dataplane_secret,
-        }
+                replicas[L][e] = tuple((index[h], s) for h, s in reps)
+        layers = {L: LayerRouting(m.gate(L), replicas[L], m.shared[L]) for L in m.experts}
+        hosts = tuple(HostEntry(h, self._hosts[h].handle, self._hosts[h].info.get("dataplane", ""))
+                      for h in host_ids)
+        return RoutingState(m.name, m.version, m.spec.moe, m.spec.dtype, layers, hosts,
+                            self.dataplane_secret)
+
+    # ---- carrying out a change -------------------------------------------------------------
 
     async def apply(self, m: ModelRecord, counts: dict[Key, int],
-                    before_publish=None) -> tuple[int, int, int]:
+                    gate: Admit | Forget | None = None) -> tuple[int, int, int]:
         """Bring the experts in `counts` to those replica counts; start hosts when slots run
         out (up to hosts.max_count, and only where the cluster has or can add a node for one).
         Raises ResourceExhausted, with no replica changed, when replicas stay unplaced; counts
         them in the moefleet_unplaced_replicas metric. Returns what `execute` returns."""
-        load = {k: m.load.get(k, 0.0) for k in set(m.keys()) | set(counts)}
+        load = {k: m.tokens_per_s.get(k, 0.0) for k in set(m.keys()) | set(counts)}
         while True:
             plan = placement.apply_counts(load, self.capacity(m), m.placement(), counts)
             self._metrics.record_unplaced(m.name, len(plan.unplaced))
             if not plan.unplaced:
-                break
-            hosts_now = sum(1 for h in self.hosts.values() if h.model == m.name)
-            short = (f"no free slot for {len(plan.unplaced)} replica(s) of "
-                     f"{sorted(set(plan.unplaced))}: {hosts_now} hosts of {m.spec.hosts.slots} slots")
-            if hosts_now >= m.spec.hosts.max_count:
-                raise ResourceExhausted(f"{short}, hosts.max_count is {m.spec.hosts.max_count}")
-            why = await asyncio.to_thread(no_room, m.spec.hosts)
-            if why is not None:
-                raise ResourceExhausted(f"{short}; {why}")
-            await self.start_host(m)
-        return await self.execute(m, plan.moves, before_publish)
+                return await self.execute(m, plan.moves, gate)
+            await self._start_host_for(m, plan.unplaced)
 
     async def execute(self, m: ModelRecord, moves: list[placement.Move],
-                      before_publish=None) -> tuple[int, int, int]:
-        """Adds: load into reserved slots. Then publish (with the adds, without the removes),
-        drain the routers, free the removed slots. Adds that find their host full wait for a
-        later round, after that round's removes have freed slots; a remove that would leave a
-        migrating expert with no replica waits for its add. Once the model serves, a round
-        loads at most hosts.loads_per_host replicas per host, so a host's requests never queue
-        behind more loads than that (bring-up, and hosts that serve nothing yet, such as a
-        spare taking a lost host's experts, load all at once). `before_publish` changes the
-        registry (a gate row) in the first version published. Returns (replicas added,
-        removed, that first version)."""
-        adds = [mv for mv in moves if mv.op == "add"]
-        removes = [mv for mv in moves if mv.op == "remove"]
-        stays = {mv.key for mv in adds} | {k for k, reps in m.replicas.items()
-                                           if len(reps) > sum(1 for r in removes if r.key == k)}
-        n_added = n_removed = first = 0
+                      gate: Admit | Forget | None = None) -> tuple[int, int, int]:
+        """In rounds: load adds into reserved slots, then publish (with the adds, without the
+        removes, with `gate`'s change in the first version), drain the routers, free the
+        removed slots. Adds that find their host full wait for a later round, after that
+        round's removes have freed slots; a remove that would leave a migrating expert with no
+        replica waits for its add. Once the model serves, a round loads at most
+        hosts.loads_per_host replicas per host, so a host's requests never queue behind more
+        loads than that (bring-up, and hosts that serve nothing yet, such as a spare taking a
+        lost host's experts, load all at once). Returns (replicas added, removed, the first
+        version published)."""
+        adds, removes, stays = _split(m, moves)
         per_host = m.spec.hosts.loads_per_host if m.version else None
-        idle = {h for h, rec in self.hosts.items() if not rec.slots}  # no request to hold up
-        while adds or removes or before_publish is not None:
+        idle = {h for h, rec in self._hosts.items() if not rec.slots}  # no request to hold up
+        added = removed = first = 0
+        while adds or removes or gate is not None:
             now, adds = self._fitting(adds, per_host, idle)
-            loaded = await self._load(m, now)
-            if now:
-                log.info("%s: loaded %d of %d replica(s)", m.name, len(loaded), len(now))
-            for key, host, slot in loaded:
-                m.replicas.setdefault(key, []).append((host, slot))
-            ready, removes = self._safe_removes(m, removes, stays, stuck=not loaded and not now)
-            freed = [f for f in (self._unpublish(m, mv) for mv in ready) if f]
-            if before_publish is not None:
-                before_publish()
-                before_publish = None
+            loaded = await self._load(m, now, gate)
+            ready, removes = self._safe_removes(m, removes, stays, stuck=not now)
+            freed = self._unpublish(m, ready)
+            self._change_gate(m, gate)
             version = await self.publish(m, strict=True)
             log.info("%s: published routing version %d (+%d -%d replicas)", m.name, version,
                      len(loaded), len(freed))
-            first = first or version
             await self._drain_and_free(m.name, version, freed)
-            n_added, n_removed = n_added + len(loaded), n_removed + len(freed)
+            gate, added, removed, first = None, added + len(loaded), removed + len(freed), first or version
             if adds and not (loaded or freed):
                 raise ResourceExhausted(f"{len(adds)} replica(s) found no free slot: {adds}")
-        return n_added, n_removed, first
+        return added, removed, first
 
     def _fitting(self, adds: list[placement.Move], per_host: int | None,
                  idle: set[str]) -> tuple[list[placement.Move], list[placement.Move]]:
         """(adds their hosts have a free slot for now, at most per_host per host but any
         number on `idle` hosts; the rest)."""
         free = {h: rec.free_slots() if not per_host or h in idle else min(rec.free_slots(), per_host)
-                for h, rec in self.hosts.items()}
+                for h, rec in self._hosts.items()}
         now, later = [], []
         for mv in adds:
             fits = free.get(mv.host, 0) > 0
             (now if fits else later).append(mv)
             free[mv.host] = free.get(mv.host, 0) - fits
         return now, later
+
+    async def _load(self, m: ModelRecord, adds: list[placement.Move],
+                    gate: Admit | Forget | None) -> list[tuple[Key, str, int]]:
+        """Load each add into a reserved slot, all at once; the loaded ones join m's replicas
+        (the next version publishes them) and are returned. A failed load, other than on a
+        lost host, gives back every slot of the batch and is raised."""
+        jobs = []
+        for mv in adds:
+            slot = self._hosts[mv.host].reserve(mv.key)
+            jobs.append((mv, slot, self._load_call(m, mv, slot, gate)))
+        results = await asyncio.gather(*(self._counted(m.name, c) for _, _, c in jobs),
+                                       return_exceptions=True)
+        loaded, error = [], None
+        for (mv, slot, _), r in zip(jobs, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("loading %s into %s slot %d failed: %s", mv.key, mv.host, slot, r)
+                self._hosts[mv.host].slots.pop(slot, None)
+                if not isinstance(r, RayActorError):  # a lost host is the loop's business
+                    error = error or r
+                continue
+            loaded.append((mv.key, mv.host, slot))
+        if error is not None:  # nothing of this batch is published: give its slots back
+            self._free([(host, slot) for _, host, slot in loaded])
+            raise error
+        if adds:
+            log.info("%s: loaded %d of %d replica(s)", m.name, len(loaded), len(adds))
+        for key, host, slot in loaded:
+            m.replicas.setdefault(key, []).append((host, slot))
+        return loaded
+
+    def _load_call(self, m: ModelRecord, mv: placement.Move, slot: int,
+                   gate: Admit | Forget | None) -> Any:
+        """The host call that loads mv's expert into `slot`: an added expert's weights from the
+        object store, any other expert's from the spec's weight source."""
+        host, (layer, expert) = self._hosts[mv.host].handle, mv.key
+        ref = gate.weights if isinstance(gate, Admit) and gate.key == mv.key else (
+            self._weights.get((m.name, layer, expert)))
+        if ref is not None:  # on the host's own thread for loads, beside its requests
+            return host.load_weights.options(concurrency_group=LOADS).remote(
+                slot=slot, layer=layer, expert=expert, weights=ref)
+        return host.load_weights_from.options(concurrency_group=LOADS).remote(
+            slot=slot, layer=layer, expert=expert, source=source_args(m.spec))
+
+    async def _counted(self, model: str, call: Any) -> Any:
+        result = await call
+        self._loaded[model] = self._loaded.get(model, 0) + 1
+        return result
 
     def _safe_removes(self, m: ModelRecord, removes: list[placement.Move], stays: set[Key],
                       stuck: bool) -> tuple[list[placement.Move], list[placement.Move]]:
@@ -159,48 +241,33 @@ class Executor:
                         m.name, sorted({mv.key for mv in later}))
         return now, later
 
-    async def _counted(self, model: str, call: Any) -> Any:
-        result = await call
-        self.loaded[model] = self.loaded.get(model, 0) + 1
-        return result
-
-    async def _load(self, m: ModelRecord, adds: list[placement.Move]) -> list[tuple[Key, str, int]]:
-        """Load each add into a reserved slot, all at once; return the loaded ones."""
-        jobs = []
-        for mv in adds:
-            host = self.hosts[mv.host]
-            slot = host.reserve(mv.key)
-            ref = self.weights.get((m.name, *mv.key))
-            call = (host.handle.load.remote(slot, *mv.key, ref) if ref is not None
-                    else host.handle.load_source.remote(slot, *mv.key, source_args(m.spec)))
-            jobs.append((mv, slot, call))
-        results = await asyncio.gather(*(self._counted(m.name, c) for _, _, c in jobs),
-                                       return_exceptions=True)
-        loaded, error = [], None
-        for (mv, slot, _), r in zip(jobs, results, strict=True):
-            if isinstance(r, BaseException):
-                log.warning("loading %s into %s slot %d failed: %s", mv.key, mv.host, slot, r)
-                self.hosts[mv.host].slots.pop(slot, None)
-                if not isinstance(r, RayActorError):  # a lost host is the loop's business
-                    error = error or r
-                continue
-            loaded.append((mv.key, mv.host, slot))
-        if error is not None:  # nothing of this batch is published: give its slots back
-            for _, host_id, slot in loaded:
-                self.hosts[host_id].slots.pop(slot, None)
-                self.hosts[host_id].handle.free.remote(slot)
-            raise error
-        return loaded
-
-    def _unpublish(self, m: ModelRecord, mv: placement.Move) -> tuple[str, int] | None:
-        reps = m.replicas.get(mv.key, [])
-        for i, (h, slot) in enumerate(reps):
-            if h == mv.host:
-                del reps[i]
+    def _unpublish(self, m: ModelRecord, removes: list[placement.Move]) -> list[tuple[str, int]]:
+        """Take the removed replicas out of m (the next version no longer has them); their
+        (host, slot)s, to free once the routers have drained."""
+        freed = []
+        for mv in removes:
+            reps = m.replicas.get(mv.key, [])
+            i = next((i for i, (h, _) in enumerate(reps) if h == mv.host), None)
+            if i is not None:
+                freed.append(reps.pop(i))
                 if not reps:
                     m.replicas.pop(mv.key)
-                return h, slot
-        return None
+        return freed
+
+    def _change_gate(self, m: ModelRecord, gate: Admit | Forget | None) -> None:
+        """Give m (and so the next version) `gate`'s change; keep an admitted expert's weights
+        for its later loads, drop a forgotten one's."""
+        if gate is None:
+            return
+        (L, e), ref_key = gate.key, (m.name, *gate.key)
+        if isinstance(gate, Admit):
+            m.experts[L][e] = gate.record
+            self._weights[ref_key] = gate.weights
+            return
+        m.experts[L].pop(e, None)
+        for d in (m.target, m.tokens_per_s):
+            d.pop(gate.key, None)
+        self._weights.pop(ref_key, None)
 
     async def publish(self, m: ModelRecord, strict: bool = False) -> int:
         """Bump the version and wait until every live router has installed it. A router that
@@ -210,22 +277,22 @@ class Executor:
         it is never reported as done."""
         m.version += 1
         state = self.model_state(m)
-        names = list(self.routers)
+        names = list(self._routers)
         results = await asyncio.gather(
-            *(asyncio.wait_for(self.routers[n].install.remote(state), _CALL_TIMEOUT_S)
+            *(asyncio.wait_for(self._routers[n].install.remote(state=state), _CALL_TIMEOUT_S)
               for n in names), return_exceptions=True)
         refused = []
         for n, r in zip(names, results, strict=True):
             if isinstance(r, ActorDiedError):
                 log.warning("router %s is gone; it no longer gets new versions", n)
-                self.routers.pop(n, None)
+                self._routers.pop(n, None)
             elif isinstance(r, RayActorError):
                 log.warning("router %s is restarting; it takes version %d when back", n, m.version)
             elif isinstance(r, BaseException):
                 log.warning("router %s did not install version %d: %s", n, m.version, message_of(r))
                 refused.append(f"{n}: {message_of(r)}")
         self._metrics.record_model(m)
-        self._save()
+        self._record(m)
         if strict and refused:
             raise FailedPrecondition(f"routing version {m.version} of {m.name!r} was not installed "
                                      f"by every router ({'; '.join(refused)})")
@@ -235,32 +302,66 @@ class Executor:
         if not slots:
             return
         drained = await asyncio.gather(
-            *(r.wait_drained.remote(model, version, _DRAIN_TIMEOUT_S) for r in self.routers.values()),
+            *(r.wait_drained.remote(model=model, version=version, timeout_s=_DRAIN_TIMEOUT_S)
+              for r in self._routers.values()),
             return_exceptions=True)
         if not all(d is True for d in drained):
             log.warning("routers did not drain %s below version %d: %s", model, version, drained)
+        self._free(slots)
+        self._record()
+
+    def _free(self, slots: list[tuple[str, int]]) -> None:
+        """Give back each (host, slot), on hosts still there."""
         for host_id, slot in slots:
-            rec = self.hosts.get(host_id)
+            rec = self._hosts.get(host_id)
             if rec is not None:
                 rec.slots.pop(slot, None)
-                rec.handle.free.remote(slot)
-        self._save()
+                rec.handle.free.remote(slot=slot)
+
+    # ---- hosts -----------------------------------------------------------------------------
+
+    def add_host(self, rec: HostRecord) -> None:
+        """Take in a host that is already up (one a restarted Controller finds again)."""
+        self._hosts[rec.id] = rec
+
+    async def _start_host_for(self, m: ModelRecord, unplaced: list[Key]) -> None:
+        """Start one more host of m for replicas that found no slot, or raise ResourceExhausted
+        when m may have no more hosts or the cluster has no room for one."""
+        hosts_now = sum(1 for h in self._hosts.values() if h.model == m.name)
+        short = (f"no free slot for {len(unplaced)} replica(s) of "
+                 f"{sorted(set(unplaced))}: {hosts_now} hosts of {m.spec.hosts.slots} slots")
+        if hosts_now >= m.spec.hosts.max_count:
+            raise ResourceExhausted(f"{short}, hosts.max_count is {m.spec.hosts.max_count}")
+        why = await asyncio.to_thread(no_room, m.spec.hosts)
+        if why is not None:
+            raise ResourceExhausted(f"{short}; {why}")
+        await self.start_host(m)
 
     async def start_host(self, m: ModelRecord) -> str:
         host_id = host_name(m.name, m.next_host)
         m.next_host += 1
-        self._save()  # a Controller restarted mid-start never reuses the name (it ends the host)
+        self._record(m)  # a Controller restarted mid-start never reuses the name (it ends the host)
         log.info("starting expert host %s", host_id)
         handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s,
-                                        self.dataplane_secret)
+                                        self._secret)
         log.info("expert host %s is up on node %s", host_id, info.get("node_ip"))
-        self.hosts[host_id] = HostRecord(host_id, m.name, handle, info)
-        self._save()
+        self._hosts[host_id] = HostRecord(host_id, m.name, handle, info)
+        self._record(m)
         return host_id
 
-    async def lose_host(self, host_id: str, models: dict[str, ModelRecord]) -> None:
+    async def dead_hosts(self) -> list[str]:
+        """The hosts Ray says are dead (a busy one is alive)."""
+        hosts = list(self._hosts.items())
+        alive = await asyncio.gather(*(_alive(rec.handle) for _, rec in hosts))
+        return [h for (h, _), ok in zip(hosts, alive, strict=True) if not ok]
+
+    async def host_alive(self, host_id: str) -> bool:
+        rec = self._hosts.get(host_id)
+        return rec is not None and await _alive(rec.handle)
+
+    async def lose_host(self, host_id: str, models: Mapping[str, ModelRecord]) -> None:
         """Stop routing to a dead host; the Controller's loop restores its replicas."""
-        rec = self.hosts.pop(host_id, None)
+        rec = self._hosts.pop(host_id, None)
         if rec is None:
             return
         log.warning("expert host %s is gone", host_id)
@@ -272,5 +373,125 @@ class Executor:
                     del m.replicas[key]
             await self.publish(m)
 
-    def capacity(self, m: ModelRecord) -> dict[str, int]:
-        return {h: rec.slots_total for h, rec in self.hosts.items() if rec.model == m.name}
+    def end_host(self, host_id: str) -> None:
+        """End a host that holds no published replica (idle, drained, or started too late)."""
+        ray.kill(self._hosts.pop(host_id).handle, no_restart=True)
+        self._record()
+
+    def end_hosts(self) -> None:
+        """End every host (the service shuts down)."""
+        for rec in self._hosts.values():
+            ray.kill(rec.handle, no_restart=True)
+        self._hosts.clear()
+        self._record()
+
+    # ---- routers ---------------------------------------------------------------------------
+
+    def add_router(self, name: str, handle: Any, address: str) -> None:
+        self._routers[name] = handle
+        self._addresses[name] = address
+        self._record()
+
+    async def poll_routers(self, models: Iterable[ModelRecord]) -> list[dict[str, Any]]:
+        """Every router's `take_rows` reply since the last poll, from those that answer. A
+        router gone for good is forgotten; one that Ray restarted but that does not listen yet
+        is told to come back (it normally does so by itself); one that lacks the current
+        version of a model (it fetched its state before a publish) is sent it."""
+        models = list(models)
+        names = list(self._routers)
+        got = await asyncio.gather(*(asyncio.wait_for(self._routers[n].take_rows.remote(), _POLL_TIMEOUT_S)
+                                     for n in names), return_exceptions=True)
+        for name, took in zip(names, got, strict=True):
+            self._reconcile_router(name, took, models)
+        return [r for r in got if not isinstance(r, BaseException)]
+
+    def _reconcile_router(self, name: str, took: Any, models: list[ModelRecord]) -> None:
+        if isinstance(took, ActorDiedError):
+            log.warning("router %s is gone for good", name)
+            self._routers.pop(name, None)
+            self._record()
+            return
+        if isinstance(took, BaseException):
+            return  # busy or restarting: next period
+        if took.get("versions") is None:  # registered, so it listened once: restarted
+            self._routers[name].restart.remote()
+            return
+        for m in models:
+            if took["versions"].get(m.name, 0) < m.version:
+                log.info("router %s lacks %s version %d; sending it", name, m.name, m.version)
+                self._routers[name].install.remote(state=self.model_state(m))
+
+    async def stop_routers(self, grace_s: float) -> None:
+        """Stop every router taking requests; each lets its open calls finish within grace_s."""
+        await asyncio.gather(*(r.stop.remote(grace_s=grace_s) for r in self._routers.values()),
+                             return_exceptions=True)
+
+    def end_routers(self) -> None:
+        for r in self._routers.values():
+            ray.kill(r, no_restart=True)
+
+    # ---- journal ---------------------------------------------------------------------------
+
+    def _record(self, m: ModelRecord | None = None) -> None:
+        """Journal what this executor owns and, when given, model m as the change left it."""
+        if self._journal is None:
+            return
+        self._journal.update(
+            entries={"models": {m.name: m.to_plain()}} if m is not None else None,
+            hosts=[{"id": h.id, "model": h.model, "info": h.info,
+                    "slots": [[s, L, e] for s, (L, e) in h.slots.items()]}
+                   for h in self._hosts.values()],
+            routers=self.routers(),
+            dataplane_secret=self._secret,  # the live hosts check it
+        )
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back a journalled snapshot's hosts and routers that are still alive, and the
+        data-plane secret the live hosts check."""
+        self._secret = state.get("dataplane_secret", self._secret)
+        for h in state.get("hosts", []):
+            try:
+                handle = ray.get_actor(h["id"], namespace=NAMESPACE)
+            except ValueError:
+                continue  # gone while the Controller was down: its replicas are dropped
+            self.add_host(HostRecord(h["id"], h["model"], handle, h["info"],
+                                     {s: (L, e) for s, L, e in h["slots"]}))
+        for name, address in state.get("routers", {}).items():
+            try:
+                self._routers[name] = ray.get_actor(name, namespace=NAMESPACE)
+                self._addresses[name] = address
+            except ValueError:
+                pass
+
+    async def restore_model(self, m: ModelRecord, weights: dict[Key, ExpertWeights]) -> None:
+        """Serve a journalled model again: keep its replicas on hosts still alive, hold its
+        added experts' weights, end hosts it started that the journal missed, and publish."""
+        for key, reps in list(m.replicas.items()):
+            m.replicas[key] = [(h, s) for h, s in reps if h in self._hosts]
+            if not m.replicas[key]:
+                del m.replicas[key]
+        for (L, e), w in weights.items():
+            self._weights[(m.name, L, e)] = ray.put(w)
+        end_orphans(m.name, m.next_host, self._hosts)
+        await self.publish(m)
+
+
+def _split(m: ModelRecord, moves: list[placement.Move]
+           ) -> tuple[list[placement.Move], list[placement.Move], set[Key]]:
+    """(adds, removes, the experts that keep a replica once the moves are done)."""
+    adds = [mv for mv in moves if mv.op == "add"]
+    removes = [mv for mv in moves if mv.op == "remove"]
+    stays = {mv.key for mv in adds} | {k for k, reps in m.replicas.items()
+                                       if len(reps) > sum(1 for r in removes if r.key == k)}
+    return adds, removes, stays
+
+
+async def _alive(handle: Any, timeout_s: float = _PING_TIMEOUT_S) -> bool:
+    """False only when Ray says the actor is dead; a busy host is alive."""
+    try:
+        await asyncio.wait_for(handle.info.remote(), timeout_s)
+    except RayActorError:
+        return False
+    except asyncio.TimeoutError:
+        return True
+    return True

@@ -16,9 +16,9 @@ from typing import Any
 
 import ray
 
+from moefleet.core.errors import ResourceExhausted
 from moefleet.experts import dataplane
 from moefleet.experts.host import ExpertHost
-from moefleet.router.errors import ResourceExhausted
 
 from .spec import HostsConfig
 
@@ -27,6 +27,7 @@ __all__ = ["RayExpertHost", "start_host", "no_room", "host_name", "end_orphans"]
 log = logging.getLogger(__name__)
 NAMESPACE = "moefleet"
 
+LOADS = "load"  # the concurrency group of weight loads: a thread of their own
 
 def host_name(model: str, index: int) -> str:
     """The actor name (and host id) of model's index-th host."""
@@ -49,9 +50,9 @@ def end_orphans(model: str, next_host: int, known: Container[str]) -> None:
 
 
 class RayExpertHost(ExpertHost):
-    """ExpertHost as it runs in Ray: it also says which node it is on, and loads weights on a
-    thread of their own (concurrency group "load"), so requests do not queue behind a load.
-    A load writes only a slot no published version routes to yet.
+    """ExpertHost as it runs in Ray: it also says which node it is on, and has a thread for
+    weight loads (concurrency group `LOADS`: the executor sends each load there), so requests
+    do not queue behind a load. A load writes only a slot no published version routes to yet.
 
     Given the service's data-plane secret, it also serves `compute` on a gRPC data-plane port
     of the node's own IP (experts/dataplane.py); `info()["dataplane"]` is its HOST:PORT."""
@@ -62,14 +63,6 @@ class RayExpertHost(ExpertHost):
         if dataplane_secret:
             self._dataplane, self._dataplane_address = dataplane.serve(
                 self.compute, ray.util.get_node_ip_address(), dataplane_secret)
-
-    @ray.method(concurrency_group="load")
-    def load(self, slot: int, layer: int, expert: int, weights: Any) -> None:
-        super().load(slot, layer, expert, weights)
-
-    @ray.method(concurrency_group="load")
-    def load_source(self, slot: int, layer: int, expert: int, source: dict[str, Any]) -> None:
-        super().load_source(slot, layer, expert, source)
 
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -110,11 +103,11 @@ async def start_host(host_id: str, hc: HostsConfig, timeout_s: float,
     Hosts are detached: the Controller starts them, and they must outlive a restart of the
     Controller (an owned actor dies with its owner). The Controller ends them on shutdown.
     """
-    handle = ray.remote(concurrency_groups={"load": 1})(RayExpertHost).options(
+    handle = ray.remote(concurrency_groups={LOADS: 1})(RayExpertHost).options(
         name=host_id, namespace=NAMESPACE, num_cpus=hc.num_cpus, num_gpus=hc.num_gpus,
         resources=dict(hc.resources), lifetime="detached",
-    ).remote(host_id, hc.slots, hc.num_cpus, "auto", hc.kernel_backend,
-             dataplane_secret=dataplane_secret)
+    ).remote(host_id=host_id, num_slots=hc.slots, num_cpus=hc.num_cpus, device="auto",
+             kernel_backend=hc.kernel_backend, dataplane_secret=dataplane_secret)
     try:
         info = await asyncio.wait_for(handle.info.remote(), timeout_s)
     except asyncio.TimeoutError:

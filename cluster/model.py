@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from moefleet.core.dtypes import TORCH_DTYPES
 from moefleet.experts.checkpoint import CheckpointSource
-from moefleet.experts.weights import TORCH_DTYPES, RandomSource, SafetensorsSource, source_from
+from moefleet.experts.weights import RandomSource, SafetensorsSource, source_from
 from moefleet.router.gating import Gate
 
 from .spec import ModelSpec

@@ -4,7 +4,7 @@ published replicas, target replica counts and hosts, and their snapshot for the 
 No Ray and no effects: the Controller and its executor own the actors and carry changes out;
 this module only records them, builds each layer's `Gate` from its experts' rows, checks a
 new expert's file and a removal against the model, turns a poll of the routers into each
-model's smoothed load and latency, and answers the questions placement, the policy and
+model's smoothed tokens/s and latency, and answers the questions placement, the policy and
 `status` ask (which host holds what, where a slot is free).
 
 # H = hidden, E = experts of a layer
@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from moefleet.experts.reference import ExpertWeights, SharedExperts
-from moefleet.experts.weights import TORCH_DTYPES
-from moefleet.router.errors import (
+from moefleet.core.dtypes import TORCH_DTYPES
+from moefleet.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -30,6 +29,7 @@ from moefleet.router.errors import (
     ResourceExhausted,
     quote,
 )
+from moefleet.experts.reference import ExpertWeights, SharedExperts
 from moefleet.router.gating import Gate
 
 from . import autoscale
@@ -90,7 +90,7 @@ class ModelRecord:
     target: dict[Key, int] = field(default_factory=dict)
     version: int = 0
     next_host: int = 0
-    load: dict[Key, float] = field(default_factory=dict)  # tokens/s, smoothed (autoscale.smooth)
+    tokens_per_s: dict[Key, float] = field(default_factory=dict)  # smoothed (autoscale.smooth)
     latency: dict[str, float] = field(default_factory=dict)  # p50_s, p99_s, requests_per_s
 
     @classmethod
@@ -122,7 +122,7 @@ class ModelRecord:
         m.target = {(L, e): n for L, e, n in d["target"]}
         for L, e, h, s in d["replicas"]:
             m.replicas.setdefault((L, e), []).append((h, s))
-        m.load = {(L, e): v for L, e, v in d.get("load", [])}  # a journal older than it has none
+        m.tokens_per_s = {(L, e): v for L, e, v in d.get("tokens_per_s", d.get("load", []))}
         return m, weights
 
     @property
@@ -130,8 +130,8 @@ class ModelRecord:
         return self.spec.name
 
     def observe(self, replies: list[dict[str, Any]], elapsed_s: float) -> None:
-        """One poll of the routers (each reply `Router.take_load`'s): this model's rows per
-        expert over `elapsed_s` become its smoothed `load`, its request latencies `latency`."""
+        """One poll of the routers (each reply `Router.take_rows`'s): this model's rows per
+        expert over `elapsed_s` become its smoothed `tokens_per_s`, its request latencies `latency`."""
         rows: dict[Key, float] = {}
         lat: list[float] = []
         for r in replies:
@@ -141,9 +141,9 @@ class ModelRecord:
             lat.extend(r["latency_s"].get(self.name, []))
         keys = self.keys()
         rate = np.array([rows.get(k, 0.0) for k in keys]) / elapsed_s
-        old = np.array([self.load.get(k, np.nan) for k in keys])
-        load = autoscale.smooth(self.autoscaling.smoothing, rate, old)
-        self.load = dict(zip(keys, load.tolist(), strict=True))
+        old = np.array([self.tokens_per_s.get(k, np.nan) for k in keys])
+        smoothed = autoscale.smooth(self.autoscaling.smoothing, rate, old)
+        self.tokens_per_s = dict(zip(keys, smoothed.tolist(), strict=True))
         self.latency = _latency_summary(lat, elapsed_s)
 
     def status(self) -> dict[str, Any]:
@@ -152,7 +152,7 @@ class ModelRecord:
         for L in sorted(self.experts):
             experts = [{"expert": e, "group": r.group,
                         "replicas": [{"host": h, "slot": s} for h, s in self.replicas.get((L, e), [])],
-                        "tokens_per_s": self.load.get((L, e), 0.0),
+                        "tokens_per_s": self.tokens_per_s.get((L, e), 0.0),
                         "target_replicas": self.target.get((L, e), 0)}
                        for e, r in sorted(self.experts[L].items())]
             layers.append({"layer": L, "experts": experts})
@@ -212,7 +212,7 @@ class ModelRecord:
             "added": added, "removed": removed,
             "target": [[L, e, n] for (L, e), n in self.target.items()],
             "replicas": [[L, e, h, s] for (L, e), reps in self.replicas.items() for h, s in reps],
-            "load": [[L, e, v] for (L, e), v in self.load.items()],
+            "tokens_per_s": [[L, e, v] for (L, e), v in self.tokens_per_s.items()],
         }
 
 

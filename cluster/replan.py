@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moefleet.router.errors import FailedPrecondition
+from moefleet.core.errors import FailedPrecondition
 
 from . import placement
 from .placement import Placement, PlacementPlan

@@ -24,8 +24,9 @@ from ray.exceptions import ActorDiedError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moefleet.router.actor import Router
-from moefleet.router.servicer import TlsConfig
+from moefleet.router.server import TlsConfig
 
+from .admin import admin_service
 from .controller import Controller
 from .hosts import NAMESPACE
 from .spec import ModelSpec
@@ -82,7 +83,7 @@ class Service:
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop the routers (draining in-flight requests), end the hosts, then the rest."""
-        ray.get([r.stop.remote(grace_s) for r in self.routers])
+        ray.get([r.stop.remote(grace_s=grace_s) for r in self.routers])
         ray.get(self.controller.shutdown.remote())
         for actor in [*self.routers, self.controller]:
             ray.kill(actor, no_restart=True)
@@ -159,21 +160,22 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached:
     controller = _start_controller(state_dir)
     routers: list[Any] = []
     try:
-        deployed = controller.deploy.remote(spec)
+        deployed = controller.deploy.remote(spec=spec)
         while on_progress is not None and not ray.wait([deployed], timeout=_PROGRESS_PERIOD_S)[0]:
-            on_progress(ray.get(controller.load_progress.remote(spec.name)))
+            on_progress(ray.get(controller.load_progress.remote(model=spec.name)))
         ray.get(deployed)  # a failed deploy raises here
         if on_progress is not None:
-            on_progress(ray.get(controller.load_progress.remote(spec.name)))
+            on_progress(ray.get(controller.load_progress.remote(model=spec.name)))
         for i, where in enumerate(_router_placements(spec.router.nodes_resource)):
             name = ROUTER_NAME.format(i)
             routers.append(ray.remote(Router).options(
                 name=name, namespace=NAMESPACE, num_cpus=spec.router.num_cpus,
                 num_gpus=spec.router.num_gpus, lifetime="detached" if detached else None,
                 max_concurrency=1000, max_restarts=-1, **where,
-            ).remote(controller, spec.router, name=name, host=host, token=token, tls=tls))
+            ).remote(controller, spec.router, name=name, interface=host,
+                      services=[admin_service(controller, token)], tls=tls))
         try:
-            ports = ray.get([r.start.remote(port) for r in routers],
+            ports = ray.get([r.start.remote(port=port) for r in routers],
                             timeout=spec.router.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             want = {"CPU": spec.router.num_cpus, "GPU": spec.router.num_gpus}
@@ -183,7 +185,7 @@ def start(spec: ModelSpec, port: int = 50051, host: str = "127.0.0.1", detached:
         wildcard = host in ("0.0.0.0", "::", "")  # then say where clients can reach each one
         ips = ray.get([r.node_ip.remote() for r in routers]) if wildcard else [host] * len(routers)
         addresses = [f"{ip}:{p}" for ip, p in zip(ips, ports, strict=True)]
-        ray.get([controller.add_router.remote(ROUTER_NAME.format(i), r, a)
+        ray.get([controller.add_router.remote(name=ROUTER_NAME.format(i), handle=r, address=a)
                  for i, (r, a) in enumerate(zip(routers, addresses, strict=True))])
     except BaseException:
         ray.get(controller.shutdown.remote())
@@ -213,7 +215,7 @@ def _start_controller(state_dir: str | None) -> Any:
         return ray.remote(Controller).options(
             name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
             max_task_retries=-1, num_cpus=0, max_concurrency=1000, resources=_ON_HEAD,
-        ).remote(state_dir)
+        ).remote(state_dir=state_dir)
     except ValueError as e:  # the name is taken
         raise RuntimeError(
             f"a moefleet service already runs on this Ray cluster (actor {CONTROLLER_NAME!r} "

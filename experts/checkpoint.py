@@ -30,9 +30,10 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from moefleet.core.dtypes import TORCH_DTYPES
+
 from .hf_config import CheckpointError, HFConfig, read_config
-from .reference import ExpertWeights, SharedExperts
-from .weights import TORCH_DTYPES, GateWeights
+from .reference import ExpertWeights, GateWeights, SharedExperts
 
 __all__ = ["CheckpointSource", "CheckpointError"]
 

@@ -36,7 +36,7 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message
 
 _MAGIC = b"MFD1"
 _HEADER = struct.Struct("<4sB3xIII")  # magic, dtype code, N, H, M
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtype code -> dtype
+_DTYPE_OF_CODE = (torch.float32, torch.bfloat16, torch.float16)  # dtype code -> dtype
 _WORKERS = 1  # calls run one at a time, as a host's Ray calls do
 
 RunFn = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
@@ -47,7 +47,7 @@ RunFn = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
 def encode_request(x: torch.Tensor, slot_ids: torch.Tensor, counts: torch.Tensor) -> bytes:
     """x: [N, H] rows sorted by slot, slot_ids/counts: [M] -> one message (a single copy of x)."""
     x = x.detach().cpu().contiguous()
-    head = _HEADER.pack(_MAGIC, _DTYPES.index(x.dtype), x.shape[0], x.shape[1], slot_ids.numel())
+    head = _HEADER.pack(_MAGIC, _DTYPE_OF_CODE.index(x.dtype), x.shape[0], x.shape[1], slot_ids.numel())
     meta = np.stack([slot_ids.cpu().numpy(), counts.cpu().numpy()]).astype(np.int32)  # [2, M]
     return b"".join((head, meta.data, _bytes_of(x)))
 
@@ -58,9 +58,9 @@ def decode_request(data: bytes) -> tuple[torch.Tensor, list[int], list[int]]:
     if len(data) < _HEADER.size:
         raise ValueError(f"data-plane request of {len(data)} bytes has no header")
     magic, code, n, h, m = _HEADER.unpack_from(data)
-    if magic != _MAGIC or code >= len(_DTYPES):
+    if magic != _MAGIC or code >= len(_DTYPE_OF_CODE):
         raise ValueError("not a data-plane request (bad magic or dtype)")
-    dtype = _DTYPES[code]
+    dtype = _DTYPE_OF_CODE[code]
     want = _HEADER.size + 8 * m + n * h * dtype.itemsize
     if len(data) != want:
         raise ValueError(f"data-plane request of {len(data)} bytes; its header says {want}")

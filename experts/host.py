@@ -1,7 +1,8 @@
 """ExpertHost: holds expert weights in slots and runs one batch of rows for many experts.
 
 A plain class; the cluster wraps it with `ray.remote` (so it also runs without Ray, e.g. on a
-GPU machine for kernel work). Weights live stacked in the grouped kernel's layout,
+GPU machine for kernel work). Its Ray methods (`load_weights`, `load_weights_from`, `free`,
+`run`) take keyword arguments only. Weights live stacked in the grouped kernel's layout,
 w13 [S, 2I, H] and w2 [S, H, I], so `run` is a single grouped kernel call with no copying.
 
 Knows nothing of gating, routing tables or gRPC.
@@ -70,8 +71,8 @@ class ExpertHost:
 
     # ---- loading -----------------------------------------------------------------------
 
-    def load(self, slot: int, layer: int, expert: int, weights: ExpertWeights) -> None:
-        """Put one expert into `slot` (tensors arrive through the object store)."""
+    def load_weights(self, *, slot: int, layer: int, expert: int, weights: ExpertWeights) -> None:
+        """Put one expert's weights into `slot` (tensors arrive through the object store)."""
         self._check_slot(slot)
         if self.w13 is None:
             self._allocate(weights)
@@ -88,7 +89,7 @@ class ExpertHost:
         self.w2[slot] = w2
         self.slots[slot] = (layer, expert)
 
-    def load_source(self, slot: int, layer: int, expert: int, source: dict[str, Any]) -> None:
+    def load_weights_from(self, *, slot: int, layer: int, expert: int, source: dict[str, Any]) -> None:
         """Load from a weight source described as data (`weights.source_from`); the host reads
         only this expert. A checkpoint it cannot read is a CheckpointError naming this host."""
         key = json.dumps(source, sort_keys=True)
@@ -98,14 +99,14 @@ class ExpertHost:
             w = self._sources[key].expert(layer, expert)
         except CheckpointError as e:
             raise CheckpointError(f"host {self.host_id} on {socket.gethostname()}: {e}") from None
-        self.load(slot, layer, expert, w)
+        self.load_weights(slot=slot, layer=layer, expert=expert, weights=w)
 
-    def free(self, slot: int) -> None:
+    def free(self, *, slot: int) -> None:
         self.slots.pop(slot, None)
 
     # ---- compute -----------------------------------------------------------------------
 
-    def run(self, x: np.ndarray, dtype: str, slot_ids: list[int], counts: list[int]) -> tuple:
+    def run(self, *, x: np.ndarray, dtype: str, slot_ids: list[int], counts: list[int]) -> tuple:
         """The Ray call: `compute` on wire arrays (see `to_wire`) -> y as a wire array."""
         return to_wire(self.compute(from_wire(x, dtype), slot_ids, counts))
 
@@ -132,7 +133,7 @@ class ExpertHost:
     def _allocate(self, w: ExpertWeights) -> None:
         inter, h = w.w1.shape
         kw = {"dtype": w.w1.dtype, "device": self.device}
-        # uninitialised: a slot is only ever read after `load` wrote it (`run` checks), and
+        # uninitialised: a slot is only ever read after `load_weights` wrote it (`run` checks), and
         # zeroing would touch every page once more before loading touches it again
         self.w13 = torch.empty(self.num_slots, 2 * inter, h, **kw)
         self.w2 = torch.empty(self.num_slots, h, inter, **kw)

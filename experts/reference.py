@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ExpertWeights", "SharedExperts", "MoELayer", "swiglu", "stack_experts"]
+__all__ = ["ExpertWeights", "GateWeights", "SharedExperts", "MoELayer", "swiglu", "stack_experts"]
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,14 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     x: [T, H]; w1 (gate_proj): [I, H]; w3 (up_proj): [I, H]; w2 (down_proj): [H, I] -> [T, H]
     """
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+@dataclass
+class GateWeights:
+    """A layer's router as stored: one row per routed expert, and DeepSeek-V3's selection bias."""
+
+    weight: torch.Tensor  # [E, H]
+    bias: torch.Tensor | None = None  # [E]
 
 
 @dataclass

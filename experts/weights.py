@@ -22,17 +22,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .reference import ExpertWeights, SharedExperts
+from moefleet.core.dtypes import TORCH_DTYPES
 
-__all__ = ["GateWeights", "RandomSource", "SafetensorsSource", "TORCH_DTYPES", "source_from"]
+from .reference import ExpertWeights, GateWeights, SharedExperts
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["RandomSource", "SafetensorsSource", "source_from"]
 
-
-@dataclass
-class GateWeights:
-    weight: torch.Tensor  # [E, H]
-    bias: torch.Tensor | None = None  # [E]
 
 
 @dataclass(frozen=True)

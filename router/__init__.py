@@ -1,9 +1,3 @@
-"""The router: gating, dispatch/combine, micro-batching, and the Router actor's gRPC face.
-
-The pure parts are exported here; the actor lives in `moefleet.router.actor` (it needs Ray).
-"""
-
-from .dispatch import LayerTable, Plan, combine, plan
-from .gating import Gate, route
-
-__all__ = ["Gate", "route", "LayerTable", "Plan", "plan", "combine"]
+"""The router: gating, dispatch/combine, micro-batching, the transport to the expert hosts,
+and the Router actor's gRPC face. Import the modules themselves; this package's own import
+loads nothing, so `moefleet.router.config` stays plain data."""

@@ -20,33 +20,31 @@ import logging
 import math
 import os
 import sys
-import time
-from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 import torch
 
-from moefleet.cluster.admin import AdminServicer
-from moefleet.cluster.metrics import RouterMetrics
-from moefleet.cluster.spec import MoEConfig, RouterConfig
-from moefleet.experts.weights import TORCH_DTYPES
-from moefleet.protos import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from moefleet.core.config import MoEConfig
+from moefleet.core.dtypes import TORCH_DTYPES
+from moefleet.core.errors import InvalidArgument
+from moefleet.protos import inference_pb2, inference_pb2_grpc
 
 from .admission import Admission, AdmissionPolicy
 from .batcher import MicroBatcher
+from .config import RouterConfig
 from .dispatch import LayerTable
 from .engine import Engine, LayerState, ModelState
-from .errors import InvalidArgument
-from .intake import Intake, OnLoop
 from .memory import freeze_startup_objects, malloc_trim, memory, own_rss_bytes
-from .servicer import InferenceServicer, ServerLimits, TlsConfig
-from .transport import Transport, host_links
+from .metrics import RouterMetrics
+from .server import InferenceServicer, Intake, OnLoop, ServerLimits, Service, TlsConfig
+from .state import RoutingState
+from .transport import HostLink, Transport
 
-__all__ = ["Router", "state_from_controller", "receive_limit", "memory_bound"]
+__all__ = ["Router", "model_state", "receive_limit", "memory_bound"]
 
 log = logging.getLogger(__name__)
-_LATENCY_WINDOW = 4096  # latencies kept per model between two polls of the Controller
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The
 # gRPC intake's thread takes each call in over a few turns of its loop, each needing the GIL
 # back from the engine's thread: at 5 ms a turn, calls reached the door late under load.
@@ -69,16 +67,13 @@ def receive_limit(cfg: RouterConfig, models: list[MoEConfig]) -> int:
     return min(need * _WIRE_ITEMSIZE + _MESSAGE_OVERHEAD, cfg.max_message_mb << 20)
 
 
-def state_from_controller(d: dict[str, Any]) -> ModelState:
-    """Build the engine's immutable ModelState from `Controller.model_state` data."""
-    spec = d["spec"]
-    layers = {
-        L: LayerState(parts["gate"], LayerTable.from_replicas(d["replicas"].get(L, {})),
-                      parts.get("shared"))
-        for L, parts in d["layers"].items()
-    }
-    return ModelState(spec.name, spec.moe, TORCH_DTYPES[spec.dtype], d["version"], layers, host_links(d),
-                      d["host_ids"])
+def model_state(state: RoutingState) -> ModelState:
+    """The engine's immutable ModelState for the Controller's `RoutingState`."""
+    layers = {L: LayerState(lr.gate, LayerTable.from_replicas(lr.replicas), lr.shared)
+              for L, lr in state.layers.items()}
+    hosts = [HostLink(h.handle, h.dataplane, state.dataplane_secret) for h in state.hosts]
+    return ModelState(state.model, state.moe, TORCH_DTYPES[state.dtype], state.version, layers, hosts,
+                      [h.id for h in state.hosts])
 
 
 def memory_bound(cfg: RouterConfig, models: list[MoEConfig]) -> int:
@@ -94,31 +89,30 @@ def memory_bound(cfg: RouterConfig, models: list[MoEConfig]) -> int:
 
 
 class Router:
-    def __init__(self, controller: Any, cfg: RouterConfig, *, name: str, host: str = "127.0.0.1",
-                 token: str | None = None, device: str = "auto", tls: TlsConfig | None = None):
-        """name: this router's actor name (the Controller keeps its address under it); host:
-        the interface its gRPC server binds."""
+    def __init__(self, controller: Any, cfg: RouterConfig, *, name: str, interface: str = "127.0.0.1",
+                 services: Sequence[Service] = (), device: str = "auto", tls: TlsConfig | None = None):
+        """name: this router's actor name (the Controller keeps its address under it); interface:
+        the address its gRPC server binds; services: more gRPC services its port serves
+        beside inference (the cluster's admin API)."""
         torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))  # not Ray's OMP default
         sys.setswitchinterval(_GIL_SWITCH_S)
         self._controller = controller
         self._cfg = cfg
-        self._name, self._host = name, host
-        self._token = token
+        self._name, self._interface = name, interface
+        self._services = list(services)
         self._tls = tls
         self._transport = Transport(cfg.transport, cfg.grpc_max_bytes)
         self._engine = Engine(self._transport, device, on_host_gone=self._host_gone,
                               restore_wait_s=cfg.restore_wait_s)
-        self._latency: dict[str, list[float]] = defaultdict(list)
         self._metrics = RouterMetrics()
         self._batcher = MicroBatcher(
-            self._run_batch, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens,
+            self._engine, cfg.max_batch_tokens, cfg.max_wait_ms / 1e3, cfg.max_queue_tokens,
             cfg.max_queue_delay_s)
         self._admission = (Admission(self._batcher.refusal, AdmissionPolicy(cfg.min_idle_cpu),
                                      refused_later=lambda: self._batcher.refused)
                            if cfg.min_idle_cpu > 0 else None)
         self._intake = Intake()
         self._ready = False
-        self._served_since_trim = False
         self._trimmer: asyncio.Task | None = None
         self._stopped = False
         self._coming_back: asyncio.Task | None = None
@@ -137,11 +131,11 @@ class Router:
         await asyncio.shield(self._coming_back)
 
     async def _listen_again(self) -> int:
-        address = await self._controller.router_address.remote(self._name)
+        address = await self._controller.router_address.remote(name=self._name)
         port = int(address.rpartition(":")[2])
         for attempt in range(_REBIND_ATTEMPTS):
             try:
-                bound = await self.start(port)
+                bound = await self.start(port=port)
             except (RuntimeError, InvalidArgument):  # the dead one's socket may linger a moment
                 if attempt == _REBIND_ATTEMPTS - 1:
                     log.exception("router %s could not listen again on %s", self._name, address)
@@ -152,17 +146,17 @@ class Router:
                 return bound
         raise AssertionError("unreachable")
 
-    async def start(self, port: int) -> int:
+    async def start(self, *, port: int) -> int:
         """Take every model's state from the Controller, then listen. Returns the port."""
         for name in await self._controller.model_names.remote():
-            await self.install(await self._controller.model_state.remote(name))
-        here = OnLoop(self, asyncio.get_running_loop())  # the servicer runs on the intake's loop
+            await self.install(state=await self._controller.model_state.remote(model=name))
+        loop = asyncio.get_running_loop()  # the servicer runs on the intake's loop
+        inference = InferenceServicer(OnLoop(self, loop), OnLoop(self._batcher, loop).submit,
+                                      self._cfg.max_request_tokens)
         servicers = [
-            (inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-             InferenceServicer(here, self._cfg.max_request_tokens),
+            (inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, inference,
              inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name),
-            (admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(self._controller, self._token),
-             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name),
+            *self._services,
         ]
         models = [self._engine.state(n).cfg for n in self._engine.model_names()]
         limits = ServerLimits(max_receive_bytes=receive_limit(self._cfg, models),
@@ -170,7 +164,7 @@ class Router:
                               max_concurrent_rpcs=self._cfg.max_concurrent_rpcs)
         admission = self._admission
         bound = await self._intake.start(
-            servicers, self._host, port, limits, self._tls,
+            servicers, self._interface, port, limits, self._tls,
             infer_refusal=self._batcher.refusal if admission is None else admission.refusal,
             on_tick=None if admission is None else admission.tick)
         freeze_startup_objects()
@@ -187,23 +181,23 @@ class Router:
         makes more), which only a full collection frees; and glibc, which keeps freed memory
         in its arenas (one per thread that allocated: the intake's, the executor's, Ray's)
         until `malloc_trim`, which trims every arena and returns their free pages."""
-        trim, idle, futile = malloc_trim(), own_rss_bytes(), 0
+        trim, idle, futile, served = malloc_trim(), own_rss_bytes(), 0, self._batcher.served
         while True:
             await asyncio.sleep(_TRIM_PERIOD_S * 2 ** min(futile, _TRIM_BACKOFF))
             # Refused calls are freed too, on the intake's thread and outside any request the
             # batcher saw: an RSS over the idle level is a reason as well as a served request.
-            if not self._batcher.idle or not (
-                    self._served_since_trim or own_rss_bytes() > idle + _TRIM_SLACK_BYTES):
+            fresh = self._batcher.served != served
+            if not self._batcher.idle or not (fresh or own_rss_bytes() > idle + _TRIM_SLACK_BYTES):
                 continue
-            served, self._served_since_trim = self._served_since_trim, False
+            served = self._batcher.served
             before = own_rss_bytes()
             gc.collect()  # on the loop: it holds the GIL throughout anyway (startup objects frozen)
             if trim is not None:
                 await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL; the loop runs on
             freed = before - own_rss_bytes() >= _TRIM_SLACK_BYTES
-            futile = 0 if freed or served else futile + 1  # memory still in use: ask less often
+            futile = 0 if freed or fresh else futile + 1  # memory still in use: ask less often
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, *, grace_s: float = 5.0) -> None:
         """Stop taking requests, let in-flight ones finish within grace_s."""
         self._ready, self._stopped = False, True
         if self._trimmer is not None:
@@ -213,45 +207,32 @@ class Router:
 
     # ---- what the Controller calls -------------------------------------------------------
 
-    async def install(self, state: dict[str, Any]) -> int:
+    async def install(self, *, state: RoutingState) -> int:
         """Install a version (an older one than installed is ignored); the version served."""
-        self._engine.install(state_from_controller(state))
+        self._engine.install(model_state(state))
         self._transport.keep(h.address for n in self._engine.model_names()
                              for h in self._engine.state(n).hosts)
-        return self._engine.state(state["spec"].name).version
+        return self._engine.state(state.model).version
 
-    async def wait_drained(self, model: str, version: int, timeout_s: float) -> bool:
+    async def wait_drained(self, *, model: str, version: int, timeout_s: float) -> bool:
         """True once no request of `model` runs on a version older than `version`."""
         return await self._engine.wait_drained(model, version, timeout_s)
 
-    async def take_load(self) -> dict[str, Any]:
+    async def take_rows(self) -> dict[str, Any]:
         """Rows per (model, layer, expert) and request latencies since the last call, and the
         version of each model installed (none while a restarted router comes back)."""
-        latency, self._latency = dict(self._latency), defaultdict(list)
+        latency = self._batcher.take_latencies()
+        for model, seconds in latency.items():
+            for t in seconds:
+                self._metrics.observe(model, t)
         versions = {n: self._engine.state(n).version for n in self._engine.model_names()}
-        return {"rows": self._engine.take_load(), "latency_s": latency,
+        return {"rows": self._engine.take_rows(), "latency_s": latency,
                 "versions": versions if self._ready else None}
 
     def _host_gone(self, host_id: str) -> None:
-        self._controller.host_gone.remote(host_id)
+        self._controller.host_gone.remote(host_id=host_id)
 
-    # ---- what the servicer delegates to ---------------------------------------------------
-
-    async def submit(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        self._engine.check(model, layer, x)  # fail fast, before queueing
-        t0 = time.perf_counter()
-        self._served_since_trim = True
-        out = await self._batcher.submit((model, layer, x.dtype), x)
-        seconds = time.perf_counter() - t0
-        self._metrics.observe(model, seconds)
-        window = self._latency[model]
-        if len(window) < _LATENCY_WINDOW:
-            window.append(seconds)
-        return out
-
-    async def _run_batch(self, key, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        model, layer, _ = key
-        return await self._engine.forward(model, layer, x)
+    # ---- what the servicer reads -----------------------------------------------------------
 
     def ready(self) -> bool:
         return self._ready

@@ -1,7 +1,7 @@
 """Admission under overload: while the door refuses calls and the machine has no CPU to
 spare, admit fewer of them.
 
-The door (`servicer.CallSlots`, the batcher's `refusal`) refuses a call before its payload is
+The door (`server.CallSlots`, the batcher's `refusal`) refuses a call before its payload is
 read, yet each refusal still costs gRPC about 0.6-0.7 ms of CPU. At 10x overload on a small
 machine, serving the admitted calls leaves too little CPU for refusing the rest. The calls
 then wait unseen inside gRPC, before the door, for seconds, admitted and refused alike. Serving
@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import Overloaded
+from moefleet.core.errors import Overloaded
 
 __all__ = ["Admission", "AdmissionPolicy", "CpuIdle", "ProcessCpu"]
 

@@ -25,6 +25,11 @@ wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refu
 the same for a request not yet read (the gRPC door asks it before reading a call's payload),
 counting the calls the door let in whose payloads are still on their way.
 
+The batcher wraps the engine: `submit` runs the request check (`engine.check`: the model,
+its layer, the hidden size) before a request is queued, and each merged batch is one
+`engine.forward`. It also keeps each model's request latencies, from submit to answer, for the
+Controller's poll (`take_latencies`).
+
 Plain asyncio: knows nothing of gating, Ray or gRPC.
 
 # T = tokens of one request, B = tokens of a merged batch, H = hidden
@@ -35,21 +40,32 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from .errors import Overloaded
+from moefleet.core.errors import Overloaded
 
 __all__ = ["MicroBatcher"]
 
-RunBatch = Callable[[Hashable, torch.Tensor], Awaitable[tuple[torch.Tensor, Any]]]
+
+
+class BatchEngine(Protocol):
+    """What the batcher runs requests on (`router.engine.Engine`)."""
+
+    def check(self, model: str, layer: int, x: torch.Tensor) -> None:
+        """Raise the domain error for a request that cannot be served."""
+
+    async def forward(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """x: [B, H] -> (y [B, H], the routing version used)."""
 
 
 _RATE_SMOOTHING = 0.3  # weight of the newest batch in a key's tokens/s estimate
 _MIN_PUSHBACK_S = 0.05  # the least time a refused caller is told to wait before it retries
+_LATENCY_WINDOW = 4096  # latencies kept per model between two `take_latencies`
 
 
 @dataclass
@@ -90,11 +106,11 @@ def _smoothed(old: float, new: float) -> float:
 
 
 class MicroBatcher:
-    def __init__(self, run: RunBatch, max_batch_tokens: int, max_wait_s: float, max_queue_tokens: int,
-                 max_queue_delay_s: float = math.inf):
-        """run(key, x [B, H]) -> (y [B, H], meta); meta (e.g. the routing version) is handed
-        to every request of the batch."""
-        self._run = run
+    def __init__(self, engine: BatchEngine, max_batch_tokens: int, max_wait_s: float,
+                 max_queue_tokens: int, max_queue_delay_s: float = math.inf):
+        """A batch's meta (the routing version) from `engine.forward` is handed to every
+        request of the batch."""
+        self._engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue_tokens = max_queue_tokens
@@ -104,14 +120,31 @@ class MicroBatcher:
         self.refused = 0  # requests `submit` refused: the door's check let them in a moment before
         self._outstanding_requests = 0
         self._request_tokens = 0.0  # the mean request's tokens, smoothed
+        self.served = 0  # requests answered, ever
+        self._latency: dict[str, list[float]] = defaultdict(list)  # model -> seconds, since taken
 
     @property
     def idle(self) -> bool:
         """Nothing queued or in flight."""
         return self._outstanding_tokens == 0
 
-    async def submit(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """x: [T, H] -> (y [T, H], meta)."""
+    async def submit(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """x: [T, H] -> (y [T, H], meta). Checked (`engine.check`) before it is queued."""
+        self._engine.check(model, layer, x)
+        t0 = time.perf_counter()
+        out = await self._queued((model, layer, x.dtype), x)
+        self.served += 1
+        window = self._latency[model]
+        if len(window) < _LATENCY_WINDOW:
+            window.append(time.perf_counter() - t0)
+        return out
+
+    def take_latencies(self) -> dict[str, list[float]]:
+        """Each model's request latencies (s) since the last call."""
+        latency, self._latency = dict(self._latency), defaultdict(list)
+        return latency
+
+    async def _queued(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         n = x.shape[0]
         q = self._queues.setdefault(key, _Queue())
         refusal = self._refusal(q, n)
@@ -204,7 +237,9 @@ class MicroBatcher:
     async def _run_live(self, key: Hashable, live: list) -> None:
         xs = [x for x, _ in live]
         try:
-            y, meta = await self._run(key, torch.cat(xs) if len(xs) > 1 else xs[0])  # [B, H]
+            model, layer, _ = key
+            x = torch.cat(xs) if len(xs) > 1 else xs[0]  # [B, H]
+            y, meta = await self._engine.forward(model, layer, x)
             parts = torch.split(y, [x.shape[0] for x in xs])
             if len(parts) != len(xs) or y.shape[0] != sum(x.shape[0] for x in xs):
                 raise RuntimeError(f"batch of {sum(x.shape[0] for x in xs)} rows got {y.shape[0]} back")

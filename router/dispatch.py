@@ -106,7 +106,7 @@ class Plan:
         return torch.div(self.order, k, rounding_mode="floor")
 
 
-def plan(topk_ids: torch.Tensor, table: LayerTable, host_load: torch.Tensor | None = None,
+def plan(topk_ids: torch.Tensor, table: LayerTable, in_flight_rows: torch.Tensor | None = None,
          defer_missing: bool = False) -> Plan:
     """`plan_reference` on numpy: the same plan, element for element, at a fraction of the
     cost for decode-sized requests."""
@@ -118,7 +118,7 @@ def plan(topk_ids: torch.Tensor, table: LayerTable, host_load: torch.Tensor | No
     cnt = np.zeros_like(e)  # [N] replicas of each row's expert
     cnt[known] = a.count[e[known]]
     missing = cnt == 0  # [N]
-    load = None if host_load is None else host_load.cpu().numpy()
+    load = None if in_flight_rows is None else in_flight_rows.cpu().numpy()
     if not missing.any():
         order, batches = _assign_np(by_expert, e, cnt, a, load)
         return Plan(torch.from_numpy(order), batches)
@@ -131,16 +131,16 @@ def plan(topk_ids: torch.Tensor, table: LayerTable, host_load: torch.Tensor | No
 
 
 def _assign_np(by_expert: np.ndarray, e: np.ndarray, cnt: np.ndarray, a: _TableArrays,
-               host_load: np.ndarray | None) -> tuple[np.ndarray, list[HostBatch]]:
+               in_flight_rows: np.ndarray | None) -> tuple[np.ndarray, list[HostBatch]]:
     """`_assign` on numpy arrays."""
     if e.size == 0:
         return by_expert, []
     n_e = np.bincount(e, minlength=a.count.size)  # [X]
     rank = np.arange(e.size) - (np.cumsum(n_e) - n_e)[e]  # [M] rank within expert
-    if host_load is None:
+    if in_flight_rows is None:
         rep = a.start[e] + rank % cnt  # [M] replica row
     else:
-        by_load = np.argsort(host_load[a.host], kind="stable")  # [R]
+        by_load = np.argsort(in_flight_rows[a.host], kind="stable")  # [R]
         by_load = by_load[np.argsort(a.expert[by_load], kind="stable")]  # [R] by (expert, load)
         rep = by_load[a.start[e] + rank % cnt]  # [M] replica row
     host, slot = a.host[rep], a.slot[rep]  # [M]
@@ -158,8 +158,8 @@ def _assign_np(by_expert: np.ndarray, e: np.ndarray, cnt: np.ndarray, a: _TableA
 
 
 def plan_reference(topk_ids: torch.Tensor, table: LayerTable,
-                   host_load: torch.Tensor | None = None, defer_missing: bool = False) -> Plan:
-    """topk_ids: [T, K] logical expert ids; host_load: [S] rows outstanding per host index
+                   in_flight_rows: torch.Tensor | None = None, defer_missing: bool = False) -> Plan:
+    """topk_ids: [T, K] logical expert ids; in_flight_rows: [S] rows in flight per host index
     (None: all equal) -> the dispatch plan.
 
     Each expert's replicas are ranked by their host's load (ascending; ties keep table order)
@@ -177,36 +177,36 @@ def plan_reference(topk_ids: torch.Tensor, table: LayerTable,
     cnt[known] = table.rep_count[e[known]]
     missing = cnt == 0  # [N]
     if not bool(missing.any()):
-        return Plan(*_assign(by_expert, e, cnt, table, host_load))
+        return Plan(*_assign(by_expert, e, cnt, table, in_flight_rows))
     if not defer_missing:
         raise LookupError(f"no replica for expert(s) {sorted(set(e[missing].tolist()))}")
     keep = ~missing
-    order, batches = _assign(by_expert[keep], e[keep], cnt[keep], table, host_load)
+    order, batches = _assign(by_expert[keep], e[keep], cnt[keep], table, in_flight_rows)
     return Plan(torch.cat([order, by_expert[missing]]), batches, int(missing.sum()))
 
 
 def _assign(by_expert: torch.Tensor, e: torch.Tensor, cnt: torch.Tensor, table: LayerTable,
-            host_load: torch.Tensor | None) -> tuple[torch.Tensor, list[HostBatch]]:
+            in_flight_rows: torch.Tensor | None) -> tuple[torch.Tensor, list[HostBatch]]:
     """by_expert: [M] pair indices sorted by expert, e: [M] their expert ids, cnt: [M] > 0
     their experts' replica counts -> (order [M] sorted by (host, slot), batches)."""
     if e.numel() == 0:
         return by_expert, []
     n_e = torch.bincount(e, minlength=table.rep_count.numel())  # [X]
     rank = torch.arange(e.numel()) - (torch.cumsum(n_e, 0) - n_e)[e]  # [M] rank within expert
-    rep = _by_load(table, host_load)[table.rep_start[e] + rank % cnt]  # [M] replica row
+    rep = _by_load(table, in_flight_rows)[table.rep_start[e] + rank % cnt]  # [M] replica row
     host, slot = table.rep_host[rep], table.rep_slot[rep]  # [M]
     key = host * (int(table.rep_slot.max()) + 1) + slot  # [M]
     by_slot = torch.argsort(key, stable=True)  # [M]
     return by_expert[by_slot], _host_batches(host[by_slot], slot[by_slot])
 
 
-def _by_load(table: LayerTable, host_load: torch.Tensor | None) -> torch.Tensor:
+def _by_load(table: LayerTable, in_flight_rows: torch.Tensor | None) -> torch.Tensor:
     """[R] replica rows reordered so each expert's block lists its replicas least-loaded
     host first (stable); the blocks keep their places (rep_start still holds)."""
     r = table.rep_host.numel()
-    if host_load is None:
+    if in_flight_rows is None:
         return torch.arange(r)
-    load = host_load.cpu()[table.rep_host]  # [R]
+    load = in_flight_rows.cpu()[table.rep_host]  # [R]
     expert = torch.repeat_interleave(torch.arange(table.rep_count.numel()), table.rep_count)  # [R]
     by_load = torch.argsort(load, stable=True)  # [R]
     return by_load[torch.argsort(expert[by_load], stable=True)]  # [R] sorted by (expert, load)

@@ -5,8 +5,8 @@ routing-table version) once, so a request runs on the version it started with, e
 new version is installed. Hosts are reached through an injected `call_host` coroutine, so
 the engine runs against Ray actors in the service and against plain objects in tests.
 
-Across requests the engine keeps what the hot path learns: rows outstanding per host (the
-plan sends rows to the least-loaded replicas), hosts found dead (a call raised `HostGone`;
+Across requests the engine keeps what the hot path learns: rows in flight per host (the
+plan sends rows to the replicas with the fewest), hosts found dead (a call raised `HostGone`;
 their rows are retried on other replicas of the same version), requests in flight per
 version (so a caller can wait for old versions to drain), and rows routed per expert.
 
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from moefleet.cluster.spec import MoEConfig
+from moefleet.core.config import MoEConfig
+from moefleet.core.errors import HostGone, InvalidArgument, NotFound, Unavailable, quote
 from moefleet.experts.reference import SharedExperts
 
 from .dispatch import HostBatch, LayerTable, combine, plan
-from .errors import HostGone, InvalidArgument, NotFound, Unavailable, quote
 from .gating import Gate, route
 
 __all__ = ["LayerState", "ModelState", "Engine", "CallHost"]
@@ -67,7 +67,7 @@ class ModelState:
     version: int
     layers: dict[int, LayerState]
     hosts: list[Any]  # indexed by the host numbers in each LayerTable
-    host_ids: list[str]  # parallel to hosts: each host's id, the key of outstanding/dead_hosts
+    host_ids: list[str]  # parallel to hosts: each host's id, the key of in_flight_rows/dead_hosts
 
     def __post_init__(self):
         if len(self.host_ids) != len(self.hosts):
@@ -108,7 +108,7 @@ class _Job:
 class Engine:
     """Serves forward passes for the installed models.
 
-    outstanding: host id -> rows sent to it and not yet answered, over all requests and
+    in_flight_rows: host id -> rows sent to it and not yet answered, over all requests and
     models (hosts with none are absent). dead_hosts: ids of hosts whose call raised
     HostGone; plans avoid them until a newly installed state no longer lists them.
     on_host_gone(host_id) is called once per newly dead host; it must not block.
@@ -125,12 +125,12 @@ class Engine:
         self._on_host_gone = on_host_gone
         self.restore_wait_s = restore_wait_s
         self._models: dict[str, ModelState] = {}
-        self.outstanding: dict[str, int] = {}
+        self.in_flight_rows: dict[str, int] = {}
         self.dead_hosts: set[str] = set()
         self._running: dict[tuple[str, int], int] = {}  # (model, version) -> requests
         self._drain_waiters: set[asyncio.Event] = set()
         self._install_waiters: set[asyncio.Event] = set()
-        self._load: dict[tuple[str, int], torch.Tensor] = {}  # (model, layer) -> [X] rows
+        self._rows: dict[tuple[str, int], torch.Tensor] = {}  # (model, layer) -> [X] rows
         self._live: dict[tuple[str, int, int, frozenset[int]], LayerTable] = {}
 
     def install(self, state: ModelState) -> bool:
@@ -162,10 +162,10 @@ class Engine:
             raise NotFound(f"unknown model {quote(model)}; serving {sorted(self._models)}") from None
 
     def check(self, model: str, layer: int, x: torch.Tensor) -> None:
-        """Raise the right domain error for a request this engine cannot serve."""
-        self._check(self.state(model), layer, x)
-
-    def _check(self, st: ModelState, layer: int, x: torch.Tensor) -> None:
+        """The request check: raise the domain error for a request this engine cannot serve
+        (an unknown model or layer, or x not [T, H] of the model's hidden size). `forward`
+        runs only checked requests (the batcher checks each one before it is queued)."""
+        st = self.state(model)
         if x.dim() != 2:
             raise InvalidArgument(f"hidden_states must have shape [T, H], got {list(x.shape)}")
         if layer not in st.layers:
@@ -180,10 +180,9 @@ class Engine:
     # ---- the hot path ------------------------------------------------------------------
 
     async def forward(self, model: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x: [T, H] -> (y [T, H] in x's dtype, routing version used)."""
+        """x: [T, H], as `check` passed it -> (y [T, H] in x's dtype, routing version used)."""
         st = self.state(model)  # the version this request runs on
         with self._in_flight(model, st.version) as flight:
-            self._check(st, layer, x)
             ls = st.layers[layer]
             if x.shape[0] == 0:
                 return x.clone(), st.version
@@ -191,7 +190,7 @@ class Engine:
             big = x.shape[0] >= _OFFLOAD_TOKENS
             topk_w, topk_ids = await _pure(big, route, xd, ls.gate, st.cfg)  # [T, K], [T, K]
             gone: set[str] = set()  # ids of hosts that failed during this request
-            p = plan(topk_ids, self._live_table(st, layer, gone), self._host_load(st),
+            p = plan(topk_ids, self._live_table(st, layer, gone), self._rows_in_flight_at(st),
                      defer_missing=True)
             ids = topk_ids.reshape(-1).cpu()  # [N]
             if p.deferred and not self.restore_wait_s:  # refused before any host is called
@@ -248,7 +247,7 @@ class Engine:
         cur, loop = st, asyncio.get_running_loop()
         deadline = loop.time() + self.restore_wait_s
         while failed.numel():
-            q = plan(e[failed][:, None], self._live_table(cur, layer, gone), self._host_load(cur),
+            q = plan(e[failed][:, None], self._live_table(cur, layer, gone), self._rows_in_flight_at(cur),
                      defer_missing=True)
             pos = failed[q.order]  # [M] in the new plan's order
             waiting = pos[pos.numel() - q.deferred:]
@@ -290,9 +289,9 @@ class Engine:
                            f"{layer}{waited}")
 
     def _issue(self, st: ModelState, job: _Job) -> asyncio.Future:
-        """Start one host call now; its rows count as outstanding until it settles."""
+        """Start one host call now; its rows count as in flight until it settles."""
         host_id, n = st.host_ids[job.host], job.x.shape[0]
-        self.outstanding[host_id] = self.outstanding.get(host_id, 0) + n
+        self.in_flight_rows[host_id] = self.in_flight_rows.get(host_id, 0) + n
         try:
             call = asyncio.ensure_future(self._call_host(st.hosts[job.host], job.x, job.batch))
         except Exception as e:  # raised before returning: settle it like a failed call
@@ -302,11 +301,11 @@ class Engine:
         return call
 
     def _settle(self, host_id: str, n: int) -> None:
-        left = self.outstanding[host_id] - n
+        left = self.in_flight_rows[host_id] - n
         if left:
-            self.outstanding[host_id] = left
+            self.in_flight_rows[host_id] = left
         else:
-            del self.outstanding[host_id]
+            del self.in_flight_rows[host_id]
 
     def _mark_dead(self, host_id: str) -> None:
         if host_id not in self.dead_hosts:
@@ -314,9 +313,9 @@ class Engine:
             if self._on_host_gone is not None:
                 self._on_host_gone(host_id)
 
-    def _host_load(self, st: ModelState) -> torch.Tensor:
-        """[S] rows outstanding at each of the state's hosts."""
-        return torch.tensor([self.outstanding.get(h, 0) for h in st.host_ids], dtype=torch.long)
+    def _rows_in_flight_at(self, st: ModelState) -> torch.Tensor:
+        """[S] rows in flight at each of the state's hosts."""
+        return torch.tensor([self.in_flight_rows.get(h, 0) for h in st.host_ids], dtype=torch.long)
 
     def _live_table(self, st: ModelState, layer: int, gone: set[str]) -> LayerTable:
         """The layer's table without the dead hosts (and those this request saw fail)."""
@@ -358,22 +357,22 @@ class Engine:
             await _woken(self._drain_waiters, left)
         return True
 
-    # ---- per-expert load ---------------------------------------------------------------
+    # ---- rows per expert ----------------------------------------------------------------
 
     def _count(self, model: str, layer: int, ids: torch.Tensor) -> None:
         """ids: [N] routed expert ids, added into the (model, layer) accumulator [X]."""
-        acc = self._load.get((model, layer), torch.zeros(0, dtype=torch.long))
+        acc = self._rows.get((model, layer), torch.zeros(0, dtype=torch.long))
         n = torch.bincount(ids, minlength=acc.numel())  # [X'] with X' >= X
         if n.numel() > acc.numel():
             acc = torch.cat([acc, acc.new_zeros(n.numel() - acc.numel())])
-        self._load[(model, layer)] = acc.add_(n)
+        self._rows[(model, layer)] = acc.add_(n)
 
-    def take_load(self) -> dict[str, dict[int, dict[int, int]]]:
+    def take_rows(self) -> dict[str, dict[int, dict[int, int]]]:
         """{model: {layer: {expert id: rows routed}}} since the previous call (non-zero
         entries only); starts counting afresh."""
-        load, self._load = self._load, {}
+        rows, self._rows = self._rows, {}
         out: dict[str, dict[int, dict[int, int]]] = {}
-        for (model, layer), acc in load.items():
+        for (model, layer), acc in rows.items():
             ids = acc.nonzero().flatten()
             if ids.numel():
                 out.setdefault(model, {})[layer] = dict(zip(ids.tolist(), acc[ids].tolist(),

@@ -12,7 +12,7 @@ Expert ids need not be contiguous and groups need not be equal in size: a `Gate`
 id and the group of each of its rows, so experts can come and go at runtime.
 
 # T = tokens, H = hidden, E = experts in the gate, K = experts per token,
-# G = groups, S = largest group size
+# G = groups, W = the widest group's experts
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moefleet.cluster.spec import MoEConfig
+from moefleet.core.config import MoEConfig
 
 __all__ = ["Gate", "route", "scores"]
 
@@ -42,7 +42,7 @@ class Gate:
     bias: torch.Tensor | None = None
 
     def __post_init__(self):
-        # Where each row sits in the padded [G, S] group layout; fixed per gate version, so
+        # Where each row sits in the padded [G, W] group layout; fixed per gate version, so
         # no request pays for it (and no GPU sync happens per request).
         g = self.group_ids
         counts = torch.bincount(g)  # [G]
@@ -52,7 +52,7 @@ class Gate:
         slot[order] = torch.arange(g.numel(), device=g.device) - starts[g[order]]
         object.__setattr__(self, "_slot_in_group", slot)
         object.__setattr__(self, "_group_shape", (counts.numel(), int(counts.max())))
-        # rows already in [G, S] order (HF's layout, while no expert was added or removed):
+        # rows already in [G, W] order (HF's layout, while no expert was added or removed):
         # the padded layout is then a view of the scores, no scatter needed
         span = int(counts.max()) * counts.numel()
         rows = torch.arange(g.numel(), device=g.device)
@@ -96,9 +96,9 @@ def _mask_groups(choice: torch.Tensor, gate: Gate, cfg: MoEConfig) -> torch.Tens
     """Keep the topk_group best groups of each token; every other expert gets -inf, so a
     masked group is never picked, whatever the sign of the (biased) scores."""
     if gate._dense:
-        grouped = choice.reshape(choice.shape[0], *gate._group_shape)  # [T, G, S]
+        grouped = choice.reshape(choice.shape[0], *gate._group_shape)  # [T, G, W]
     else:
-        grouped = choice.new_full((choice.shape[0], *gate._group_shape), float("-inf"))  # [T, G, S]
+        grouped = choice.new_full((choice.shape[0], *gate._group_shape), float("-inf"))  # [T, G, W]
         grouped[:, gate.group_ids, gate._slot_in_group] = choice
     if cfg.topk_method == "noaux_tc":
         top = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values  # [T, G, 2]

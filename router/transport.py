@@ -27,13 +27,13 @@ from typing import Any
 import grpc
 import torch
 
+from moefleet.core.errors import HostGone, MoefleetError, Unavailable
 from moefleet.experts.dataplane import GRPC_OPTIONS, RUN_METHOD, SECRET_KEY, decode_reply, encode_request
 from moefleet.experts.host import from_wire, to_wire
 
 from .dispatch import HostBatch
-from .errors import HostGone, MoefleetError, Unavailable
 
-__all__ = ["HostLink", "Transport", "host_links", "MODES"]
+__all__ = ["HostLink", "Transport", "MODES"]
 
 MODES = ("auto", "grpc", "ray")
 _CLOSE_GRACE_S = 30.0  # a dropped host's channel: calls of older versions still draining on it
@@ -48,13 +48,6 @@ class HostLink:
     handle: Any
     address: str = ""
     secret: str = ""
-
-
-def host_links(state: dict[str, Any]) -> list[HostLink]:
-    """The hosts of `Controller.model_state` data, parallel to its `host_ids`."""
-    addresses = state.get("dataplane") or [""] * len(state["hosts"])
-    secret = state.get("dataplane_secret", "")
-    return [HostLink(h, a, secret) for h, a in zip(state["hosts"], addresses, strict=True)]
 
 
 class Transport:
@@ -126,7 +119,8 @@ def call_ray(handle: Any, x: torch.Tensor, b: HostBatch) -> Awaitable[torch.Tens
     """Issue the Ray call now (so every host works while the router computes the shared
     experts); the returned awaitable collects and decodes the answer."""
     arr, dtype = to_wire(x)
-    return _receive_ray(handle.run.remote(arr, dtype, b.slot_ids.tolist(), b.counts.tolist()))
+    return _receive_ray(handle.run.remote(x=arr, dtype=dtype, slot_ids=b.slot_ids.tolist(),
+                                          counts=b.counts.tolist()))
 
 
 async def _receive_ray(ref: Any) -> torch.Tensor:

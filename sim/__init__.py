@@ -4,7 +4,8 @@ policies, with a cost model, and compare policies (`moefleet simulate SCENARIO.y
 from .cost import Layout, PeriodCost, expert_rows_per_s, layout, load_s, merged_tokens, period_cost
 from .load import Generated, Replayed, gini, load_source, popularity_profile, read_trace
 from .policies import Fleet
-from .run import Series, Summary, run, simulate, summarise, table
+from .report import run
+from .run import Series, Summary, simulate, summarise, table
 from .scenario import (
     CostConfig,
     FleetConfig,

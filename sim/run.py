@@ -7,12 +7,9 @@ layers, `cost.period_cost`), per-host max/mean rows and the weights moved so far
 
 from __future__ import annotations
 
-import csv
 import gc
-import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,9 +27,9 @@ from .cost import (
 )
 from .load import Generated, load_source
 from .policies import Fleet
-from .scenario import Scenario, load_scenario
+from .scenario import Scenario
 
-__all__ = ["Series", "Summary", "simulate", "summarise", "table", "run"]
+__all__ = ["Series", "Summary", "simulate", "summarise", "table"]
 
 _CHUNK = 256  # periods of load drawn at once
 _SAME = 1e-9  # rows per call within this (relative) of the period before's: the profile still holds
@@ -302,22 +299,3 @@ def table(summaries: list[Summary], slo_s: float) -> str:
             f"{s.p99_ms_median:>16.2f}"
             for s in summaries]
     return "\n".join([f"SLO: p99 layer latency <= {slo_s * 1e3:g} ms per period", head, *rows])
-
-
-def run(path: str, out_dir: str, progress: bool = True) -> str:
-    """The `moefleet simulate` command: simulate, write summary.{json,csv} and plots.png to
-    out_dir, return the comparison table."""
-    sc = load_scenario(path)
-    series = simulate(sc, progress)
-    summaries = summarise(sc, series)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2))
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(Summary.__dataclass_fields__))
-        w.writeheader()
-        w.writerows(asdict(s) for s in summaries)
-    from .plot import plot  # matplotlib is optional; a missing one says so here
-
-    plot(sc, series, out / "plots.png")
-    return table(summaries, sc.slo_s)

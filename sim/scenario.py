@@ -1,7 +1,7 @@
 """The simulator's scenario: a YAML/JSON file that maps one to one onto these dataclasses.
 
 Plain data with documented defaults; `load_scenario` checks each field's type and range and
-names the field in its error (`SpecError`, via the model spec's own `_build`). It does not know
+names the field in its error (`SpecError`, via the model spec's own `build`). It does not know
 how load is generated, what a period costs, or what the policies do.
 
     name: small
@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from moefleet.cluster.autoscale import AutoscalingConfig
-from moefleet.cluster.spec import SpecError, _build, _check  # the model spec's field checks
+from moefleet.core.config import SpecError, build, require  # the model spec's field checks
 
 __all__ = ["ModelShape", "FleetConfig", "CostConfig", "LoadConfig", "PolicyConfig", "Scenario",
            "load_scenario", "POLICY_KINDS", "SpecError"]
@@ -48,10 +48,10 @@ class ModelShape:
     def __post_init__(self):
         for name in ("layers", "n_routed_experts", "num_experts_per_tok", "hidden_size",
                      "moe_intermediate_size"):
-            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1")
-        _check(self.num_experts_per_tok <= self.n_routed_experts,
+            require(getattr(self, name) >= 1, f"model.{name} must be >= 1")
+        require(self.num_experts_per_tok <= self.n_routed_experts,
                "model.num_experts_per_tok must be <= n_routed_experts")
-        _check(self.bytes_per_param > 0, "model.bytes_per_param must be > 0")
+        require(self.bytes_per_param > 0, "model.bytes_per_param must be > 0")
 
     @property
     def expert_bytes(self) -> float:
@@ -73,9 +73,9 @@ class FleetConfig:
     slots: int = 16
 
     def __post_init__(self):
-        _check(self.count >= 1 and self.slots >= 1, "hosts.count and hosts.slots must be >= 1")
+        require(self.count >= 1 and self.slots >= 1, "hosts.count and hosts.slots must be >= 1")
         self.max_count = self.max_count or 2 * self.count
-        _check(self.max_count >= self.count, "hosts.max_count must be >= hosts.count")
+        require(self.max_count >= self.count, "hosts.max_count must be >= hosts.count")
 
 
 @dataclass
@@ -99,12 +99,12 @@ class CostConfig:
 
     def __post_init__(self):
         for name in ("tflops", "hbm_gbps", "net_gbps", "activation_bytes", "load_gbps"):
-            _check(getattr(self, name) > 0, f"cost.{name} must be > 0")
+            require(getattr(self, name) > 0, f"cost.{name} must be > 0")
         for name in ("call_overhead_s", "net_latency_s"):
-            _check(getattr(self, name) >= 0, f"cost.{name} must be >= 0")
-        _check(self.batch_tokens >= 1 and self.max_batch_tokens >= 1,
+            require(getattr(self, name) >= 0, f"cost.{name} must be >= 0")
+        require(self.batch_tokens >= 1 and self.max_batch_tokens >= 1,
                "cost.batch_tokens and cost.max_batch_tokens must be >= 1")
-        _check(self.max_wait_ms >= 0, "cost.max_wait_ms must be >= 0")
+        require(self.max_wait_ms >= 0, "cost.max_wait_ms must be >= 0")
 
 
 @dataclass
@@ -126,15 +126,15 @@ class LoadConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self.tokens_per_s >= 0, "load.tokens_per_s must be >= 0")
-        _check(0 <= self.trough_ratio <= 1, "load.trough_ratio must be in [0, 1]")
-        _check(self.popularity in POPULARITY, f"load.popularity must be one of {POPULARITY}")
-        _check(isinstance(self.gini, list) and len(self.gini) == 2
+        require(self.tokens_per_s >= 0, "load.tokens_per_s must be >= 0")
+        require(0 <= self.trough_ratio <= 1, "load.trough_ratio must be in [0, 1]")
+        require(self.popularity in POPULARITY, f"load.popularity must be one of {POPULARITY}")
+        require(isinstance(self.gini, list) and len(self.gini) == 2
                and all(isinstance(g, (int, float)) and 0 <= g < 1 for g in self.gini)
                and self.gini[0] <= self.gini[1], "load.gini must be [lo, hi] with 0 <= lo <= hi < 1")
         for name in ("drift_hours", "shifts_per_hour", "bursts_per_hour", "burst_s"):
-            _check(getattr(self, name) >= 0, f"load.{name} must be >= 0")
-        _check(self.burst_factor > 0, "load.burst_factor must be > 0")
+            require(getattr(self, name) >= 0, f"load.{name} must be >= 0")
+        require(self.burst_factor > 0, "load.burst_factor must be > 0")
 
 
 @dataclass
@@ -150,11 +150,11 @@ class PolicyConfig:
     rebalance_every_s: float = 0.0  # autoscale: 0 = never
 
     def __post_init__(self):
-        _check(bool(self.name), "policies[].name must not be empty")
-        _check(self.kind in POLICY_KINDS, f"policies[{self.name}].kind must be one of {POLICY_KINDS}")
-        _check(self.replicas >= 0, f"policies[{self.name}].replicas must be >= 0")
-        _check(self.replan_every_s > 0, f"policies[{self.name}].replan_every_s must be > 0")
-        _check(self.rebalance_every_s >= 0, f"policies[{self.name}].rebalance_every_s must be >= 0")
+        require(bool(self.name), "policies[].name must not be empty")
+        require(self.kind in POLICY_KINDS, f"policies[{self.name}].kind must be one of {POLICY_KINDS}")
+        require(self.replicas >= 0, f"policies[{self.name}].replicas must be >= 0")
+        require(self.replan_every_s > 0, f"policies[{self.name}].replan_every_s must be > 0")
+        require(self.rebalance_every_s >= 0, f"policies[{self.name}].rebalance_every_s must be >= 0")
 
 
 def _default_policies() -> list[PolicyConfig]:
@@ -175,13 +175,13 @@ class Scenario:
     policies: list[PolicyConfig] = field(default_factory=_default_policies)
 
     def __post_init__(self):
-        _check(bool(self.name), "name must not be empty")
-        _check(self.duration_s >= self.autoscaling.period_s, "duration_s must be >= autoscaling.period_s")
-        _check(self.slo_s > 0, "slo_s must be > 0")
+        require(bool(self.name), "name must not be empty")
+        require(self.duration_s >= self.autoscaling.period_s, "duration_s must be >= autoscaling.period_s")
+        require(self.slo_s > 0, "slo_s must be > 0")
         names = [p.name for p in self.policies]
-        _check(len(names) > 0 and len(set(names)) == len(names), "policies: give at least one, names unique")
+        require(len(names) > 0 and len(set(names)) == len(names), "policies: give at least one, names unique")
         need = self.model.layers * self.model.n_routed_experts
-        _check(self.hosts.count * self.hosts.slots >= need,
+        require(self.hosts.count * self.hosts.slots >= need,
                f"hosts: {self.hosts.count} × {self.hosts.slots} slots cannot hold one replica of "
                f"{need} experts")
 
@@ -194,11 +194,11 @@ class Scenario:
         d = dict(d)
         for name, sub in (("model", ModelShape), ("hosts", FleetConfig), ("cost", CostConfig),
                           ("load", LoadConfig), ("autoscaling", AutoscalingConfig)):
-            d[name] = _build(sub, d.get(name, {}), name)
+            d[name] = build(sub, d.get(name, {}), name)
         if "policies" in d:
-            _check(isinstance(d["policies"], list), "policies: expected a list")
-            d["policies"] = [_build(PolicyConfig, p, f"policies[{i}]") for i, p in enumerate(d["policies"])]
-        return _build(cls, d, "scenario")
+            require(isinstance(d["policies"], list), "policies: expected a list")
+            d["policies"] = [build(PolicyConfig, p, f"policies[{i}]") for i, p in enumerate(d["policies"])]
+        return build(cls, d, "scenario")
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -206,7 +206,7 @@ def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     text = path.read_text()
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    _check(isinstance(data, dict), f"{path}: expected a mapping at the top level")
+    require(isinstance(data, dict), f"{path}: expected a mapping at the top level")
     load = data.get("load")
     if isinstance(load, dict) and isinstance(load.get("trace"), str) and load["trace"]:
         data["load"] = {**load, "trace": str((path.parent / load["trace"]).resolve())}

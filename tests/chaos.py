@@ -120,22 +120,23 @@ def run(svc: Any, spec: Any, threads: int = 3, max_s: float = 120.0,
                       lambda: host_restored(c, victim[0]))
 
             host_fault()
-            c.scale_expert(spec.name, layer, replicas=2, expert=5, timeout_s=60)
+            c.scale_expert(spec.name, layer=layer, expert=5, replicas=2, timeout_s=60)
             router_pid = ray.get(svc.routers[0].pid.remote())
             fault("router", lambda: os.kill(router_pid, signal.SIGKILL),
                   lambda: router_ready(svc.address))
             new = new_expert(spec, seed=31, scale=3.0)
             added = spec.moe.n_routed_experts
-            r = c.add_expert(spec.name, layer, new.data, expert=added, group=1, timeout_s=60)
+            r = c.add_expert(spec.name, layer=layer, safetensors=new.data, expert=added, group=1,
+                             timeout_s=60)
             new.record(ref, r.routing_version, layer, added, group=1)
             host_fault()
             controller_pid = ray.get(svc.controller.pid.remote())
             fault("controller", lambda: os.kill(controller_pid, signal.SIGKILL),
                   lambda: controller_answers(c, controller_pid, svc))
-            r = c.remove_expert(spec.name, layer, added, timeout_s=60)
+            r = c.remove_expert(spec.name, layer=layer, expert=added, timeout_s=60)
             ref.removed(r.routing_version, layer, added)
             host_fault()
-            c.scale_expert(spec.name, layer, replicas=1, expert=5, timeout_s=60)
+            c.scale_expert(spec.name, layer=layer, expert=5, replicas=1, timeout_s=60)
             wait_for(lambda: n_answers() >= 20, 5)
     finally:
         stop.set()

@@ -115,19 +115,19 @@ def elasticity(client: Client, spec) -> None:
     for w in workers:
         w.start()
     try:
-        r = client.scale_expert(spec.name, layer, replicas=2, expert=0)
+        r = client.scale_expert(spec.name, layer=layer, expert=0, replicas=2)
         print(f"elasticity: expert 0 of layer {layer} has 2 replicas from version {r.routing_version}")
         row, bias, new = random_expert(spec, seed=99, gate_scale=2.0)  # tokens pick it often
         grouped = spec.moe.group_limited
-        r = client.add_expert(spec.name, layer, expert_file(row, new, bias),
+        r = client.add_expert(spec.name, layer=layer, safetensors=expert_file(row, new, bias),
                               group=0 if grouped else None)
         ref.added(r.routing_version, layer, r.expert, row, new, bias, group=0)
         print(f"elasticity: added expert {r.expert} to layer {layer} (version {r.routing_version})")
         time.sleep(1.0)
-        r = client.remove_expert(spec.name, layer, r.expert)
+        r = client.remove_expert(spec.name, layer=layer, expert=r.expert)
         ref.removed(r.routing_version, layer, r.expert)
         print(f"elasticity: removed it again (version {r.routing_version})")
-        client.scale_expert(spec.name, layer, replicas=1, expert=0)
+        client.scale_expert(spec.name, layer=layer, expert=0, replicas=1)
         time.sleep(0.5)
     finally:
         stop.set()

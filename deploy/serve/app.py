@@ -185,7 +185,7 @@ def _shut_down(controller: Any) -> None:
     """moefleet's own Shutdown (the routers drain, then hosts, routers and the Controller end),
     waited for; the Controller and Router are killed if they have not ended by then."""
     try:
-        ray.get(controller.shutdown_service.remote(_GRACE_S), timeout=10)
+        ray.get(controller.shutdown_service.remote(grace_s=_GRACE_S), timeout=10)
     except ray.exceptions.RayError as e:  # also the timeout
         log.warning("moefleet's Controller did not take the shutdown: %s", e)
     deadline = time.monotonic() + _GRACE_S + 20

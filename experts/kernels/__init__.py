@@ -24,7 +24,7 @@ from .cpu import grouped_swiglu_cpu
 __all__ = ["BACKENDS", "grouped_swiglu", "triton_available"]
 
 BACKENDS = ("auto", "torch", "triton")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def grouped_swiglu(
@@ -105,8 +105,8 @@ def _check_x_and_weights(x, w13, w2) -> None:
     if not (e == e2 and h == h13 == h2 and two_i == 2 * inter):
         raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
                          f"(want [E, 2I, H]), w2 {tuple(w2.shape)} (want [E, H, I])")
-    if x.dtype not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(f"x, w13, w2 must share one dtype of {_DTYPES}; got "
+    if x.dtype not in _SUPPORTED_DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"x, w13, w2 must share one dtype of {_SUPPORTED_DTYPES}; got "
                          f"{x.dtype}, {w13.dtype}, {w2.dtype}")
     if w13.device != x.device or w2.device != x.device:
         raise ValueError(f"x, w13, w2 must be on one device; got {x.device}, "

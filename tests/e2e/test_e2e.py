@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from moefleet.client import Client
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
-from moefleet.router.wire import request_for
+from moefleet.protos.oip import request_for
 
 pytestmark = pytest.mark.e2e
 
@@ -203,7 +203,7 @@ def test_full_queue_is_resource_exhausted_and_nothing_wrong_is_returned(served):
     codes = [r for r in results if isinstance(r, grpc.StatusCode)]
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert codes, "16 concurrent requests of 4000 tokens must overflow 4096 outstanding tokens"
-    from moefleet.router.wire import tensor_from_response
+    from moefleet.protos.oip import tensor_from_response
 
     for r in results:
         if not isinstance(r, grpc.StatusCode):

@@ -19,7 +19,7 @@ future Ray that reached for the network would fail the test rather than contact 
 
 Metric names follow Ray's Prometheus export: `ray_` + the name given to ray.util.metrics
 (`NAMESPACE` in Ray's metric recorder), and a histogram's series end in _bucket/_count/_sum.
-The names and tags come from cluster/metrics.py, read as source (no Ray is started).
+The names and tags come from cluster/metrics.py and router/metrics.py, read as source (no Ray is started).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ CLUSTER_FILES = sorted(CLUSTER_DIR.glob("*.yaml"))
 AWS_FILES = [p for p in CLUSTER_FILES if p.name.startswith("aws-")]
 SPEC = REPO / "deploy/examples/cluster-spec.yaml"
 DASHBOARD = REPO / "deploy/grafana/moefleet.json"
-METRICS_PY = REPO / "cluster/metrics.py"
+METRICS_PY = (REPO / "cluster/metrics.py", REPO / "router/metrics.py")
 
 HOST_RESOURCE = "moefleet_host"
 _RESOURCES_FLAG = re.compile(r"--resources='(\{[^']*\})'")
@@ -255,8 +255,15 @@ def test_aws_workers_fit_the_spec_hosts_from_count_up_to_max_count(path: Path,
 
 
 def _moefleet_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """{name: (kind, tag keys)} of every ray.util.metrics object built in cluster/metrics.py."""
-    tree = ast.parse(METRICS_PY.read_text())
+    """{name: (kind, tag keys)} of every ray.util.metrics object built in the metrics modules
+    (the Controller's and the router's)."""
+    found = {}
+    for path in METRICS_PY:
+        found.update(_metrics_in(ast.parse(path.read_text())))
+    return found
+
+
+def _metrics_in(tree: ast.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
     consts: dict[str, Any] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -350,7 +357,7 @@ def test_dashboard_exprs_name_only_exported_moefleet_series_and_their_labels(das
         used = re.findall(r"\b(ray_moefleet_\w+)", expr)
         assert used, f"no moefleet metric in {expr!r}"
         unknown = set(used) - set(series)
-        assert not unknown, f"{expr!r}: {sorted(unknown)} not exported by cluster/metrics.py"
+        assert not unknown, f"{expr!r}: {sorted(unknown)} not exported by the metrics modules"
         assert not re.search(r"(?<!ray_)\bmoefleet_\w+\s*[{(\[)]", expr), f"missing ray_ prefix: {expr!r}"
         for name, body in re.findall(r"\b(ray_moefleet_\w+)\{([^}]*)\}", expr):
             labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", body))

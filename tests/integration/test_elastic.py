@@ -7,6 +7,7 @@ Every answer is checked against the reference of the routing version it reports.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -51,21 +52,21 @@ def test_scale_add_remove_rebalance_under_load_lose_nothing(running):
     result, workers = run_load(svc.address, spec, stop, threads=4, max_requests=2400, max_s=150)
     with Client(svc.address, retries=0) as c:
         wait_for(lambda: len(result.answers) >= 100, 60)
-        c.scale_expert(spec.name, 1, replicas=2, expert=5)
-        c.scale_expert(spec.name, 3, replicas=2)  # every expert of layer 3
+        c.scale_expert(spec.name, layer=1, expert=5, replicas=2)
+        c.scale_expert(spec.name, layer=3, replicas=2)  # every expert of layer 3
         added = []
         for i, layer in enumerate(spec.layers):
             new = new_expert(spec, seed=50 + i, scale=3.0)
-            r = c.add_expert(spec.name, layer, new.data, group=i + 1)
+            r = c.add_expert(spec.name, layer=layer, safetensors=new.data, group=i + 1)
             new.record(ref, r.routing_version, layer, r.expert, group=i + 1)
             added.append((layer, r.expert))
         wait_for(lambda: len(result.answers) >= 1000, 90)
-        c.scale_expert(spec.name, 3, replicas=1)
+        c.scale_expert(spec.name, layer=3, replicas=1)
         rb = c.rebalance(spec.name)
         for layer, e in added:
-            r = c.remove_expert(spec.name, layer, e)
+            r = c.remove_expert(spec.name, layer=layer, expert=e)
             ref.removed(r.routing_version, layer, e)
-        c.scale_expert(spec.name, 1, replicas=1, expert=5)
+        c.scale_expert(spec.name, layer=1, expert=5, replicas=1)
         for w in workers:
             w.join(timeout=180)
         stop.set()
@@ -91,7 +92,7 @@ def test_killed_host_loses_nothing_when_every_expert_has_two_replicas(running, t
     ref = VersionedReference(spec)
     with Client(svc.address, retries=0) as c:
         for layer in spec.layers:
-            c.scale_expert(spec.name, layer, replicas=2)
+            c.scale_expert(spec.name, layer=layer, replicas=2)
         before = _replicas(c, spec.name)
         stop = threading.Event()
         result, workers = run_load(svc.address, spec, stop, threads=4, max_requests=800, max_s=90)
@@ -161,9 +162,9 @@ def test_restarted_controller_restores_its_registry_from_the_journal(running):
     ref = VersionedReference(spec)
     x = torch.randn(32, spec.moe.hidden_size, generator=torch.Generator().manual_seed(9))
     with Client(svc.address, retries=2) as c:
-        c.scale_expert(spec.name, 3, replicas=2, expert=4)
+        c.scale_expert(spec.name, layer=3, expert=4, replicas=2)
         new = new_expert(spec, seed=77)
-        r = c.add_expert(spec.name, 3, new.data)
+        r = c.add_expert(spec.name, layer=3, safetensors=new.data)
         new.record(ref, r.routing_version, 3, r.expert)
         before = _replicas(c, spec.name)
         ray.kill(svc.controller, no_restart=False)  # Ray restarts it; it reads its journal
@@ -174,7 +175,7 @@ def test_restarted_controller_restores_its_registry_from_the_journal(running):
         y, version = wait_for(restored, 60)  # the restore publishes a new version
         assert _replicas(c, spec.name) == before
         torch.testing.assert_close(y, ref(version, 3, x))
-        c.scale_expert(spec.name, 3, replicas=1, expert=4)  # and it still makes changes
+        c.scale_expert(spec.name, layer=3, expert=4, replicas=1)  # and it still makes changes
         assert len(_replicas(c, spec.name)[(3, 4)]) == 1
 
 
@@ -191,25 +192,29 @@ def test_bad_changes_get_clear_statuses_and_the_service_still_answers(running):
     x = torch.randn(16, spec.moe.hidden_size, generator=torch.Generator().manual_seed(2))
     new = new_expert(spec, seed=3)
     with Client(svc.address, retries=0) as c:
+        add = functools.partial(c.add_expert, spec.name)
         cases = [
-            (lambda: c.add_expert(spec.name, 1, new.data), grpc.StatusCode.INVALID_ARGUMENT),  # no group
-            (lambda: c.add_expert(spec.name, 1, new.data, group=9), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.add_expert(spec.name, 1, b"not a file", group=0), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.add_expert(spec.name, 1, new.data, expert=3, group=0), grpc.StatusCode.ALREADY_EXISTS),
-            (lambda: c.add_expert(spec.name, 2, new.data, group=0), grpc.StatusCode.NOT_FOUND),
-            (lambda: c.remove_expert(spec.name, 1, 99), grpc.StatusCode.NOT_FOUND),
-            (lambda: c.scale_expert(spec.name, 1, replicas=0, expert=1), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.scale_expert(spec.name, 1, replicas=99, expert=1), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.scale_expert(spec.name, 1, replicas=100_000), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.scale_expert("nope", 1, replicas=2), grpc.StatusCode.NOT_FOUND),
-            (lambda: c.scale_expert(spec.name, 2, replicas=2), grpc.StatusCode.NOT_FOUND),
-            (lambda: c.add_expert(spec.name, 1, new.data, expert=2**40, group=0),
+            (lambda: add(layer=1, safetensors=new.data), grpc.StatusCode.INVALID_ARGUMENT),  # no group
+            (lambda: add(layer=1, safetensors=new.data, group=9), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: add(layer=1, safetensors=b"not a file", group=0), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: add(layer=1, safetensors=new.data, expert=3, group=0), grpc.StatusCode.ALREADY_EXISTS),
+            (lambda: add(layer=2, safetensors=new.data, group=0), grpc.StatusCode.NOT_FOUND),
+            (lambda: c.remove_expert(spec.name, layer=1, expert=99), grpc.StatusCode.NOT_FOUND),
+            (lambda: c.scale_expert(spec.name, layer=1, expert=1, replicas=0),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.scale_expert(spec.name, layer=1, expert=1, replicas=99),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.scale_expert(spec.name, layer=1, replicas=100_000), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.scale_expert("nope", layer=1, replicas=2), grpc.StatusCode.NOT_FOUND),
+            (lambda: c.scale_expert(spec.name, layer=2, replicas=2), grpc.StatusCode.NOT_FOUND),
+            (lambda: add(layer=1, safetensors=new.data, expert=2**40, group=0),
              grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: c.rebalance(spec.name, replicas=1), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: c.rebalance(spec.name, replicas=-1), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.set_autoscaling(spec.name, True, target_tokens_per_s=float("inf")),
+            (lambda: c.set_autoscaling(spec.name, enabled=True, target_tokens_per_s=float("inf")),
              grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: c.set_autoscaling(spec.name, True, max_replicas=1000), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: c.set_autoscaling(spec.name, enabled=True, max_replicas=1000),
+             grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: c.status("m" * (1 << 20)), grpc.StatusCode.NOT_FOUND),
         ]
         version = c.status(spec.name).models[0].routing_version
@@ -227,9 +232,9 @@ def test_bad_changes_get_clear_statuses_and_the_service_still_answers(running):
         # smallest would hold fewer than 3 experts
         removed = []
         for e in (5, 6, 7, 9, 10):
-            removed.append((c.remove_expert(spec.name, 1, e).routing_version, e))
+            removed.append((c.remove_expert(spec.name, layer=1, expert=e).routing_version, e))
         with pytest.raises(grpc.RpcError) as err:
-            c.remove_expert(spec.name, 1, 11)
+            c.remove_expert(spec.name, layer=1, expert=11)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         y, version = c.infer_with_version(spec.name, 1, x)
     for v, e in removed:

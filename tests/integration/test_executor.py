@@ -1,16 +1,20 @@
 """cluster/executor.py with fake hosts and routers (no Ray cluster is started): the order of effects DESIGN.md
 asks for (load → publish → drain → free), migrations through full hosts, and that an expert
 that keeps replicas is never left with none between two versions; a serving model loads in
-rounds of at most hosts.loads_per_host replicas per host.
+rounds of at most hosts.loads_per_host replicas per host. A gate change given as data
+(`Admit`, `Forget`) lands in the first version published, and the executor journals its own
+part beside the Controller's.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
-from moefleet.cluster.executor import Executor
+from moefleet.cluster.executor import Admit, Executor, Forget
+from moefleet.cluster.journal import Journal
 from moefleet.cluster.placement import Move
 from moefleet.cluster.registry import HostRecord, ModelRecord
 from tests.specs import family_spec
@@ -22,8 +26,11 @@ class _Method:
     def __init__(self, log: list, name: str, result=None):
         self._log, self._name, self._result = log, name, result
 
-    def remote(self, *args):
-        self._log.append((self._name, *args))
+    def options(self, **_options):
+        return self
+
+    def remote(self, *args, **kwargs):
+        self._log.append((self._name, *args, *([kwargs] if kwargs else [])))
         return _Done(self._result)
 
 
@@ -48,7 +55,7 @@ class _Done:
 
 
 class _Actor:
-    """Records each call as (name, *args) into a log shared by every fake."""
+    """Records each call as (name, *args[, kwargs]) into a log shared by every fake."""
 
     def __init__(self, log: list, name: str, **results):
         self._log, self._name, self._results = log, name, results
@@ -71,14 +78,18 @@ def _setup(slots: dict[str, int], replicas: dict[tuple[int, int], list[tuple[str
     for k, reps in replicas.items():
         for h, s in reps:
             hosts[h].slots[s] = k
-    router = _Actor(log, "router", wait_drained=True)
-    ex = Executor(hosts, {"r0": router}, {}, lambda: None, _Metrics())
+    ex = Executor(_Metrics())
+    for rec in hosts.values():
+        ex.add_host(rec)
+    ex.add_router("r0", _Actor(log, "router", wait_drained=True), "10.0.0.1:50051")
     return ex, model, hosts, log
 
 
 def _versions(log: list) -> list[dict]:
     """The replicas of each installed version, as {(layer, expert): [(host index, slot)]}."""
-    return [args[0]["replicas"] for name, *args in log if name == "router.install"]
+    return [{L: {e: list(reps) for e, reps in lr.replicas.items()}
+             for L, lr in args[0]["state"].layers.items()}
+            for name, *args in log if name == "router.install"]
 
 
 def test_adds_are_loaded_before_the_publish_and_removes_freed_after_the_drain():
@@ -86,7 +97,7 @@ def test_adds_are_loaded_before_the_publish_and_removes_freed_after_the_drain():
     moves = [Move("add", (1, 0), "B"), Move("remove", (1, 1), "B"), Move("add", (1, 1), "A")]
     added, removed, first = asyncio.run(ex.execute(m, moves))
     names = [entry[0] for entry in log]
-    assert names.index("B.load_source") < names.index("router.install")
+    assert names.index("B.load_weights_from") < names.index("router.install")
     assert names.index("router.install") < names.index("router.wait_drained") < names.index("B.free")
     assert (added, removed, first) == (2, 1, 1)
     assert sorted(m.replicas[(1, 0)]) == [("A", 0), ("B", 1)] and m.replicas[(1, 1)] == [("A", 1)]
@@ -138,12 +149,12 @@ def test_a_swap_between_full_hosts_still_completes():
 
 def test_a_failed_load_gives_back_every_slot_of_its_batch_and_publishes_nothing():
     ex, m, hosts, log = _setup({"A": 4, "B": 4}, {(1, 0): [("A", 0)]})
-    hosts["B"].handle = _Actor(log, "B", load_source=_Failing(ValueError("bad weights")))
+    hosts["B"].handle = _Actor(log, "B", load_weights_from=_Failing(ValueError("bad weights")))
     moves = [Move("add", (1, 1), "A"), Move("add", (1, 2), "B")]
     with pytest.raises(ValueError, match="bad weights"):
         asyncio.run(ex.execute(m, moves))
     assert hosts["A"].slots == {0: (1, 0)} and hosts["B"].slots == {}
-    assert ("A.free", 1) in log and _versions(log) == []
+    assert ("A.free", {"slot": 1}) in log and _versions(log) == []
     assert m.replicas == {(1, 0): [("A", 0)]}
 
 
@@ -155,7 +166,65 @@ def test_a_serving_host_loads_one_replica_per_published_round(version, b_serves,
     ex, m, hosts, log = _setup({"A": 4, "B": 4}, served)
     m.version = version
     asyncio.run(ex.execute(m, [Move("add", (1, e), "B") for e in range(3)]))
-    calls = [name for name, *_ in log if name in ("B.load_source", "router.install")]
-    assert calls == ["B.load_source"] * 3 + ["router.install"] if rounds == 1 else (
-        ["B.load_source", "router.install"] * 3)
+    calls = [name for name, *_ in log if name in ("B.load_weights_from", "router.install")]
+    assert calls == ["B.load_weights_from"] * 3 + ["router.install"] if rounds == 1 else (
+        ["B.load_weights_from", "router.install"] * 3)
     assert sorted(m.replicas[(1, 2)]) == [("A", 2), ("B", 2)] and len(_versions(log)) == rounds
+
+
+def _gate_ids(log: list) -> list[list[int]]:
+    """The expert ids of layer 1's gate in each installed version."""
+    return [args[0]["state"].layers[1].gate.expert_ids.tolist() for name, *args in log
+            if name == "router.install"]
+
+
+def test_an_admitted_expert_loads_its_own_weights_and_joins_the_gate_with_its_first_replica():
+    ex, m, hosts, log = _setup({"A": 4}, {(1, 0): [("A", 0)]})
+    new = replace(m.experts[1][0], group=0)
+    added, _, first = asyncio.run(ex.execute(m, [Move("add", (1, 8), "A")],
+                                             Admit((1, 8), new, "weights-ref")))
+    assert ("A.load_weights", {"slot": 1, "layer": 1, "expert": 8, "weights": "weights-ref"}) in log
+    assert (added, first) == (1, 1) and m.experts[1][8] is new
+    assert 8 in _gate_ids(log)[0] and _versions(log)[0][1][8] == [(0, 1)]
+
+
+def test_a_forgotten_expert_leaves_the_gate_before_its_slots_are_freed_and_its_weights_go():
+    ex, m, hosts, log = _setup({"A": 4}, {(1, 0): [("A", 0)]})
+    asyncio.run(ex.execute(m, [Move("add", (1, 8), "A")], Admit((1, 8), m.experts[1][0], "ref")))
+    m.target[(1, 8)], m.tokens_per_s[(1, 8)] = 1, 5.0
+    log.clear()
+    asyncio.run(ex.execute(m, [Move("remove", (1, 8), "A")], Forget((1, 8))))
+    names = [entry[0] for entry in log]
+    assert 8 not in _gate_ids(log)[0] and names.index("router.install") < names.index("A.free")
+    assert 8 not in m.experts[1] and (1, 8) not in m.target and (1, 8) not in m.tokens_per_s
+    m.experts[1][8] = m.experts[1][0]  # the same id again, with no weights of its own left
+    asyncio.run(ex.execute(m, [Move("add", (1, 8), "A")]))
+    assert [n for n, *_ in log if n.startswith("A.load")][-1] == "A.load_weights_from"
+
+
+def test_an_admission_whose_load_fails_changes_neither_gate_nor_replicas():
+    ex, m, hosts, log = _setup({"A": 4}, {(1, 0): [("A", 0)]})
+    hosts["A"].handle = _Actor(log, "A", load_weights=_Failing(ValueError("bad weights")))
+    with pytest.raises(ValueError, match="bad weights"):
+        asyncio.run(ex.execute(m, [Move("add", (1, 8), "A")], Admit((1, 8), m.experts[1][0], "ref")))
+    assert 8 not in m.experts[1] and _versions(log) == [] and hosts["A"].slots == {0: (1, 0)}
+
+
+def test_the_executor_journals_its_part_and_the_model_it_changed_beside_the_controllers(tmp_path):
+    log: list = []
+    spec = family_spec("mixtral")
+    m = ModelRecord.from_spec(spec)
+    journal = Journal(tmp_path)
+    journal.update(models={"other": {"kept": True}}, policy={"other": {"pending": []}})
+    ex = Executor(_Metrics(), journal)
+    ex.add_host(HostRecord("A", spec.name, _Actor(log, "A"), {"id": "A", "slots_total": 4}))
+    ex.add_router("r0", _Actor(log, "router", wait_drained=True), "10.0.0.1:50051")
+    asyncio.run(ex.execute(m, [Move("add", (1, 0), "A")]))
+    state = Journal(tmp_path).load()
+    assert state["models"]["other"] == {"kept": True} and state["policy"] == {"other": {"pending": []}}
+    assert state["models"][spec.name]["version"] == 1
+    assert state["models"][spec.name]["replicas"] == [[1, 0, "A", 0]]
+    assert state["hosts"] == [{"id": "A", "model": spec.name, "info": {"id": "A", "slots_total": 4},
+                               "slots": [[0, 1, 0]]}]
+    assert state["routers"] == {"r0": "10.0.0.1:50051"}
+    assert state["dataplane_secret"] == ex.dataplane_secret

@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moefleet.cluster import service
 from moefleet.protos import inference_pb2 as pb
+from moefleet.protos.oip import request_for, tensor_from_response
 from moefleet.router.actor import memory_bound
-from moefleet.router.wire import request_for, tensor_from_response
 from moefleet.testing import Reference
 from tests.specs import family_spec
 

@@ -34,7 +34,7 @@ def test_refused_scale_and_short_rebalance_answer_at_once_and_change_nothing(ray
         with Client(svc.address, retries=0) as c:
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as e:
-                c.scale_expert(spec.name, 1, replicas=3, expert=0)
+                c.scale_expert(spec.name, layer=1, expert=0, replicas=3)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "cannot add nodes" in e.value.details() and "stay as they were" in e.value.details()
             assert time.monotonic() - t0 < 20  # spec.hosts.start_timeout_s is 60

@@ -14,7 +14,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deploy.serve.app import ServeArgs, fingerprint
-from moefleet.cluster.spec import ModelSpec, SpecError
+from moefleet.cluster.spec import ModelSpec
+from moefleet.core.config import SpecError
 
 pytestmark = pytest.mark.integration  # Ray's own validators; no cluster is started
 

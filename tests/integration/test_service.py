@@ -1,9 +1,10 @@
 """Host and router actors on a local Ray cluster agree with the in-process reference layer,
 for every gating family (on the default transport, auto), and for one family on each of the
-router's transports to its hosts (Ray calls, gRPC data plane), through the Router actor and
-through gRPC."""
+router's transports to its hosts (Ray calls, gRPC data plane), through the router's gRPC port."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -34,14 +35,15 @@ def running(request, ray_session):
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 1000])
-def test_router_actor_matches_reference(running, tokens):
+def test_router_matches_reference(running, tokens):
     spec, svc, ref = running
     g = torch.Generator().manual_seed(tokens)
-    for layer in spec.layers:
-        x = torch.randn(tokens, spec.moe.hidden_size, generator=g)
-        y, version = ray.get(svc.routers[0].submit.remote(spec.name, layer, x))
-        torch.testing.assert_close(y, ref(layer, x))
-        assert version == 1
+    with Client(svc.address) as c:
+        for layer in spec.layers:
+            x = torch.randn(tokens, spec.moe.hidden_size, generator=g)
+            y, version = c.infer_with_version(spec.name, layer, x)
+            torch.testing.assert_close(y, ref(layer, x))
+            assert version == 1
 
 
 def test_grpc_answer_matches_reference_and_reports_version(running):
@@ -57,14 +59,15 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(running):
     spec, svc, ref = running
     g = torch.Generator().manual_seed(11)
     xs = [torch.randn(t, spec.moe.hidden_size, generator=g) for t in (5, 1, 17, 3, 40, 2)]
-    refs = [svc.routers[0].submit.remote(spec.name, spec.layers[0], x) for x in xs]
-    for x, (y, _) in zip(xs, ray.get(refs), strict=True):
+    with Client(svc.address) as c, ThreadPoolExecutor(len(xs)) as pool:
+        ys = list(pool.map(lambda x: c.infer(spec.name, spec.layers[0], x), xs))
+    for x, y in zip(xs, ys, strict=True):
         torch.testing.assert_close(y, ref(spec.layers[0], x))
 
 
 def test_hosts_hold_every_expert_once(running):
     spec, svc, _ = running
-    status = ray.get(svc.controller.status.remote(spec.name))
+    status = ray.get(svc.controller.status.remote(model=spec.name))
     (model,) = status["models"]
     for layer in model["layers"]:
         assert [e["expert"] for e in layer["experts"]] == list(range(spec.moe.n_routed_experts))
@@ -89,10 +92,11 @@ def test_host_loads_weights_through_the_object_store(ray_session):
     src = RandomSource(seed=3, hidden_size=32, intermediate_size=16, n_routed_experts=4)
     host = ray.remote(ExpertHost).options(num_cpus=0.25).remote("h", 4, 1)
     w = ray.put(src.expert(0, 2))
-    ray.get(host.load.remote(1, 0, 2, w))
+    ray.get(host.load_weights.remote(slot=1, layer=0, expert=2, weights=w))
     x = torch.randn(5, 32)
     from moefleet.experts.host import from_wire, to_wire
 
-    y = from_wire(*ray.get(host.run.remote(*to_wire(x), [1], [5])))
+    arr, dtype = to_wire(x)
+    y = from_wire(*ray.get(host.run.remote(x=arr, dtype=dtype, slot_ids=[1], counts=[5])))
     torch.testing.assert_close(y, src.expert(0, 2)(x))
     ray.kill(host)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from moefleet.cluster.admin import AdminServicer, status_from_proto, status_to_proto
+from moefleet.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from moefleet.protos import admin_pb2 as pb
-from moefleet.router.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 pytestmark = pytest.mark.unit
 
@@ -33,12 +33,12 @@ class _Context:
 
 
 class _Controller:
-    """Stands in for the Controller actor handle: `status.remote(model)` is awaitable."""
+    """Stands in for the Controller actor handle: `status.remote(model=...)` is awaitable."""
 
     def __init__(self, status: dict[str, Any]):
         self.calls: list[str] = []
 
-        async def remote(model: str) -> dict[str, Any]:
+        async def remote(*, model: str) -> dict[str, Any]:
             self.calls.append(model)
             return status
 
@@ -163,8 +163,8 @@ def test_rebalance_passes_the_knob_only_when_set_and_answers_the_shortfall_and_t
     reply = asyncio.run(servicer.Rebalance(pb.RebalanceRequest(
         model="tiny", replicas=40, max_moves=4, allow_partial=True), _Context()))
     asyncio.run(servicer.Rebalance(pb.RebalanceRequest(model="tiny", min_gain=0.01), _Context()))
-    assert calls == [(("tiny",), {"replicas": 40, "allow_partial": True, "max_moves": 4}),
-                     (("tiny",), {"replicas": 0, "allow_partial": False, "min_gain": 0.01})]
+    assert calls == [((), {"model": "tiny", "replicas": 40, "allow_partial": True, "max_moves": 4}),
+                     ((), {"model": "tiny", "replicas": 0, "allow_partial": False, "min_gain": 0.01})]
     assert (reply.replicas_requested, reply.replicas_placed, reply.moves, reply.moves_uncut) == (
         40, 38, 4, 12)
     assert (reply.host_imbalance_before, reply.host_imbalance_after, reply.host_imbalance_uncut) == (
@@ -175,8 +175,8 @@ def test_rebalance_passes_the_knob_only_when_set_and_answers_the_shortfall_and_t
 def test_a_shutdown_grace_that_is_not_a_time_is_refused_and_nothing_stops(grace_s: float) -> None:
     stopped: list = []
 
-    async def remote(grace: float) -> list[str]:
-        stopped.append(grace)
+    async def remote(*, grace_s: float) -> list[str]:
+        stopped.append(grace_s)
         return ["tiny"]
 
     servicer = AdminServicer(SimpleNamespace(shutdown_service=SimpleNamespace(remote=remote)))

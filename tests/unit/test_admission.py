@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
-from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
-from moefleet.router.wire import request_for, tensor_from_response
+from moefleet.protos.oip import request_for, tensor_from_response
+from moefleet.router.server import InferenceServicer, ServerLimits, serve_grpc
 from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
@@ -43,7 +43,8 @@ class _Held(FakeRouter):
 async def _serve(router):
     limits = ServerLimits(max_receive_bytes=8 << 20, max_send_bytes=8 << 20,
                           max_concurrent_rpcs=SLOTS, max_other_rpcs=2)
-    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(router, 1 << 20),
+    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                  InferenceServicer(router, router.submit, 1 << 20),
                   pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
     server, port, _ = await serve_grpc(servicers, "127.0.0.1", 0, limits)
     return server, f"127.0.0.1:{port}"

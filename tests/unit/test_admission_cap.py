@@ -11,12 +11,12 @@ import grpc
 import pytest
 import torch
 
+from moefleet.core.errors import Overloaded
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
+from moefleet.protos.oip import request_for, tensor_from_response
 from moefleet.router.admission import Admission, AdmissionPolicy, CpuIdle, ProcessCpu
-from moefleet.router.errors import Overloaded
-from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
-from moefleet.router.wire import request_for, tensor_from_response
+from moefleet.router.server import InferenceServicer, ServerLimits, serve_grpc
 from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
@@ -221,7 +221,9 @@ async def _through_the_door() -> None:
     w = _engaged(1.0)
     w.queue_refuses = 0.0  # from here only the cap refuses; the fake clock stands still
     limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=8)
-    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(_Doubler(), 1024),
+    doubler = _Doubler()
+    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                  InferenceServicer(doubler, doubler.submit, 1024),
                   pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
     server, port, _ = await serve_grpc(servicers, "127.0.0.1", 0, limits,
                                        infer_refusal=w.admission.refusal)

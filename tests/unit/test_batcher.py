@@ -19,9 +19,9 @@ from collections.abc import Hashable
 import pytest
 import torch
 
+from moefleet.core.errors import ResourceExhausted
 from moefleet.router import batcher
 from moefleet.router.batcher import MicroBatcher
-from moefleet.router.errors import ResourceExhausted
 
 pytestmark = pytest.mark.unit
 
@@ -58,6 +58,19 @@ class FakeRun:
             await asyncio.sleep(0)
 
 
+class _engine:  # noqa: N801 (reads as a function at its call sites)
+    """`run(model, x)` as the engine the batcher wraps: every request passes the check."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def check(self, model: str, layer: int, x: torch.Tensor) -> None:
+        pass
+
+    async def forward(self, model: str, layer: int, x: torch.Tensor):
+        return await self.run(model, x)
+
+
 def _xs(sizes: list[int], seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(t, H, generator=g) for t in sizes]
@@ -77,9 +90,9 @@ async def _settle(n: int = 10) -> None:
 
 async def _behind_a_held_batch(b: MicroBatcher, run, xs: list) -> list[asyncio.Task]:
     """Submit xs[0], wait until its batch is in flight (held), then submit the rest."""
-    first = asyncio.create_task(b.submit("L0", xs[0]))
+    first = asyncio.create_task(b.submit("L0", 0, xs[0]))
     await run.started(1)
-    rest = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:]]
+    rest = [asyncio.create_task(b.submit("L0", 0, x)) for x in xs[1:]]
     await _settle()
     return [first, *rest]
 
@@ -95,7 +108,7 @@ def _assert_each_got_its_own_rows(xs: list, results: list) -> None:
 def test_requests_arriving_during_a_batch_are_merged_into_one_call() -> None:
     async def main():
         run = FakeRun(hold=(1,))
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([3, 1, 4, 2], seed=1)
         tasks = await _behind_a_held_batch(b, run, xs)
         assert run.sizes() == [3], "followers wait while the first batch is in flight"
@@ -113,10 +126,10 @@ def test_requests_arriving_during_a_batch_are_merged_into_one_call() -> None:
 def test_many_concurrent_requests_each_get_exactly_their_own_rows() -> None:
     async def main():
         run = FakeRun()
-        b = MicroBatcher(run, max_batch_tokens=64, max_wait_s=0.005, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=64, max_wait_s=0.005, max_queue_tokens=10_000)
         sizes = [1, 5, 2, 7, 3, 1, 8, 4, 6, 2] * 4
         xs = _xs(sizes, seed=2)
-        results = await asyncio.gather(*(b.submit("L0", x) for x in xs))
+        results = await asyncio.gather(*(b.submit("L0", 0, x) for x in xs))
         _assert_each_got_its_own_rows(xs, results)
         assert len(run.calls) < len(xs), "concurrent requests should share calls"
         assert sum(run.sizes()) == sum(sizes)
@@ -127,12 +140,12 @@ def test_many_concurrent_requests_each_get_exactly_their_own_rows() -> None:
 def test_different_keys_never_share_a_call() -> None:
     async def main():
         run = FakeRun(hold=(1, 2))
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
         xa, xb = _xs([2, 3, 1], seed=3), _xs([4, 1, 2], seed=4)
-        tasks = [asyncio.create_task(b.submit("a", xa[0])),
-                 asyncio.create_task(b.submit("b", xb[0]))]
+        tasks = [asyncio.create_task(b.submit("a", 0, xa[0])),
+                 asyncio.create_task(b.submit("b", 0, xb[0]))]
         await run.started(2)
-        tasks += [asyncio.create_task(b.submit(k, x)) for k, xs in (("a", xa), ("b", xb))
+        tasks += [asyncio.create_task(b.submit(k, 0, x)) for k, xs in (("a", xa), ("b", xb))
                   for x in xs[1:]]
         await _settle()
         run.release.set()
@@ -156,7 +169,7 @@ def test_different_keys_never_share_a_call() -> None:
 def test_a_merged_batch_never_exceeds_max_batch_tokens() -> None:
     async def main():
         run = FakeRun(hold=(1,))
-        b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([2, 3, 3, 3, 5, 2, 1, 4, 4, 6, 1], seed=5)
         tasks = await _behind_a_held_batch(b, run, xs)
         run.release.set()
@@ -171,7 +184,7 @@ def test_a_merged_batch_never_exceeds_max_batch_tokens() -> None:
 def test_a_single_oversize_request_is_dispatched_alone() -> None:
     async def main():
         run = FakeRun(hold=(1,))
-        b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([2, 3, 20, 3], seed=6)
         tasks = await _behind_a_held_batch(b, run, xs)
         run.release.set()
@@ -186,12 +199,12 @@ def test_a_single_oversize_request_is_dispatched_alone() -> None:
 def test_followers_filling_max_batch_tokens_are_dispatched_without_waiting() -> None:
     async def main():
         run = FakeRun(hold=(1,))  # the first batch never returns during the test
-        b = MicroBatcher(run, max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([2, 5, 3], seed=12)
-        first = asyncio.create_task(b.submit("L0", xs[0]))
+        first = asyncio.create_task(b.submit("L0", 0, xs[0]))
         await run.started(1)
         results = await asyncio.wait_for(
-            asyncio.gather(*(b.submit("L0", x) for x in xs[1:])), 1.0  # 5 + 3 = 8 queued
+            asyncio.gather(*(b.submit("L0", 0, x) for x in xs[1:])), 1.0  # 5 + 3 = 8 queued
         )
         assert run.sizes() == [2, 8] and not first.done()
         for x, (y, meta) in zip(xs[1:], results, strict=True):
@@ -206,9 +219,9 @@ def test_followers_filling_max_batch_tokens_are_dispatched_without_waiting() -> 
 def test_an_idle_request_is_dispatched_at_once() -> None:
     async def main():
         run = FakeRun()
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
         (x,) = _xs([5], seed=7)
-        y, meta = await asyncio.wait_for(b.submit("L0", x), 1.0)  # far below max_wait_s
+        y, meta = await asyncio.wait_for(b.submit("L0", 0, x), 1.0)  # far below max_wait_s
         torch.testing.assert_close(y, _f(x))
         assert (meta, run.sizes()) == (1, [5])
 
@@ -218,12 +231,12 @@ def test_an_idle_request_is_dispatched_at_once() -> None:
 def test_a_lone_follower_waits_about_max_wait_not_for_the_batch_in_flight() -> None:
     async def main():
         run = FakeRun(hold=(1,))  # the first batch never returns during the test
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=0.05, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=0.05, max_queue_tokens=10_000)
         xs = _xs([3, 2], seed=8)
-        first = asyncio.create_task(b.submit("L0", xs[0]))
+        first = asyncio.create_task(b.submit("L0", 0, xs[0]))
         await run.started(1)
         t0 = asyncio.get_running_loop().time()
-        y, meta = await asyncio.wait_for(b.submit("L0", xs[1]), 1.0)
+        y, meta = await asyncio.wait_for(b.submit("L0", 0, xs[1]), 1.0)
         waited = run.calls[1][2] - t0
         assert 0.04 <= waited <= 0.5, waited
         torch.testing.assert_close(y, _f(xs[1]))
@@ -237,19 +250,19 @@ def test_a_lone_follower_waits_about_max_wait_not_for_the_batch_in_flight() -> N
 def test_a_full_queue_raises_resource_exhausted_and_later_requests_succeed() -> None:
     async def main():
         run = FakeRun(hold=(1,))
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10)
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10)
         xs = _xs([4, 6, 5, 3], seed=9)
-        first = asyncio.create_task(b.submit("L0", xs[0]))  # in flight: not queued
+        first = asyncio.create_task(b.submit("L0", 0, xs[0]))  # in flight: not queued
         await run.started(1)
-        queued = asyncio.create_task(b.submit("L0", xs[1]))  # 6 queued
+        queued = asyncio.create_task(b.submit("L0", 0, xs[1]))  # 6 queued
         await _settle()
         with pytest.raises(ResourceExhausted) as err:
-            await b.submit("L0", xs[2])  # 6 + 5 > 10
+            await b.submit("L0", 0, xs[2])  # 6 + 5 > 10
         assert err.value.code == "RESOURCE_EXHAUSTED"
         run.release.set()
         for x, task in ((xs[0], first), (xs[1], queued)):
             torch.testing.assert_close((await task)[0], _f(x))
-        y, _ = await b.submit("L0", xs[3])  # the queue has drained: answered again
+        y, _ = await b.submit("L0", 0, xs[3])  # the queue has drained: answered again
         torch.testing.assert_close(y, _f(xs[3]))
         assert 5 not in run.sizes()
 
@@ -262,18 +275,18 @@ def test_a_full_queue_raises_resource_exhausted_and_later_requests_succeed() -> 
 def test_an_error_in_run_reaches_every_request_of_its_batch_and_the_batcher_recovers() -> None:
     async def main():
         run = FakeRun(hold=(1,), fail=(2,))
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=10_000)
         xs = _xs([2, 3, 1, 4, 5], seed=10)
-        first = asyncio.create_task(b.submit("L0", xs[0]))
+        first = asyncio.create_task(b.submit("L0", 0, xs[0]))
         await run.started(1)
-        merged = [asyncio.create_task(b.submit("L0", x)) for x in xs[1:4]]
+        merged = [asyncio.create_task(b.submit("L0", 0, x)) for x in xs[1:4]]
         await _settle()
         run.release.set()
         torch.testing.assert_close((await first)[0], _f(xs[0]))
         errors = await asyncio.gather(*merged, return_exceptions=True)
         assert run.sizes()[:2] == [2, 8]
         assert all(isinstance(e, RuntimeError) and "boom in call 2" in str(e) for e in errors)
-        y, meta = await b.submit("L0", xs[4])
+        y, meta = await b.submit("L0", 0, xs[4])
         torch.testing.assert_close(y, _f(xs[4]))
         assert meta == 3
 
@@ -285,10 +298,10 @@ def test_run_returning_the_wrong_number_of_rows_fails_every_request_instead_of_h
         async def short(key, x):
             return _f(x)[:-1], 0
 
-        b = MicroBatcher(short, max_batch_tokens=1000, max_wait_s=0.01, max_queue_tokens=10_000)
+        b = MicroBatcher(_engine(short), max_batch_tokens=1000, max_wait_s=0.01, max_queue_tokens=10_000)
         xs = _xs([2, 3], seed=11)
         results = await asyncio.wait_for(
-            asyncio.gather(*(b.submit("L0", x) for x in xs), return_exceptions=True), 1.0
+            asyncio.gather(*(b.submit("L0", 0, x) for x in xs), return_exceptions=True), 1.0
         )
         assert all(isinstance(r, Exception) for r in results)
 
@@ -309,11 +322,11 @@ class SlowRun:
 def test_work_ahead_longer_than_max_queue_delay_is_refused_at_once_and_admitted_work_is_served() -> None:
     # 1 ms a token: a request of 10 tokens takes 10 ms; at most 30 ms may wait ahead of one
     async def main():
-        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=20, max_wait_s=0.0,
+        b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=0.03)
         (x,) = _xs([10], seed=0)
-        await b.submit("k", x)  # measures the key's rate: about 10k tokens/s
-        tasks = [asyncio.create_task(b.submit("k", x)) for _ in range(20)]
+        await b.submit("k", 0, x)  # measures the key's rate: about 10k tokens/s
+        tasks = [asyncio.create_task(b.submit("k", 0, x)) for _ in range(20)]
         done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT_S)
         refused = [r for r in done if isinstance(r, ResourceExhausted)]
         served = [r for r in done if not isinstance(r, BaseException)]
@@ -324,7 +337,7 @@ def test_work_ahead_longer_than_max_queue_delay_is_refused_at_once_and_admitted_
         # the first one goes at once; each later one is admitted while <= 30 ms are ahead (a
         # busy machine measures a slower rate, so fewer may be)
         assert 1 <= len(served) <= 6, len(served)
-        y, _ = await b.submit("k", x)  # once drained, requests are admitted again
+        y, _ = await b.submit("k", 0, x)  # once drained, requests are admitted again
         torch.testing.assert_close(y, _f(x))
         assert b.idle
 
@@ -352,11 +365,11 @@ def test_a_refused_request_is_freed_at_once_not_at_the_next_collection() -> None
     # A refusal's traceback holds submit's frame, which holds the request: if the frame also
     # held the refusal, the payload would wait in a reference cycle for a full collection.
     async def main():
-        b = MicroBatcher(FakeRun(), max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=4)
+        b = MicroBatcher(_engine(FakeRun()), max_batch_tokens=8, max_wait_s=60.0, max_queue_tokens=4)
         x = torch.randn(8, 4)
         alive = weakref.ref(x)
         with pytest.raises(ResourceExhausted):
-            await b.submit("k", x)
+            await b.submit("k", 0, x)
         del x
         return alive
 
@@ -369,11 +382,11 @@ def test_a_refused_request_is_freed_at_once_not_at_the_next_collection() -> None
 
 def test_a_few_small_batches_at_once_are_never_measured_nor_refused_for_delay() -> None:
     async def main():
-        b = MicroBatcher(SerialRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+        b = MicroBatcher(_engine(SerialRun(1e-3)), max_batch_tokens=1000, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=1e-6)
         for seed in range(3):  # four callers at once, 5 to 16 tokens each: never 500 out
             xs = _xs([5, 16, 9, 12], seed=seed)
-            got = await asyncio.wait_for(asyncio.gather(*(b.submit("k", x) for x in xs)), TIMEOUT_S)
+            got = await asyncio.wait_for(asyncio.gather(*(b.submit("k", 0, x) for x in xs)), TIMEOUT_S)
             for (y, _), x in zip(got, xs, strict=True):
                 torch.testing.assert_close(y, _f(x))
         assert b.refusal() is None
@@ -383,11 +396,11 @@ def test_a_few_small_batches_at_once_are_never_measured_nor_refused_for_delay() 
 
 def test_a_key_whose_small_batches_run_one_at_a_time_is_never_refused_for_delay() -> None:
     async def main():
-        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=1000, max_wait_s=0.0,
+        b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=1000, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=1e-6)
         for seed in range(3):  # batches of 5 to 20 tokens, never two at once: never measured
             for x in _xs([5, 20, 10], seed=seed):
-                y, _ = await asyncio.wait_for(b.submit("k", x), TIMEOUT_S)
+                y, _ = await asyncio.wait_for(b.submit("k", 0, x), TIMEOUT_S)
                 torch.testing.assert_close(y, _f(x))
             assert b.refusal() is None
 
@@ -410,12 +423,12 @@ def test_small_batches_that_overlap_are_measured_and_refused_once_they_back_up()
     # Each request is sent as its own batch at once (max_wait_s=0) and the batches run one
     # after another, 5 ms each: each a quarter of half of max_batch_tokens, yet they queue up.
     async def main():
-        b = MicroBatcher(SerialRun(1e-3), max_batch_tokens=40, max_wait_s=0.0,
+        b = MicroBatcher(_engine(SerialRun(1e-3)), max_batch_tokens=40, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=0.03)
         xs = _xs([5] * 40, seed=5)
         tasks = []
         for x in xs:  # one request a millisecond; they take 5 ms each
-            tasks.append(asyncio.create_task(b.submit("k", x)))
+            tasks.append(asyncio.create_task(b.submit("k", 0, x)))
             await asyncio.sleep(1e-3)
         got = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), TIMEOUT_S)
         refused = [r for r in got if isinstance(r, ResourceExhausted)]
@@ -430,11 +443,11 @@ def test_small_batches_that_overlap_are_measured_and_refused_once_they_back_up()
 
 def test_the_door_check_refuses_while_any_key_has_too_much_work_ahead_and_not_after(monkeypatch) -> None:
     async def main():
-        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=20, max_wait_s=0.0,
+        b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=0.03)
         (x,) = _xs([10], seed=1)
         assert b.refusal() is None  # idle
-        await b.submit("k", x)  # measures the key's rate
+        await b.submit("k", 0, x)  # measures the key's rate
         assert b.refusal() is None  # nothing in flight
         # The clock stops, so the batches sent from here on have run for no time at all and
         # each counts whole: the door refuses once more than 30 ms of them are in flight.
@@ -442,7 +455,7 @@ def test_the_door_check_refuses_while_any_key_has_too_much_work_ahead_and_not_af
         monkeypatch.setattr(batcher.time, "perf_counter", lambda: now)
         tasks = []
         while b.refusal() is None and len(tasks) < 10:
-            tasks.append(asyncio.create_task(b.submit("k", x)))
+            tasks.append(asyncio.create_task(b.submit("k", 0, x)))
             await _settle()
         refusal = b.refusal()
         assert refusal is not None and "max_queue_delay_s" in str(refusal)
@@ -455,13 +468,13 @@ def test_the_door_check_refuses_while_any_key_has_too_much_work_ahead_and_not_af
 
 def test_the_door_check_counts_open_calls_not_yet_queued_as_work_on_its_way(monkeypatch) -> None:
     async def main():
-        b = MicroBatcher(SlowRun(1e-3), max_batch_tokens=20, max_wait_s=0.0,
+        b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=0.03)
         (x,) = _xs([10], seed=3)
-        await b.submit("k", x)  # measures the key's rate and the mean request (10 tokens)
+        await b.submit("k", 0, x)  # measures the key's rate and the mean request (10 tokens)
         now = batcher.time.perf_counter()
         monkeypatch.setattr(batcher.time, "perf_counter", lambda: now)
-        task = asyncio.create_task(b.submit("k", x))  # one in flight, whole: under 30 ms
+        task = asyncio.create_task(b.submit("k", 0, x))  # one in flight, whole: under 30 ms
         await _settle()
         assert b.refusal(open_calls=1) is None  # the one open call is the one in flight
         # Calls the door let in whose payload is still being read: each brings a mean request
@@ -476,8 +489,8 @@ def test_the_door_check_counts_open_calls_not_yet_queued_as_work_on_its_way(monk
 def test_the_door_check_counts_open_calls_not_yet_queued_against_a_full_queue() -> None:
     async def main():
         run = FakeRun(hold=(1,))
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=25)
-        first = asyncio.create_task(b.submit("L0", _xs([10], seed=4)[0]))
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=25)
+        first = asyncio.create_task(b.submit("L0", 0, _xs([10], seed=4)[0]))
         await run.started(1)
         assert b.refusal(open_calls=2) is None  # 10 outstanding + 10 coming + 1 <= 25
         assert "queue is full" in str(b.refusal(open_calls=3))  # 10 + 20 coming + 1 > 25
@@ -490,8 +503,8 @@ def test_the_door_check_counts_open_calls_not_yet_queued_against_a_full_queue() 
 def test_the_door_check_refuses_a_full_queue() -> None:
     async def main():
         run = FakeRun(hold=(1,))
-        b = MicroBatcher(run, max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=4)
-        first = asyncio.create_task(b.submit("L0", _xs([4], seed=2)[0]))
+        b = MicroBatcher(_engine(run), max_batch_tokens=1000, max_wait_s=60.0, max_queue_tokens=4)
+        first = asyncio.create_task(b.submit("L0", 0, _xs([4], seed=2)[0]))
         await run.started(1)
         assert "queue is full" in str(b.refusal())
         run.release.set()

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moefleet.cluster.model import gate_of, source_args, source_of
-from moefleet.cluster.spec import ModelSpec, SpecError, spec_for_checkpoint
+from moefleet.cluster.spec import ModelSpec, spec_for_checkpoint
+from moefleet.core.config import SpecError
 from moefleet.experts.checkpoint import CheckpointError, CheckpointSource
 from moefleet.experts.hf_config import from_dict
 from moefleet.experts.host import ExpertHost
@@ -111,7 +112,7 @@ def _served_layer(spec: ModelSpec, layer: int, x: torch.Tensor, host: ExpertHost
     x: [T, H] -> [T, H]"""
     e, k = spec.moe.n_routed_experts, spec.moe.num_experts_per_tok
     for i in range(e):
-        host.load_source(i, layer, i, source_args(spec))
+        host.load_weights_from(slot=i, layer=layer, expert=i, source=source_args(spec))
     topk_w, topk_ids = route(x, gate_of(spec, layer).to(x.device), spec.moe)  # [T, K]
     p = plan(topk_ids, LayerTable.from_replicas({i: [(0, i)] for i in range(e)}))
     (batch,) = p.batches
@@ -313,7 +314,8 @@ def test_unreadable_directory_is_named_with_the_host(tmp_path):
         ModelSpec.from_dict({"weights": {"checkpoint": str(missing)}})
     host = ExpertHost("h7", num_slots=2)
     with pytest.raises(CheckpointError, match=rf"host h7 on {socket.gethostname()}: .*cannot read config"):
-        host.load_source(0, 1, 0, {"checkpoint": {"path": str(missing), "dtype": "float32"}})
+        host.load_weights_from(slot=0, layer=1, expert=0,
+                               source={"checkpoint": {"path": str(missing), "dtype": "float32"}})
     assert host.slots == {}
 
 

@@ -20,10 +20,10 @@ import torch
 
 from moefleet.client import Client
 from moefleet.client.client import _target
+from moefleet.core.errors import Overloaded, ResourceExhausted
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
-from moefleet.router.errors import Overloaded, ResourceExhausted
-from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
+from moefleet.router.server import InferenceServicer, ServerLimits, serve_grpc
 from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
@@ -133,7 +133,8 @@ def _serving(router) -> Iterator[str]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=8)
-    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(router, 64),
+    servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                  InferenceServicer(router, router.submit, 64),
                   pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
     server, port, _ = asyncio.run_coroutine_threadsafe(
         serve_grpc(servicers, "127.0.0.1", 0, limits), loop).result(10)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 
+from moefleet.core.errors import HostGone, Unavailable
 from moefleet.experts.dataplane import (
     RUN_METHOD,
     SECRET_KEY,
@@ -25,7 +26,6 @@ from moefleet.experts.dataplane import (
 from moefleet.experts.host import ExpertHost, from_wire, to_wire
 from moefleet.experts.weights import RandomSource
 from moefleet.router.dispatch import HostBatch
-from moefleet.router.errors import HostGone, Unavailable
 from moefleet.router.transport import HostLink, Transport
 
 pytestmark = pytest.mark.unit
@@ -64,7 +64,7 @@ def served():
     src = RandomSource(seed=3, hidden_size=H, intermediate_size=16, n_routed_experts=SLOTS)
     host = ExpertHost("h", SLOTS, 1)
     for slot in range(SLOTS):
-        host.load(slot, 0, slot, src.expert(0, slot))
+        host.load_weights(slot=slot, layer=0, expert=slot, weights=src.expert(0, slot))
     secret = secrets.token_urlsafe(16)
     server, address = serve(host.compute, "127.0.0.1", secret)
     yield host, address, secret, server
@@ -83,7 +83,8 @@ def test_server_answers_what_the_host_computes(served, dtype):
     slot_ids, counts = [2, 0, 3], [4, 1, 4]
     data = _call(address, encode_request(x, torch.tensor(slot_ids), torch.tensor(counts)),
                  ((SECRET_KEY, secret),))
-    want = from_wire(*host.run(*to_wire(x), slot_ids, counts))
+    arr, wire_dtype = to_wire(x)
+    want = from_wire(*host.run(x=arr, dtype=wire_dtype, slot_ids=slot_ids, counts=counts))
     torch.testing.assert_close(decode_reply(data, dtype, (9, H)), want)
 
 
@@ -103,7 +104,7 @@ def test_bad_request_and_empty_slot_get_clear_statuses(served):
     with pytest.raises(grpc.RpcError) as e:
         _call(address, b"garbage", auth)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    host.free(1)
+    host.free(slot=1)
     with pytest.raises(grpc.RpcError) as e:
         _call(address, encode_request(torch.randn(2, H), torch.tensor([1]), torch.tensor([2])), auth)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -133,7 +134,8 @@ def test_grpc_transport_matches_the_host_then_raises_host_gone_once_it_is_dead(s
             await t.close()
 
     y = asyncio.run(go())
-    torch.testing.assert_close(y, from_wire(*host.run(*to_wire(x), [1, 2], [2, 4])))
+    arr, dtype = to_wire(x)
+    torch.testing.assert_close(y, from_wire(*host.run(x=arr, dtype=dtype, slot_ids=[1, 2], counts=[2, 4])))
 
 
 def test_grpc_transport_with_a_wrong_secret_is_unavailable_not_host_gone(served):

@@ -17,13 +17,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moefleet.cluster.spec import MoEConfig
+from moefleet.core.config import MoEConfig
+from moefleet.core.errors import HostGone, InvalidArgument, NotFound, Unavailable
 from moefleet.experts.host import ExpertHost, from_wire, to_wire
 from moefleet.experts.reference import MoELayer
 from moefleet.experts.weights import RandomSource
 from moefleet.router.dispatch import HostBatch, LayerTable
 from moefleet.router.engine import Engine, LayerState, ModelState
-from moefleet.router.errors import HostGone, InvalidArgument, NotFound, Unavailable
 from moefleet.router.gating import Gate, route
 
 pytestmark = pytest.mark.unit
@@ -73,7 +73,7 @@ def _host(i: int) -> ExpertHost:
 
 async def _call_host(host: ExpertHost, x: torch.Tensor, b: HostBatch) -> torch.Tensor:
     arr, dtype = to_wire(x)
-    y, y_dtype = host.run(arr, dtype, b.slot_ids.tolist(), b.counts.tolist())
+    y, y_dtype = host.run(x=arr, dtype=dtype, slot_ids=b.slot_ids.tolist(), counts=b.counts.tolist())
     return from_wire(y, y_dtype)
 
 
@@ -112,7 +112,7 @@ def _build(cfg: MoEConfig, ids: list[int] | None = None, version: int = 1, seed:
     reps = layout(ids)
     for row, e in enumerate(ids):
         for h, slot in reps[e]:
-            hosts[h].load(slot, LAYER, e, src.expert(LAYER, row))
+            hosts[h].load_weights(slot=slot, layer=LAYER, expert=e, weights=src.expert(LAYER, row))
     shared = src.shared(LAYER)
     layer = LayerState(gate, LayerTable.from_replicas(reps), shared)
     state = ModelState(name, cfg, torch.float32, version, {LAYER: layer}, hosts,
@@ -240,7 +240,7 @@ def test_bad_request_raises_its_domain_error_and_the_engine_still_answers(
     engine = served[0]
     x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(110))
     with pytest.raises(error, match=words) as err:
-        asyncio.run(engine.forward(model, layer, x))
+        engine.check(model, layer, x)
     assert err.value.code == code
     _still_answers(served)
 
@@ -252,7 +252,7 @@ def test_a_failing_host_gives_unavailable_and_the_engine_still_answers(served: t
     with pytest.raises(Unavailable, match="host h") as err:
         asyncio.run(broken.forward("m", LAYER, _x(7, seed=120)))
     assert err.value.code == "UNAVAILABLE"
-    assert broken.dead_hosts == set() and broken.outstanding == {}, "not HostGone: no retry"
+    assert broken.dead_hosts == set() and broken.in_flight_rows == {}, "not HostGone: no retry"
     _still_answers(served)
 
 
@@ -354,7 +354,7 @@ class _Fleet:
 
 
 def _routed_rows(gate: Gate, cfg: MoEConfig, *xs: torch.Tensor) -> dict[int, int]:
-    """expert id -> rows routed to it over the inputs, as take_load reports them."""
+    """expert id -> rows routed to it over the inputs, as take_rows reports them."""
     ids = torch.cat([route(x, gate, cfg)[1].reshape(-1) for x in xs])
     n = torch.bincount(ids)
     return {e: c for e, c in enumerate(n.tolist()) if c}
@@ -371,8 +371,8 @@ def test_rows_of_a_gone_host_are_retried_on_other_replicas_and_match_the_referen
     torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
     assert "h1" in fleet.hosts_called(), "the gone host was tried first"
     assert engine.dead_hosts == {"h1"} and told == ["h1"]
-    assert engine.outstanding == {}
-    assert engine.take_load() == {"m": {LAYER: _routed_rows(gate, cfg, x)}}, "retries count once"
+    assert engine.in_flight_rows == {}
+    assert engine.take_rows() == {"m": {LAYER: _routed_rows(gate, cfg, x)}}, "retries count once"
 
     fleet.calls.clear()
     x2 = _x(33, seed=201)
@@ -394,7 +394,7 @@ def test_rows_are_retried_until_a_live_replica_answers() -> None:
     y, _ = asyncio.run(engine.forward("m", LAYER, x))
     torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
     assert fleet.calls == [("h0", 2), ("h1", 2), ("h2", 2)]
-    assert told == ["h0", "h1"] and engine.outstanding == {}
+    assert told == ["h0", "h1"] and engine.in_flight_rows == {}
 
 
 def test_a_gone_host_with_an_experts_only_replica_gives_unavailable_then_avoiding_requests_pass(
@@ -412,7 +412,7 @@ def test_a_gone_host_with_an_experts_only_replica_gives_unavailable_then_avoidin
                        ) as err:
         asyncio.run(engine.forward("m", LAYER, x))
     assert err.value.code == "UNAVAILABLE"
-    assert told == ["h1"] and engine.outstanding == {}
+    assert told == ["h1"] and engine.in_flight_rows == {}
     assert asyncio.run(engine.wait_drained("m", 2, timeout_s=0)), "the failed request ended"
 
     fleet.calls.clear()
@@ -494,10 +494,10 @@ def test_outstanding_rows_steer_a_concurrent_single_row_to_the_other_replica() -
     async def main():
         first = asyncio.create_task(engine.forward("m", LAYER, x1))
         await fleet.until_called(1)
-        after_first = dict(engine.outstanding)
+        after_first = dict(engine.in_flight_rows)
         second = asyncio.create_task(engine.forward("m", LAYER, x2))
         await fleet.until_called(2)
-        after_second = dict(engine.outstanding)
+        after_second = dict(engine.in_flight_rows)
         fleet.release.set()
         (y1, _), (y2, _) = await asyncio.gather(first, second)
         return after_first, after_second, y1, y2
@@ -506,7 +506,7 @@ def test_outstanding_rows_steer_a_concurrent_single_row_to_the_other_replica() -
     assert after_first == {"h0": 1}
     assert after_second == {"h0": 1, "h1": 1}
     assert fleet.calls == [("h0", 1), ("h1", 1)]
-    assert engine.outstanding == {}
+    assert engine.in_flight_rows == {}
     torch.testing.assert_close(y1, _expected(reference, gate, cfg, x1))
     torch.testing.assert_close(y2, _expected(reference, gate, cfg, x2))
 
@@ -519,7 +519,7 @@ def test_outstanding_holds_every_dispatched_row_until_its_host_answers() -> None
     async def main():
         running = asyncio.create_task(engine.forward("m", LAYER, _x(20, seed=250)))
         await fleet.until_called(1)  # every call is issued before the first one runs
-        held = dict(engine.outstanding)
+        held = dict(engine.in_flight_rows)
         fleet.release.set()
         await running
         return held
@@ -527,10 +527,10 @@ def test_outstanding_holds_every_dispatched_row_until_its_host_answers() -> None
     held = asyncio.run(main())
     assert len(held) == N_HOSTS
     assert held == {h: n for h, n in fleet.calls} and sum(held.values()) == 20 * 3
-    assert engine.outstanding == {}
+    assert engine.in_flight_rows == {}
 
 
-def test_take_load_counts_the_rows_routed_to_each_expert_and_starts_afresh() -> None:
+def test_take_rows_counts_the_rows_routed_to_each_expert_and_starts_afresh() -> None:
     cfg = _cfg("deepseek-v2")
     a, _, gate_a = _build(cfg, name="a", seed=0)
     b, _, gate_b = _build(cfg, name="b", seed=1, ids=[2, 5, 11, 12, 20, 21, 33, 40])
@@ -541,11 +541,11 @@ def test_take_load_counts_the_rows_routed_to_each_expert_and_starts_afresh() -> 
     for x in xs:
         asyncio.run(engine.forward("a", LAYER, x))
     asyncio.run(engine.forward("b", LAYER, xs[0]))
-    assert engine.take_load() == {"a": {LAYER: _routed_rows(gate_a, cfg, *xs)},
+    assert engine.take_rows() == {"a": {LAYER: _routed_rows(gate_a, cfg, *xs)},
                                   "b": {LAYER: _routed_rows(gate_b, cfg, xs[0])}}
-    assert engine.take_load() == {}
+    assert engine.take_rows() == {}
     asyncio.run(engine.forward("a", LAYER, xs[0]))
-    assert engine.take_load() == {"a": {LAYER: _routed_rows(gate_a, cfg, xs[0])}}
+    assert engine.take_rows() == {"a": {LAYER: _routed_rows(gate_a, cfg, xs[0])}}
 
 
 # ---- draining ------------------------------------------------------------------------------
@@ -607,7 +607,7 @@ def _restored_state(state: ModelState, cfg: MoEConfig, version: int, gate: Gate 
     src = _source(cfg)
     h0 = state.hosts[0]
     for slot, e in ((5, 1), (6, 4)):
-        h0.load(slot, LAYER, e, src.expert(LAYER, e))
+        h0.load_weights(slot=slot, layer=LAYER, expert=e, weights=src.expert(LAYER, e))
     reps = {e: [(0 if h == 0 else 1, s) for h, s in r if h != 1]
             for e, r in _replicas(list(range(E))).items()}
     reps[1], reps[4] = [(0, 5)], [(0, 6)]
@@ -641,7 +641,7 @@ def test_rows_of_a_lost_expert_wait_for_the_version_that_restores_it_then_match(
     y, version = asyncio.run(main())
     assert version == 1, "the version its gating ran on"
     torch.testing.assert_close(y, _expected(reference, gate, cfg, x))
-    assert engine.outstanding == {}
+    assert engine.in_flight_rows == {}
     assert asyncio.run(engine.wait_drained("m", 3, timeout_s=0)), "the request ended"
 
 

@@ -1,11 +1,11 @@
-"""router/errors.py: what a status message may carry of a client's strings and of Ray's
+"""core/errors.py: what a status message may carry of a client's strings and of Ray's
 wrapping."""
 
 from __future__ import annotations
 
 import pytest
 
-from moefleet.router.errors import InvalidArgument, NotFound, message_of, quote
+from moefleet.core.errors import InvalidArgument, NotFound, message_of, quote
 
 pytestmark = pytest.mark.unit
 

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from moefleet.cluster.spec import MoEConfig
+from moefleet.core.config import MoEConfig
 from moefleet.router.gating import Gate, route, scores
 
 pytestmark = pytest.mark.unit

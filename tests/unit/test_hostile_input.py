@@ -20,18 +20,18 @@ import grpc
 import pytest
 import torch
 
-from moefleet.cluster.spec import MoEConfig
+from moefleet.core.config import MoEConfig
 from moefleet.experts.host import ExpertHost, from_wire, to_wire
 from moefleet.experts.reference import MoELayer
 from moefleet.experts.weights import RandomSource
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
+from moefleet.protos.oip import request_for, tensor_from_response
 from moefleet.router.batcher import MicroBatcher
 from moefleet.router.dispatch import LayerTable
 from moefleet.router.engine import Engine, LayerState, ModelState
 from moefleet.router.gating import Gate, route
-from moefleet.router.servicer import InferenceServicer, ServerLimits, serve_grpc
-from moefleet.router.wire import request_for, tensor_from_response
+from moefleet.router.server import InferenceServicer, ServerLimits, serve_grpc
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +51,7 @@ class _LocalRouter:
         src = RandomSource(seed=0, hidden_size=H, intermediate_size=INTER, n_routed_experts=E)
         host = ExpertHost("h0", E, num_cpus=1, device="cpu")
         for e in range(E):
-            host.load(e, LAYER, e, src.expert(LAYER, e))
+            host.load_weights(slot=e, layer=LAYER, expert=e, weights=src.expert(LAYER, e))
         gw = src.gate(LAYER)
         self.gate = Gate(gw.weight, torch.arange(E), torch.zeros(E, dtype=torch.long), gw.bias)
         self.reference = MoELayer({e: src.expert(LAYER, e) for e in range(E)}, None)
@@ -60,14 +60,8 @@ class _LocalRouter:
                            [host], ["h0"])
         self.engine = Engine(_call_host, "cpu")
         self.engine.install(state)
-        self.batcher = MicroBatcher(self._run, 256, 0.001, 4096, 0.05)
-
-    async def _run(self, key, x):
-        return await self.engine.forward(key[0], key[1], x)
-
-    async def submit(self, model, layer, x):
-        self.engine.check(model, layer, x)
-        return await self.batcher.submit((model, layer, x.dtype), x)
+        self.batcher = MicroBatcher(self.engine, 256, 0.001, 4096, 0.05)
+        self.submit = self.batcher.submit
 
     def ready(self):
         return True
@@ -85,7 +79,7 @@ class _LocalRouter:
 
 async def _call_host(host, x, b):
     arr, dtype = to_wire(x)
-    y, y_dtype = host.run(arr, dtype, b.slot_ids.tolist(), b.counts.tolist())
+    y, y_dtype = host.run(x=arr, dtype=dtype, slot_ids=b.slot_ids.tolist(), counts=b.counts.tolist())
     return from_wire(y, y_dtype)
 
 
@@ -186,7 +180,7 @@ def _varint(n: int) -> bytes:
 
 
 async def _serve(router: _LocalRouter):
-    servicer = InferenceServicer(router, MAX_TOKENS)
+    servicer = InferenceServicer(router, router.submit, MAX_TOKENS)
     add = pb_grpc.add_GRPCInferenceServiceServicer_to_server
     limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=256)
     name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

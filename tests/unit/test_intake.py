@@ -1,4 +1,4 @@
-"""router/intake.py: the gRPC server on a loop of its own refuses calls at the door while the
+"""router/server.py's Intake: the gRPC server on a loop of its own refuses calls at the door while the
 router's own loop is blocked, serves admitted calls through `OnLoop` on the router's loop, and
 ends its thread when stopped; `on_tick` runs on its thread while it listens.
 """
@@ -15,9 +15,8 @@ import torch
 
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
-from moefleet.router.intake import Intake, OnLoop
-from moefleet.router.servicer import InferenceServicer, ServerLimits
-from moefleet.router.wire import request_for, tensor_from_response
+from moefleet.protos.oip import request_for, tensor_from_response
+from moefleet.router.server import InferenceServicer, Intake, OnLoop, ServerLimits
 from tests.fake_router import FakeRouter
 
 pytestmark = pytest.mark.unit
@@ -58,7 +57,7 @@ async def _scenario() -> None:
     intake = Intake()
     limits = ServerLimits(max_receive_bytes=1 << 20, max_send_bytes=1 << 20, max_concurrent_rpcs=SLOTS)
     servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
-                  InferenceServicer(OnLoop(router, asyncio.get_running_loop()), 1024),
+                  InferenceServicer(router, OnLoop(router, asyncio.get_running_loop()).submit, 1024),
                   pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
     port = await intake.start(servicers, "127.0.0.1", 0, limits)
     thread = intake._thread

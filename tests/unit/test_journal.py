@@ -1,6 +1,7 @@
 """cluster/journal.py: what is saved loads back as the same plain data (tuples as lists, int
 keys as ints), a crash mid-save never corrupts the last snapshot, blobs sit beside it, clear()
-forgets everything, and a snapshot of another format is refused.
+forgets everything, a snapshot of another format is refused, and `update` writes one owner's
+parts (or entries of a part) while keeping the other owner's.
 """
 
 from __future__ import annotations
@@ -126,3 +127,20 @@ def test_only_the_owner_may_read_the_snapshot_it_holds_the_data_plane_secret(tmp
     journal.save({**_state(seed=4), "dataplane_secret": "s3cret"})
     assert journal.path.stat().st_mode & 0o777 == 0o600
     assert journal.load()["dataplane_secret"] == "s3cret"
+
+
+def test_update_replaces_its_parts_and_entries_and_keeps_the_other_owners(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.update(models={"a": {"version": 1}, "b": {"version": 1}}, policy={"a": {"pending": []}})
+    journal.update(entries={"models": {"b": {"version": 2}}}, hosts=[{"id": "h0"}], dataplane_secret="s")
+    journal.update(policy={})  # a part given whole replaces the last one
+    want = {"models": {"a": {"version": 1}, "b": {"version": 2}}, "policy": {},
+            "hosts": [{"id": "h0"}], "dataplane_secret": "s"}
+    assert journal.load() == want
+    again = Journal(tmp_path)  # a restarted Controller's journal updates what it loaded
+    again.load()
+    again.update(entries={"models": {"c": {"version": 1}}})
+    assert Journal(tmp_path).load() == {**want, "models": {**want["models"], "c": {"version": 1}}}
+    again.clear()
+    again.update(hosts=[])
+    assert again.load() == {"hosts": []}

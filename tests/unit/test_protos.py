@@ -24,7 +24,7 @@ from google.protobuf import descriptor_pb2, text_format
 
 from moefleet.protos import admin_pb2
 from moefleet.protos import inference_pb2 as pb
-from moefleet.router import wire
+from moefleet.protos import oip as wire
 
 pytestmark = pytest.mark.unit
 

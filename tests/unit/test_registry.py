@@ -23,8 +23,9 @@ from moefleet.cluster.registry import (
     parse_new_expert,
     rebalance_knob,
 )
-from moefleet.cluster.spec import ModelSpec, MoEConfig
-from moefleet.router.errors import FailedPrecondition, InvalidArgument, NotFound
+from moefleet.cluster.spec import ModelSpec
+from moefleet.core.config import MoEConfig
+from moefleet.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from moefleet.router.gating import Gate, route
 from moefleet.testing import expert_file, random_expert
 from tests.specs import FAMILIES, family_spec
@@ -241,13 +242,15 @@ def test_to_plain_lists_added_and_removed_experts_targets_and_replicas() -> None
     assert model.autoscaling.min_replicas == 1  # a copy, not the live config
 
 
-def test_the_smoothed_load_survives_the_journal_and_an_older_journal_starts_without_one() -> None:
+def test_the_smoothed_rates_survive_the_journal_and_one_under_the_old_name_too() -> None:
     model = ModelRecord.from_spec(family_spec("mixtral"))
-    model.load = {(1, 0): 12.5, (3, 7): 0.25}
+    model.tokens_per_s = {(1, 0): 12.5, (3, 7): 0.25}
     plain = model.to_plain()
-    assert ModelRecord.from_plain(plain)[0].load == model.load
+    assert ModelRecord.from_plain(plain)[0].tokens_per_s == model.tokens_per_s
+    plain["load"] = plain.pop("tokens_per_s")  # as journals written before the rename say it
+    assert ModelRecord.from_plain(plain)[0].tokens_per_s == model.tokens_per_s
     del plain["load"]
-    assert ModelRecord.from_plain(plain)[0].load == {}
+    assert ModelRecord.from_plain(plain)[0].tokens_per_s == {}
 
 
 # ---- removals ------------------------------------------------------------------------------
@@ -449,12 +452,13 @@ def test_a_rebalance_total_below_one_per_expert_or_past_what_hosts_could_hold_is
 def test_a_poll_sums_the_models_rows_over_routers_and_smooths_them_into_its_load() -> None:
     model = ModelRecord.from_spec(family_spec("mixtral"))
     L = model.spec.layers[0]
-    model.load = {(L, 0): 100.0}
+    model.tokens_per_s = {(L, 0): 100.0}
     replies = [{"rows": {model.name: {L: {0: 30, 1: 10}}, "other": {L: {0: 999}}},
                 "latency_s": {model.name: [0.01, 0.03]}},
                {"rows": {model.name: {L: {0: 10}}}, "latency_s": {}}]
     model.observe(replies, elapsed_s=2.0)
     # expert 0: 40 rows / 2 s = 20, smoothed with 100 at weight 0.5; expert 1 starts at its rate
-    assert (model.load[(L, 0)], model.load[(L, 1)], model.load[(L, 2)]) == (60.0, 5.0, 0.0)
-    assert set(model.load) == set(model.keys())
+    rates = model.tokens_per_s
+    assert (rates[(L, 0)], rates[(L, 1)], rates[(L, 2)]) == (60.0, 5.0, 0.0)
+    assert set(model.tokens_per_s) == set(model.keys())
     assert model.latency == {"p50_s": 0.01, "p99_s": 0.03, "requests_per_s": 1.0}

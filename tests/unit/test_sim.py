@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from moefleet.cluster.cli import main
+from moefleet.cli.main import main
 from moefleet.sim import (
     Fleet,
     Generated,

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from moefleet.cluster.autoscale import AutoscalingConfig
-from moefleet.cluster.spec import DTYPE_NAMES, ModelSpec, MoEConfig, SpecError, load_spec
-from moefleet.experts.weights import TORCH_DTYPES
+from moefleet.cluster.spec import ModelSpec, load_spec
+from moefleet.core.config import DTYPE_NAMES, MoEConfig, SpecError
+from moefleet.core.dtypes import TORCH_DTYPES
 
 pytestmark = pytest.mark.unit
 

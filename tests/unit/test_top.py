@@ -1,4 +1,4 @@
-"""cluster/top.py: one frame of `moefleet top` shades each expert by its load relative to the
+"""cli/top.py: one frame of `moefleet top` shades each expert by its load relative to the
 hottest, prints its replica count, truncates a layer wider than the screen with "+N", and
 shows each host's slot use.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from moefleet.cluster.top import SHADES, render
+from moefleet.cli.top import SHADES, render
 from moefleet.protos import admin_pb2 as pb
 
 pytestmark = pytest.mark.unit

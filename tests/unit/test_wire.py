@@ -1,4 +1,4 @@
-"""router/wire.py: tensors survive the OIP encoding bit for bit, and bad requests are named.
+"""protos/oip.py: tensors survive the OIP encoding bit for bit, and bad requests are named.
 
 Every message goes through SerializeToString / FromString, so the tests see what the
 other side of a gRPC call would see.
@@ -11,9 +11,9 @@ import struct
 import pytest
 import torch
 
+from moefleet.core.errors import InvalidArgument
 from moefleet.protos import inference_pb2 as pb
-from moefleet.router import wire
-from moefleet.router.errors import InvalidArgument
+from moefleet.protos import oip as wire
 
 pytestmark = pytest.mark.unit
 

@@ -148,9 +148,8 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
           detach: bool) -> None:
     """Start the service for SPEC (or an HF --checkpoint) and serve until SIGINT/SIGTERM (or,
     with --detach, return)."""
-    from moefleet.router.errors import MoefleetError
-
-    from .service import check_exposure, connect_ray, start
+    from moefleet.cluster.service import check_exposure, connect_ray, start
+    from moefleet.core.errors import MoefleetError
 
     spec = _serve_spec(spec_path, checkpoint, name, dtype, num_hosts)
     host = host or ("127.0.0.1" if address == "local" else "0.0.0.0")
@@ -194,7 +193,7 @@ def serve(spec_path: str | None, checkpoint: str | None, name: str | None, dtype
 
 
 def _server_tls(cert: str | None, key: str | None, client_ca: str | None):
-    from moefleet.router.servicer import TlsConfig
+    from moefleet.router.server import TlsConfig
 
     if (cert is None) != (key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -209,7 +208,8 @@ def _serve_spec(spec_path: str | None, checkpoint: str | None, name: str | None,
                 num_hosts: int | None):
     """The spec `serve` runs: a SPEC file, or one made from an HF checkpoint directory, with
     the command line's overrides."""
-    from .spec import SpecError, load_spec, spec_for_checkpoint
+    from moefleet.cluster.spec import load_spec, spec_for_checkpoint
+    from moefleet.core.config import SpecError
 
     if (spec_path is None) == (checkpoint is None):
         raise click.UsageError("give a SPEC file or --checkpoint DIR (exactly one)")
@@ -261,7 +261,7 @@ class _LoadBar:
 @click.option("--model", default="", help="Only this model.")
 def status(conn: _Conn, output: str, model: str) -> None:
     """Show models, experts, replicas, load, latency, hosts and the routing-table version."""
-    from .admin import status_from_proto
+    from moefleet.cluster.admin import status_from_proto
 
     with _admin(conn) as c:
         resp = c.status(model)
@@ -282,7 +282,7 @@ def status(conn: _Conn, output: str, model: str) -> None:
 def shutdown(conn: _Conn, grace_s: float, wait_s: float) -> None:
     """Stop the service at --server: routers drain, hosts and the Controller end."""
     with _admin(conn) as c:
-        models = c.shutdown(grace_s).models
+        models = c.shutdown(grace_s=grace_s).models
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             try:
@@ -324,7 +324,7 @@ def top(conn: _Conn, model: str, interval: float, iterations: int) -> None:
 def scale(conn: _Conn, model: str, layer: int, expert: int | None, replicas: int) -> None:
     """Set the replica count of an expert (or of every expert of a layer)."""
     with _admin(conn) as c:
-        r = c.scale_expert(model, layer, replicas=replicas, expert=expert)
+        r = c.scale_expert(model, layer=layer, expert=expert, replicas=replicas)
     what = f"expert {expert}" if expert is not None else "every expert"
     click.echo(f"{model} layer {layer} {what}: {replicas} replica(s) (+{r.replicas_added} "
                f"-{r.replicas_removed}), routing_version {r.routing_version}")
@@ -343,7 +343,8 @@ def add_expert(conn: _Conn, model: str, layer: int, weights_path: str, expert: i
                group: int | None) -> None:
     """Add a routed expert to a layer; prints the new expert's id."""
     with _admin(conn) as c:
-        r = c.add_expert(model, layer, Path(weights_path).read_bytes(), expert=expert, group=group)
+        r = c.add_expert(model, layer=layer, safetensors=Path(weights_path).read_bytes(), expert=expert,
+                         group=group)
     click.echo(f"moefleet: added expert {r.expert} to {model} layer {layer}, routing_version "
                f"{r.routing_version}", err=True)
     click.echo(r.expert)
@@ -357,7 +358,7 @@ def add_expert(conn: _Conn, model: str, layer: int, weights_path: str, expert: i
 def remove_expert(conn: _Conn, model: str, layer: int, expert: int) -> None:
     """Remove a routed expert: unpublish, drain, free its slots."""
     with _admin(conn) as c:
-        r = c.remove_expert(model, layer, expert)
+        r = c.remove_expert(model, layer=layer, expert=expert)
     click.echo(f"{model} layer {layer}: removed expert {expert} ({r.replicas_removed} replica(s)), "
                f"routing_version {r.routing_version}")
 
@@ -408,7 +409,7 @@ def _rebalance_report(model: str, r) -> str:
 def autoscale(conn: _Conn, model: str, enabled: bool, **policy: Any) -> None:
     """Switch the per-expert autoscaler and change its policy."""
     with _admin(conn) as c:
-        r = c.set_autoscaling(model, enabled, **policy)
+        r = c.set_autoscaling(model, enabled=enabled, **policy)
     click.echo(f"{model}: autoscaling {'on' if r.enabled else 'off'}, target "
                f"{r.target_tokens_per_s:g} tokens/s per replica, replicas "
                f"{r.min_replicas}..{r.max_replicas}, delays up {r.upscale_delay_s:g}s / "

@@ -1,7 +1,7 @@
 """Domain errors of the service, each carrying the gRPC status it maps to.
 
 Code anywhere in moefleet raises these; the one place that turns them into gRPC statuses
-is the servicers' `ErrorInterceptor` (router/servicer.py). This module imports no grpc,
+is the servicers' `ErrorInterceptor` (router/server.py). This module imports no grpc,
 so the maths and the control plane can raise them freely.
 
 `HostGone` is the one exception here that is not a status: a host call raises it when the

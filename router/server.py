@@ -1,8 +1,19 @@
-"""The gRPC face of the router: the Open Inference Protocol servicer, the error interceptor,
-and the server that carries them plus health checking and reflection.
+"""The router's gRPC face: a grpc.aio server on a thread and event loop of its own (`Intake`),
+the door every call passes (`ErrorInterceptor`, `CallSlots`), and the Open Inference Protocol
+servicer, plus health checking and reflection.
 
-The servicer only validates, converts (`wire`) and delegates (to the micro-batcher and the
-engine). Domain errors become gRPC statuses in exactly one place: `ErrorInterceptor`.
+The servicer only decodes (`protos.oip`) and delegates: a request goes to the micro-batcher
+(`submit`), on the Router actor's loop. Domain errors become gRPC statuses in exactly one
+place: `ErrorInterceptor`.
+
+Why a loop of its own: grpc.aio takes in each new call through its event loop, a few loop turns
+a call. On the loop that also runs the engine, a busy loop took calls in slower than an
+overload brought them, and they waited unseen inside gRPC, for seconds, before the door could
+refuse them. On a loop of its own the door sees each call as it arrives (bench/RESULTS.md,
+"Overload and hostile input"). A timer on that loop ticks `on_tick` (the router's
+`Admission`, which admits fewer calls while the machine's CPU is saturated), on the same
+thread as the door it controls. `OnLoop` carries calls to the actor's loop: a coroutine method
+runs there, a plain one (a read of the router's state) is called directly.
 """
 
 from __future__ import annotations
@@ -12,24 +23,33 @@ import inspect
 import logging
 import math
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from moefleet.core.errors import DeadlineExceeded, InvalidArgument, MoefleetError, Overloaded, message_of
 from moefleet.protos import inference_pb2 as pb
 from moefleet.protos import inference_pb2_grpc as pb_grpc
-
-from .errors import DeadlineExceeded, InvalidArgument, MoefleetError, Overloaded, message_of
-from .wire import MODEL_VERSION, TENSOR_NAME, WIRE_DTYPES, check_version, decode_infer, encode_infer
+from moefleet.protos.oip import (
+    MODEL_VERSION,
+    TENSOR_NAME,
+    WIRE_DTYPES,
+    check_version,
+    decode_infer,
+    encode_infer,
+)
 
 __all__ = ["InferenceServicer", "ErrorInterceptor", "CallSlots", "serve_grpc", "ServerLimits",
-           "TlsConfig", "SERVER_NAME"]
+           "TlsConfig", "SERVER_NAME", "Intake", "OnLoop", "Service"]
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "moefleet"
@@ -38,6 +58,9 @@ _DATATYPE_OF = {d.torch_dtype: d.datatype for d in WIRE_DTYPES}
 
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# (add_XServicer_to_server, servicer, full service name): one gRPC service the server carries
+Service = tuple[Callable[[Any, Any], None], Any, str]
+Submit = Callable[[str, int, torch.Tensor], Awaitable[tuple[torch.Tensor, int]]]
 _UNGATED = "/grpc.health.v1.Health/"  # health checks stay cheap and always answered
 
 
@@ -213,10 +236,12 @@ _MAX_DETAILS = 2000
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """`submit(model, layer, x)` -> (y, routing_version); `router` answers model questions."""
+    """`router` answers model questions (ready, model_names, metadata); `submit(model, layer,
+    x)` -> (y, routing_version) serves a request (the micro-batcher's, on the router's loop)."""
 
-    def __init__(self, router: Any, max_request_tokens: int):
+    def __init__(self, router: Any, submit: Submit, max_request_tokens: int):
         self._router = router
+        self._submit = submit
         self._max_request_tokens = max_request_tokens
 
     async def ServerLive(self, request, context):
@@ -250,7 +275,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout = context.time_remaining()
         try:
             y, version = await asyncio.wait_for(
-                self._router.submit(call.model, call.layer, call.x), timeout
+                self._submit(call.model, call.layer, call.x), timeout
             )
         except (asyncio.TimeoutError, TimeoutError):
             raise DeadlineExceeded(f"the client's deadline passed after {timeout:.3f}s") from None
@@ -286,7 +311,7 @@ class ServerLimits:
 
 
 async def serve_grpc(
-    servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    servicers: list[Service],
     host: str,
     port: int,
     limits: ServerLimits,
@@ -317,3 +342,98 @@ async def serve_grpc(
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health
+
+
+# ---- the server's own thread and loop ----------------------------------------------------
+
+_JOIN_TIMEOUT_S = 5.0
+_TICK_S = 0.05  # how often `on_tick` runs
+
+
+class OnLoop:
+    """`target` as seen from another loop: its coroutine methods run on `loop`."""
+
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop):
+        self._target, self._loop = target, loop
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        loop = self._loop
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(attr(*args, **kwargs), loop))
+
+        setattr(self, name, call)  # made once a name
+        return call
+
+
+class Intake:
+    """A gRPC server (`serve_grpc`) on a thread and event loop of its own."""
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        self._ticker: Future | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The intake's loop; servicers made for it are handed `OnLoop` views of the caller's."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-intake",
+                                            daemon=True)
+            self._thread.start()
+        return self._loop
+
+    async def start(self, servicers: list[Service], host: str,
+                    port: int, limits: ServerLimits, tls: TlsConfig | None = None,
+                    infer_refusal: Callable[[int], Any] | None = None,
+                    on_tick: Callable[[], None] | None = None) -> int:
+        """Listen; returns the bound port. On failure the intake's thread is ended too.
+        on_tick() is called on the intake's thread every `_TICK_S` while it listens."""
+        try:
+            self._server, bound, _ = await self._on_intake(
+                serve_grpc(servicers, host, port, limits, tls, infer_refusal))
+        except BaseException:
+            await self._end_thread()
+            raise
+        if on_tick is not None:
+            self._ticker = asyncio.run_coroutine_threadsafe(_every(_TICK_S, on_tick), self.loop)
+        return bound
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking calls, let open ones finish within grace_s, then end the thread."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self._server is not None:
+            await self._on_intake(self._server.stop(grace_s))
+            self._server = None
+        await self._end_thread()
+
+    async def _on_intake(self, coro: Any) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def _end_thread(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, _JOIN_TIMEOUT_S)
+        if not thread.is_alive():
+            loop.close()
+
+
+async def _every(period_s: float, fn: Callable[[], None]) -> None:
+    """fn() every period_s until cancelled; one that raises is logged, and the ticks go on
+    (a tick that stopped for good would leave an engaged cap in place)."""
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            fn()
+        except Exception:
+            log.exception("intake tick %s failed", getattr(fn, "__qualname__", fn))

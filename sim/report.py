@@ -1,17 +1,20 @@
-"""PNG plots over time, one line per policy: hosts in use, p99 layer latency against the
-budget, per-host max/mean rows and cumulative GB of weights moved. Needs matplotlib (the `sim`
-extra)."""
+"""What `moefleet simulate` writes: summary.{json,csv}, and PNG plots over time, one line per
+policy: hosts in use, p99 layer latency against the budget, per-host max/mean rows and
+cumulative GB of weights moved. The plots need matplotlib (the `sim` extra)."""
 
 from __future__ import annotations
 
+import csv
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .run import Series
-from .scenario import Scenario
+from .run import Series, Summary, simulate, summarise, table
+from .scenario import Scenario, load_scenario
 
-__all__ = ["plot"]
+__all__ = ["run", "plot"]
 
 _POINTS = 600  # at most this many points per line: each is one bin of periods
 
@@ -53,3 +56,20 @@ def _bin(y: np.ndarray, period_s: float, reduce) -> tuple[np.ndarray, np.ndarray
     w = max(1, len(y) // _POINTS)
     y = y[: len(y) // w * w].reshape(-1, w)
     return (np.arange(len(y)) + 0.5) * w * period_s / 3600, reduce(y, axis=1)
+
+
+def run(path: str, out_dir: str, progress: bool = True) -> str:
+    """The `moefleet simulate` command: simulate, write summary.{json,csv} and plots.png to
+    out_dir, return the comparison table."""
+    sc = load_scenario(path)
+    series = simulate(sc, progress)
+    summaries = summarise(sc, series)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2))
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Summary.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(asdict(s) for s in summaries)
+    plot(sc, series, out / "plots.png")
+    return table(summaries, sc.slo_s)

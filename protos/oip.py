@@ -1,9 +1,9 @@
 """Conversion between Open Inference Protocol messages and tensors (from_proto / to_proto).
 
-Server side: `decode_infer` turns a ModelInferRequest into an `InferCall`, and
+Server side (the router): `decode_infer` turns a ModelInferRequest into an `InferCall`, and
 `encode_infer` turns the layer output back into a ModelInferResponse. Client side:
 `request_for` and `tensor_from_response` are the inverses, so the tensor encoding lives
-here once.
+here once, beside the messages, and the client needs nothing of the router.
 
 moefleet's conventions on top of the protocol:
   * one input and one output tensor, both named "hidden_states", shape [T, H];
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from moefleet.core.errors import InvalidArgument, NotFound, ResourceExhausted, quote
 from moefleet.protos import inference_pb2 as pb
-from moefleet.router.errors import InvalidArgument, NotFound, ResourceExhausted, quote
 
 __all__ = [
     "TENSOR_NAME",
