@@ -49,8 +49,7 @@ import torch
 
 from moefleet.core.errors import Overloaded
 
-__all__ = ["MicroBatcher"]
-
+__all__ = ["MicroBatcher", "BatchEngine"]
 
 
 class BatchEngine(Protocol):
