@@ -67,7 +67,7 @@ class AdmissionPolicy:
     hold_s: float = 0.3  # the least time between two decreases: the backlog takes a while to go
     quiet_s: float = 2.0  # this long not overloaded, the cap is lifted
     idle_smoothing_s: float = 0.1  # the time constant of the idle share's smoothing
-    busy_smoothing_s: float = 0.5  # ... and of the busy cores', longer: they come in bursts
+    busy_smoothing_s: float = 0.15  # ... and of the busy cores': short, as the cap's onset waits on it
     overload: float = 0.5  # overloaded: refusing more than this many calls a second per call admitted
     min_refused_per_s: float = 50.0  # ... and more than this many: fewer cost too little CPU to matter
     min_busy_cores: float = 0.7  # the cap engages only while this process uses this many cores

@@ -104,6 +104,17 @@ def test_overload_on_a_saturated_cpu_caps_at_the_floor_of_the_rate_served_before
     assert refused > 10 * admitted
 
 
+def test_the_cap_engages_within_a_quarter_second_of_the_router_saturating():
+    # The cap's onset sets the refusal p99 at 10x (bench/RESULTS.md): engaged 0.25 s in,
+    # refusals' p99 was 0.2-0.6 s; 0.5 s in, 0.7-1.8 s. The router's cores go from 0.3 to 0.9.
+    w = World()
+    w.busy = 0.3
+    w.run(10.0, 80)
+    w.idle, w.queue_refuses, w.busy = 0.02, 0.9, 0.9
+    w.run(0.25, 800)
+    assert w.admission.engaged
+
+
 def test_overload_with_idle_cpu_is_left_to_the_queue():
     w = World()
     w.run(5.0, 80)
