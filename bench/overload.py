@@ -61,7 +61,17 @@ class Tally:
     refused_s: list[float] = field(default_factory=list)  # time to each RESOURCE_EXHAUSTED
     refused_at: list[float] = field(default_factory=list)  # when each refused call was sent
     other: dict[str, int] = field(default_factory=dict)
+    refused_by: dict[str, int] = field(default_factory=dict)  # which check refused, by its message
     wrong: int = 0
+
+
+_REASONS = (("calls open", "slots"), ("calls/s", "cap"), ("would take", "queue delay"),
+            ("queue is full", "queue full"))
+
+
+def _why_refused(details: str) -> str:
+    """Which of the door's checks a RESOURCE_EXHAUSTED came from, by its message."""
+    return next((why for words, why in _REASONS if words in details), "other")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -90,6 +100,8 @@ class Load:
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 tally.refused_s.append(time.perf_counter() - t0)
                 tally.refused_at.append(t0)
+                why = _why_refused(e.details() or "")
+                tally.refused_by[why] = tally.refused_by.get(why, 0) + 1
                 trailers = dict(e.trailing_metadata() or ())
                 return int(trailers.get("grpc-retry-pushback-ms", 0)) / 1e3
             tally.other[e.code().name] = tally.other.get(e.code().name, 0) + 1
@@ -216,6 +228,7 @@ def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, se
     print(f"refused       {len(over.refused_s):7d}   RESOURCE_EXHAUSTED after p50 "
           f"{_pct(over.refused_s, 0.5) * 1e3:.1f} ms, p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms")
     print(f"other         {over.other or 'none'}")
+    print(f"refused by    {over.refused_by or 'none'}")
     if over.refused_at:
         start, by_s = min(over.refused_at), {}
         for at, took in zip(over.refused_at, over.refused_s, strict=True):
