@@ -1,12 +1,14 @@
 """The Router actor: a grpc.aio server inside a Ray actor, in front of the engine.
 
-It takes each model's state (one routing-table version) from the Controller, serves the
-Open Inference Protocol and the admin API on one port, merges concurrent requests per layer
-(micro-batching) and fans each batch out to the expert hosts: one call per host, over Ray or
-the host's gRPC data plane (router/transport.py).
+It puts the request path together: the gRPC server (router/server.py, the Open Inference
+Protocol and the services the cluster hands it, such as the admin API, on one port), the
+micro-batcher that merges concurrent requests per layer (router/batcher.py), the engine
+(router/engine.py) and the transport that fans each batch out to the expert hosts
+(router/transport.py). A request passes through those, not through this file.
 
-For the Controller it installs new versions, says when older versions have drained, reports
-per-expert load and request latencies, and tells it when a host is gone.
+For the Controller it installs new versions (`RoutingState`, router/state.py), says when
+older versions have drained, reports the rows routed to each expert and the request
+latencies, and tells it when a host is gone.
 
 Routers are restartable actors. A restarted one (Ray runs `__init__` again) takes the current
 state from the Controller and listens again on the port it had, which the Controller keeps.
