@@ -101,7 +101,7 @@ class Controller:
             self._models[spec.name] = m
             # every start runs to its end (a host that cannot be placed ends itself) before
             # the first failure is raised, so none is left pending when the caller gives up
-            started = await asyncio.gather(*(self._exec.start_host(m) for _ in range(spec.hosts.count)),
+            started = await asyncio.gather(*(self._exec.fleet.start_host(m) for _ in range(spec.hosts.count)),
                                            return_exceptions=True)
             for r in started:
                 if isinstance(r, BaseException):
@@ -120,12 +120,12 @@ class Controller:
 
     async def add_router(self, *, name: str, handle: Any, address: str = "") -> None:
         await self._ready()
-        self._exec.add_router(name, handle, address)
+        self._exec.fleet.add_router(name, handle, address)
 
     async def router_address(self, *, name: str) -> str:
         """HOST:PORT of router `name`: where a restarted router listens again."""
         await self._ready()
-        address = self._exec.router_address(name)
+        address = self._exec.fleet.router_address(name)
         if address is None:
             raise NotFound(f"no router named {quote(name)}")
         return address
@@ -142,7 +142,7 @@ class Controller:
             self._stopping.set()  # no spare host starts from now on
         if self._loop_task:
             self._loop_task.cancel()
-        self._exec.end_hosts()
+        self._exec.fleet.end_hosts()
         if self._journal:
             self._journal.clear()
 
@@ -158,9 +158,9 @@ class Controller:
     async def _teardown(self, grace_s: float) -> None:
         # The Shutdown call that started this is still open in its router: the router's stop
         # lets open calls finish, so its answer leaves before the router ends.
-        await self._exec.stop_routers(grace_s)
+        await self._exec.fleet.stop_routers(grace_s)
         await self.shutdown()
-        self._exec.end_routers()
+        self._exec.fleet.end_routers()
         log.info("moefleet shut down")
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
@@ -293,8 +293,8 @@ class Controller:
     async def host_gone(self, *, host_id: str) -> None:
         """A router saw `host_id` fail: check it, and if it is gone, stop routing to it."""
         await self._ready()
-        rec = self._exec.hosts.get(host_id)
-        if rec is not None and not await self._exec.host_alive(host_id):
+        rec = self._exec.fleet.hosts.get(host_id)
+        if rec is not None and not await self._exec.fleet.host_alive(host_id):
             async with self._lock:
                 await self._exec.lose_host(host_id, self._models)
                 if (m := self._models.get(rec.model)) is not None:
@@ -311,7 +311,7 @@ class Controller:
 
     async def hosts(self) -> dict[str, Any]:
         await self._ready()
-        return {h: rec.handle for h, rec in self._exec.hosts.items()}
+        return {h: rec.handle for h, rec in self._exec.fleet.hosts.items()}
 
     async def model_state(self, *, model: str) -> RoutingState:
         await self._ready()
@@ -323,8 +323,8 @@ class Controller:
         names = [model] if model else sorted(self._models)
         return {"models": [self._model(n).status() for n in names],
                 "hosts": [{**rec.info, "slots_used": len(rec.slots)}
-                          for _, rec in sorted(self._exec.hosts.items())],
-                "routers": [{"name": n, "address": a} for n, a in sorted(self._exec.routers().items())]}
+                          for _, rec in sorted(self._exec.fleet.hosts.items())],
+                "routers": [{"name": n, "address": a} for n, a in sorted(self._exec.fleet.routers().items())]}
 
     # ---- the background loop ---------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class Controller:
 
     async def _tick(self) -> None:
         await self._poll_routers()
-        dead = await self._exec.dead_hosts()
+        dead = await self._exec.fleet.dead_hosts()
         async with self._lock:
             for h in dead:
                 await self._exec.lose_host(h, self._models)
@@ -379,7 +379,7 @@ class Controller:
         """Start one idle host in the background while m has fewer than hosts.spare of them
         (and fewer than hosts.max_count hosts in all). Not under the lock: a restore after a
         lost host must not wait for a spare to come up."""
-        hosts = [rec for rec in self._exec.hosts.values() if rec.model == m.name]
+        hosts = [rec for rec in self._exec.fleet.hosts.values() if rec.model == m.name]
         idle = sum(1 for rec in hosts if not rec.slots)
         if (time.monotonic() < self._spare_after.get(m.name, 0.0) or idle >= m.spec.hosts.spare
                 or len(hosts) >= m.spec.hosts.max_count or self._stopping.is_set()):
@@ -394,9 +394,9 @@ class Controller:
             if why is not None:
                 log.warning("%s: no spare host for now: %s", m.name, why)
                 return
-            host_id = await self._exec.start_host(m)
+            host_id = await self._exec.fleet.start_host(m)
             if self._stopping.is_set():  # shut down while it started
-                self._exec.end_host(host_id)
+                self._exec.fleet.end_host(host_id)
             retry = 0.0
         except Exception as e:
             log.warning("%s: a spare host did not start: %s", m.name, message_of(e))
@@ -407,7 +407,8 @@ class Controller:
         snap = autoscale.Snapshot(
             config=m.autoscaling, tokens_per_s=dict(m.tokens_per_s),
             replicas={k: len(m.replicas.get(k, [])) for k in m.keys()},
-            host_replicas={h: len(rec.slots) for h, rec in self._exec.hosts.items() if rec.model == m.name})
+            host_replicas={h: len(rec.slots) for h, rec in self._exec.fleet.hosts.items()
+                           if rec.model == m.name})
         decision, self._policy[m.name] = autoscale.decide(
             snap, self._policy.get(m.name, autoscale.PolicyState()), now)
         if decision.replicas:
@@ -417,7 +418,7 @@ class Controller:
         idle = sum(1 for n in snap.host_replicas.values() if n == 0)
         for h in retire[:max(0, idle - m.spec.hosts.spare)]:  # the spares stay
             log.info("retiring idle host %s", h)
-            self._exec.end_host(h)
+            self._exec.fleet.end_host(h)
         if m.autoscaling.consolidate_max_moves:
             await self._consolidate(m)
         self._save()
@@ -425,7 +426,7 @@ class Controller:
     async def _consolidate(self, m: ModelRecord) -> None:
         """Empty the lightly used hosts `placement.hosts_to_drain` names, then retire them."""
         a, capacity = m.autoscaling, self._exec.capacity(m)
-        held = {h: len(self._exec.hosts[h].slots) for h in capacity}
+        held = {h: len(self._exec.fleet.hosts[h].slots) for h in capacity}
         hosts = placement.hosts_to_drain(held, capacity, a.consolidate_max_moves, m.spec.hosts.count,
                                          a.consolidate_spare)
         if not hosts:
@@ -433,10 +434,10 @@ class Controller:
         serving = {h: n for h, n in capacity.items() if held[h]}  # not onto idle (spare) hosts
         plan, emptied = placement.drain(dict(m.tokens_per_s), serving, m.placement(), hosts)
         await self._exec.execute(m, plan.moves)
-        held = {h: len(self._exec.hosts[h].slots) for h in capacity if h in self._exec.hosts}
+        held = {h: len(self._exec.fleet.hosts[h].slots) for h in capacity if h in self._exec.fleet.hosts}
         for h in autoscale.retirable(emptied, held, m.spec.hosts.count):
             log.info("retiring drained host %s", h)
-            self._exec.end_host(h)
+            self._exec.fleet.end_host(h)
 
     async def _poll_routers(self) -> None:
         """Collect per-expert rows and request latencies from every router since last poll."""
@@ -446,13 +447,13 @@ class Controller:
         for m in self._models.values():
             m.observe(replies, elapsed)
             self._metrics.record_model(m)
-        self._metrics.record_hosts(self._exec.hosts.values())
+        self._metrics.record_hosts(self._exec.fleet.hosts.values())
 
     # ---- journal ---------------------------------------------------------------------------
 
     def _save(self) -> None:
         """Journal the Controller's part: the models and the autoscaling policies' state (the
-        executor journals its own after each of its effects)."""
+        executor's fleet journals its own after each of the executor's effects)."""
         if self._journal is None:
             return
         self._journal.update(models={n: m.to_plain() for n, m in self._models.items()},
@@ -462,14 +463,14 @@ class Controller:
         state = self._journal.load()
         if state is None:
             return
-        self._exec.restore(state)  # the hosts and routers still alive, the data-plane secret
+        self._exec.fleet.restore(state)  # the hosts and routers still alive, the data-plane secret
         self._policy = {n: policy_from_plain(p) for n, p in state.get("policy", {}).items()}
         for name, d in state.get("models", {}).items():
             m, weights = ModelRecord.from_plain(d)
             self._models[name] = m
             await self._exec.restore_model(m, weights)
         log.info("restored %d model(s) and %d host(s) from %s", len(self._models),
-                 len(self._exec.hosts), self._journal.path)
+                 len(self._exec.fleet.hosts), self._journal.path)
 
     # ---- helpers ---------------------------------------------------------------------------
 

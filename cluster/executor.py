@@ -4,10 +4,10 @@ for the Controller, in DESIGN.md's order:
     scale up / add expert    load weights into free slots → publish a version with them
     scale down / remove      publish a version without them → drain the routers → free slots
 
-It owns what those effects touch: the expert hosts (it starts, retires and drops them), the
-routers (it registers, polls, updates and stops them), the weights of experts added at
-runtime and the data plane's secret; it journals them, with the model a change touched,
-after every effect. Each routing-table version it publishes is awaited by every router.
+It owns what those effects touch: the fleet of expert hosts and routers (cluster/fleet.py,
+which starts and ends them and journals them, with the model a change touched, after every
+effect) and the weights of experts added at runtime. Each routing-table version it publishes
+is awaited by every router.
 The Controller decides what to do and serialises the changes, and a change's gate row
 reaches the executor as data (`Admit`, `Forget`); what goes where is decided by `placement`.
 """
@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import ray
@@ -30,19 +28,18 @@ from moefleet.experts.reference import ExpertWeights
 from moefleet.router.state import HostEntry, LayerRouting, RoutingState
 
 from . import placement
-from .hosts import LOADS, NAMESPACE, end_orphans, host_name, no_room, start_host
+from .fleet import Fleet
+from .hosts import LOADS, end_orphans, no_room
 from .journal import Journal
 from .metrics import ControllerMetrics
 from .model import source_args
-from .registry import ExpertRecord, HostRecord, Key, ModelRecord
+from .registry import ExpertRecord, Key, ModelRecord
 
 __all__ = ["Executor", "Admit", "Forget"]
 
 log = logging.getLogger(__name__)
 _DRAIN_TIMEOUT_S = 30.0
 _CALL_TIMEOUT_S = 30.0
-_POLL_TIMEOUT_S = 5.0
-_PING_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,44 +61,24 @@ class Forget:
 
 
 class Executor:
-    """Owns the hosts (id -> record), the routers (name -> handle, and the HOST:PORT each
-    listens on), the object refs of added experts' FFN weights ((model, layer, expert) -> ref)
-    and the data-plane secret. The Controller reads them through `hosts`, `routers`,
-    `router_address`, `capacity`, `replicas_loaded` and `model_state`."""
+    """Owns the fleet (the hosts and routers, `fleet.Fleet`), the object refs of added
+    experts' FFN weights ((model, layer, expert) -> ref) and how many replicas each model has
+    loaded. The Controller reads them through `fleet`, `capacity`, `replicas_loaded` and
+    `model_state`."""
 
     def __init__(self, metrics: ControllerMetrics, journal: Journal | None = None):
-        self._metrics, self._journal = metrics, journal
-        self._hosts: dict[str, HostRecord] = {}
-        self._routers: dict[str, Any] = {}  # name -> handle: the routers that get new versions
-        self._addresses: dict[str, str] = {}  # router name -> HOST:PORT
+        self._metrics = metrics
+        self.fleet = Fleet(journal)
         self._weights: dict[tuple[str, int, int], Any] = {}  # added experts' FFN weights (refs)
         self._loaded: dict[str, int] = {}  # model -> replicas loaded so far (for progress)
-        self._secret = secrets.token_urlsafe(32)  # hosts' and routers' only (journalled)
 
     # ---- reads -----------------------------------------------------------------------------
-
-    @property
-    def hosts(self) -> Mapping[str, HostRecord]:
-        """host id -> record, read-only."""
-        return MappingProxyType(self._hosts)
-
-    @property
-    def dataplane_secret(self) -> str:
-        return self._secret
-
-    def routers(self) -> dict[str, str]:
-        """name -> HOST:PORT of every router that gets new versions."""
-        return {n: self._addresses.get(n, "") for n in self._routers}
-
-    def router_address(self, name: str) -> str | None:
-        """Where router `name` was registered to listen (None: never registered)."""
-        return self._addresses.get(name)
 
     def replicas_loaded(self, model: str) -> int:
         return self._loaded.get(model, 0)
 
     def capacity(self, m: ModelRecord) -> dict[str, int]:
-        return {h: rec.slots_total for h, rec in self._hosts.items() if rec.model == m.name}
+        return self.fleet.capacity(m.name)
 
     def model_state(self, m: ModelRecord) -> RoutingState:
         """What a router needs for m's current version: gates, shared experts, and each
@@ -113,10 +90,10 @@ class Executor:
             if reps:
                 replicas[L][e] = tuple((index[h], s) for h, s in reps)
         layers = {L: LayerRouting(m.gate(L), replicas[L], m.shared[L]) for L in m.experts}
-        hosts = tuple(HostEntry(h, self._hosts[h].handle, self._hosts[h].info.get("dataplane", ""))
-                      for h in host_ids)
+        fleet = self.fleet.hosts
+        hosts = tuple(HostEntry(h, fleet[h].handle, fleet[h].info.get("dataplane", "")) for h in host_ids)
         return RoutingState(m.name, m.version, m.spec.moe, m.spec.dtype, layers, hosts,
-                            self.dataplane_secret)
+                            self.fleet.dataplane_secret)
 
     # ---- carrying out a change -------------------------------------------------------------
 
@@ -147,7 +124,7 @@ class Executor:
         version published)."""
         adds, removes, stays = _split(m, moves)
         per_host = m.spec.hosts.loads_per_host if m.version else None
-        idle = {h for h, rec in self._hosts.items() if not rec.slots}  # no request to hold up
+        idle = {h for h, rec in self.fleet.hosts.items() if not rec.slots}  # no request to hold up
         added = removed = first = 0
         while adds or removes or gate is not None:
             now, adds = self._fitting(adds, per_host, idle)
@@ -169,7 +146,7 @@ class Executor:
         """(adds their hosts have a free slot for now, at most per_host per host but any
         number on `idle` hosts; the rest)."""
         free = {h: rec.free_slots() if not per_host or h in idle else min(rec.free_slots(), per_host)
-                for h, rec in self._hosts.items()}
+                for h, rec in self.fleet.hosts.items()}
         now, later = [], []
         for mv in adds:
             fits = free.get(mv.host, 0) > 0
@@ -184,7 +161,7 @@ class Executor:
         lost host, gives back every slot of the batch and is raised."""
         jobs = []
         for mv in adds:
-            slot = self._hosts[mv.host].reserve(mv.key)
+            slot = self.fleet.hosts[mv.host].reserve(mv.key)
             jobs.append((mv, slot, self._load_call(m, mv, slot, gate)))
         results = await asyncio.gather(*(self._counted(m.name, c) for _, _, c in jobs),
                                        return_exceptions=True)
@@ -192,7 +169,7 @@ class Executor:
         for (mv, slot, _), r in zip(jobs, results, strict=True):
             if isinstance(r, BaseException):
                 log.warning("loading %s into %s slot %d failed: %s", mv.key, mv.host, slot, r)
-                self._hosts[mv.host].slots.pop(slot, None)
+                self.fleet.hosts[mv.host].slots.pop(slot, None)
                 if not isinstance(r, RayActorError):  # a lost host is the loop's business
                     error = error or r
                 continue
@@ -210,7 +187,7 @@ class Executor:
                    gate: Admit | Forget | None) -> Any:
         """The host call that loads mv's expert into `slot`: an added expert's weights from the
         object store, any other expert's from the spec's weight source."""
-        host, (layer, expert) = self._hosts[mv.host].handle, mv.key
+        host, (layer, expert) = self.fleet.hosts[mv.host].handle, mv.key
         ref = gate.weights if isinstance(gate, Admit) and gate.key == mv.key else (
             self._weights.get((m.name, layer, expert)))
         if ref is not None:  # on the host's own thread for loads, beside its requests
@@ -277,22 +254,22 @@ class Executor:
         it is never reported as done."""
         m.version += 1
         state = self.model_state(m)
-        names = list(self._routers)
+        routers = dict(self.fleet.router_handles)
         results = await asyncio.gather(
-            *(asyncio.wait_for(self._routers[n].install.remote(state=state), _CALL_TIMEOUT_S)
-              for n in names), return_exceptions=True)
+            *(asyncio.wait_for(r.install.remote(state=state), _CALL_TIMEOUT_S) for r in routers.values()),
+            return_exceptions=True)
         refused = []
-        for n, r in zip(names, results, strict=True):
+        for n, r in zip(routers, results, strict=True):
             if isinstance(r, ActorDiedError):
                 log.warning("router %s is gone; it no longer gets new versions", n)
-                self._routers.pop(n, None)
+                self.fleet.forget_router(n)
             elif isinstance(r, RayActorError):
                 log.warning("router %s is restarting; it takes version %d when back", n, m.version)
             elif isinstance(r, BaseException):
                 log.warning("router %s did not install version %d: %s", n, m.version, message_of(r))
                 refused.append(f"{n}: {message_of(r)}")
         self._metrics.record_model(m)
-        self._record(m)
+        self.fleet.record(m)
         if strict and refused:
             raise FailedPrecondition(f"routing version {m.version} of {m.name!r} was not installed "
                                      f"by every router ({'; '.join(refused)})")
@@ -303,31 +280,27 @@ class Executor:
             return
         drained = await asyncio.gather(
             *(r.wait_drained.remote(model=model, version=version, timeout_s=_DRAIN_TIMEOUT_S)
-              for r in self._routers.values()),
+              for r in self.fleet.router_handles.values()),
             return_exceptions=True)
         if not all(d is True for d in drained):
             log.warning("routers did not drain %s below version %d: %s", model, version, drained)
         self._free(slots)
-        self._record()
+        self.fleet.record()
 
     def _free(self, slots: list[tuple[str, int]]) -> None:
         """Give back each (host, slot), on hosts still there."""
         for host_id, slot in slots:
-            rec = self._hosts.get(host_id)
+            rec = self.fleet.hosts.get(host_id)
             if rec is not None:
                 rec.slots.pop(slot, None)
                 rec.handle.free.remote(slot=slot)
 
-    # ---- hosts -----------------------------------------------------------------------------
-
-    def add_host(self, rec: HostRecord) -> None:
-        """Take in a host that is already up (one a restarted Controller finds again)."""
-        self._hosts[rec.id] = rec
+    # ---- hosts and routers ---------------------------------------------------------------
 
     async def _start_host_for(self, m: ModelRecord, unplaced: list[Key]) -> None:
         """Start one more host of m for replicas that found no slot, or raise ResourceExhausted
         when m may have no more hosts or the cluster has no room for one."""
-        hosts_now = sum(1 for h in self._hosts.values() if h.model == m.name)
+        hosts_now = len(self.fleet.capacity(m.name))
         short = (f"no free slot for {len(unplaced)} replica(s) of "
                  f"{sorted(set(unplaced))}: {hosts_now} hosts of {m.spec.hosts.slots} slots")
         if hosts_now >= m.spec.hosts.max_count:
@@ -335,33 +308,11 @@ class Executor:
         why = await asyncio.to_thread(no_room, m.spec.hosts)
         if why is not None:
             raise ResourceExhausted(f"{short}; {why}")
-        await self.start_host(m)
-
-    async def start_host(self, m: ModelRecord) -> str:
-        host_id = host_name(m.name, m.next_host)
-        m.next_host += 1
-        self._record(m)  # a Controller restarted mid-start never reuses the name (it ends the host)
-        log.info("starting expert host %s", host_id)
-        handle, info = await start_host(host_id, m.spec.hosts, m.spec.hosts.start_timeout_s,
-                                        self._secret)
-        log.info("expert host %s is up on node %s", host_id, info.get("node_ip"))
-        self._hosts[host_id] = HostRecord(host_id, m.name, handle, info)
-        self._record(m)
-        return host_id
-
-    async def dead_hosts(self) -> list[str]:
-        """The hosts Ray says are dead (a busy one is alive)."""
-        hosts = list(self._hosts.items())
-        alive = await asyncio.gather(*(_alive(rec.handle) for _, rec in hosts))
-        return [h for (h, _), ok in zip(hosts, alive, strict=True) if not ok]
-
-    async def host_alive(self, host_id: str) -> bool:
-        rec = self._hosts.get(host_id)
-        return rec is not None and await _alive(rec.handle)
+        await self.fleet.start_host(m)
 
     async def lose_host(self, host_id: str, models: Mapping[str, ModelRecord]) -> None:
         """Stop routing to a dead host; the Controller's loop restores its replicas."""
-        rec = self._hosts.pop(host_id, None)
+        rec = self.fleet.drop_host(host_id)
         if rec is None:
             return
         log.warning("expert host %s is gone", host_id)
@@ -373,106 +324,45 @@ class Executor:
                     del m.replicas[key]
             await self.publish(m)
 
-    def end_host(self, host_id: str) -> None:
-        """End a host that holds no published replica (idle, drained, or started too late)."""
-        ray.kill(self._hosts.pop(host_id).handle, no_restart=True)
-        self._record()
-
-    def end_hosts(self) -> None:
-        """End every host (the service shuts down)."""
-        for rec in self._hosts.values():
-            ray.kill(rec.handle, no_restart=True)
-        self._hosts.clear()
-        self._record()
-
-    # ---- routers ---------------------------------------------------------------------------
-
-    def add_router(self, name: str, handle: Any, address: str) -> None:
-        self._routers[name] = handle
-        self._addresses[name] = address
-        self._record()
-
     async def poll_routers(self, models: Iterable[ModelRecord]) -> list[dict[str, Any]]:
         """Every router's `take_rows` reply since the last poll, from those that answer. A
         router gone for good is forgotten; one that Ray restarted but that does not listen yet
         is told to come back (it normally does so by itself); one that lacks the current
         version of a model (it fetched its state before a publish) is sent it."""
         models = list(models)
-        names = list(self._routers)
-        got = await asyncio.gather(*(asyncio.wait_for(self._routers[n].take_rows.remote(), _POLL_TIMEOUT_S)
-                                     for n in names), return_exceptions=True)
-        for name, took in zip(names, got, strict=True):
+        got = await self.fleet.take_rows()
+        for name, took in got.items():
             self._reconcile_router(name, took, models)
-        return [r for r in got if not isinstance(r, BaseException)]
+        return [r for r in got.values() if not isinstance(r, BaseException)]
 
     def _reconcile_router(self, name: str, took: Any, models: list[ModelRecord]) -> None:
         if isinstance(took, ActorDiedError):
             log.warning("router %s is gone for good", name)
-            self._routers.pop(name, None)
-            self._record()
+            self.fleet.forget_router(name)
             return
         if isinstance(took, BaseException):
             return  # busy or restarting: next period
+        router = self.fleet.router_handles[name]
         if took.get("versions") is None:  # registered, so it listened once: restarted
-            self._routers[name].restart.remote()
+            router.restart.remote()
             return
         for m in models:
             if took["versions"].get(m.name, 0) < m.version:
                 log.info("router %s lacks %s version %d; sending it", name, m.name, m.version)
-                self._routers[name].install.remote(state=self.model_state(m))
+                router.install.remote(state=self.model_state(m))
 
-    async def stop_routers(self, grace_s: float) -> None:
-        """Stop every router taking requests; each lets its open calls finish within grace_s."""
-        await asyncio.gather(*(r.stop.remote(grace_s=grace_s) for r in self._routers.values()),
-                             return_exceptions=True)
-
-    def end_routers(self) -> None:
-        for r in self._routers.values():
-            ray.kill(r, no_restart=True)
-
-    # ---- journal ---------------------------------------------------------------------------
-
-    def _record(self, m: ModelRecord | None = None) -> None:
-        """Journal what this executor owns and, when given, model m as the change left it."""
-        if self._journal is None:
-            return
-        self._journal.update(
-            entries={"models": {m.name: m.to_plain()}} if m is not None else None,
-            hosts=[{"id": h.id, "model": h.model, "info": h.info,
-                    "slots": [[s, L, e] for s, (L, e) in h.slots.items()]}
-                   for h in self._hosts.values()],
-            routers=self.routers(),
-            dataplane_secret=self._secret,  # the live hosts check it
-        )
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Take back a journalled snapshot's hosts and routers that are still alive, and the
-        data-plane secret the live hosts check."""
-        self._secret = state.get("dataplane_secret", self._secret)
-        for h in state.get("hosts", []):
-            try:
-                handle = ray.get_actor(h["id"], namespace=NAMESPACE)
-            except ValueError:
-                continue  # gone while the Controller was down: its replicas are dropped
-            self.add_host(HostRecord(h["id"], h["model"], handle, h["info"],
-                                     {s: (L, e) for s, L, e in h["slots"]}))
-        for name, address in state.get("routers", {}).items():
-            try:
-                self._routers[name] = ray.get_actor(name, namespace=NAMESPACE)
-                self._addresses[name] = address
-            except ValueError:
-                pass
+    # ---- after a restart -------------------------------------------------------------------
 
     async def restore_model(self, m: ModelRecord, weights: dict[Key, ExpertWeights]) -> None:
         """Serve a journalled model again: keep its replicas on hosts still alive, hold its
         added experts' weights, end hosts it started that the journal missed, and publish."""
         for key, reps in list(m.replicas.items()):
-            m.replicas[key] = [(h, s) for h, s in reps if h in self._hosts]
+            m.replicas[key] = [(h, s) for h, s in reps if h in self.fleet.hosts]
             if not m.replicas[key]:
                 del m.replicas[key]
         for (L, e), w in weights.items():
             self._weights[(m.name, L, e)] = ray.put(w)
-        end_orphans(m.name, m.next_host, self._hosts)
+        end_orphans(m.name, m.next_host, self.fleet.hosts)
         await self.publish(m)
 
 
@@ -484,14 +374,3 @@ def _split(m: ModelRecord, moves: list[placement.Move]
     stays = {mv.key for mv in adds} | {k for k, reps in m.replicas.items()
                                        if len(reps) > sum(1 for r in removes if r.key == k)}
     return adds, removes, stays
-
-
-async def _alive(handle: Any, timeout_s: float = _PING_TIMEOUT_S) -> bool:
-    """False only when Ray says the actor is dead; a busy host is alive."""
-    try:
-        await asyncio.wait_for(handle.info.remote(), timeout_s)
-    except RayActorError:
-        return False
-    except asyncio.TimeoutError:
-        return True
-    return True

@@ -80,8 +80,8 @@ def _setup(slots: dict[str, int], replicas: dict[tuple[int, int], list[tuple[str
             hosts[h].slots[s] = k
     ex = Executor(_Metrics())
     for rec in hosts.values():
-        ex.add_host(rec)
-    ex.add_router("r0", _Actor(log, "router", wait_drained=True), "10.0.0.1:50051")
+        ex.fleet.add_host(rec)
+    ex.fleet.add_router("r0", _Actor(log, "router", wait_drained=True), "10.0.0.1:50051")
     return ex, model, hosts, log
 
 
@@ -217,8 +217,8 @@ def test_the_executor_journals_its_part_and_the_model_it_changed_beside_the_cont
     journal = Journal(tmp_path)
     journal.update(models={"other": {"kept": True}}, policy={"other": {"pending": []}})
     ex = Executor(_Metrics(), journal)
-    ex.add_host(HostRecord("A", spec.name, _Actor(log, "A"), {"id": "A", "slots_total": 4}))
-    ex.add_router("r0", _Actor(log, "router", wait_drained=True), "10.0.0.1:50051")
+    ex.fleet.add_host(HostRecord("A", spec.name, _Actor(log, "A"), {"id": "A", "slots_total": 4}))
+    ex.fleet.add_router("r0", _Actor(log, "router", wait_drained=True), "10.0.0.1:50051")
     asyncio.run(ex.execute(m, [Move("add", (1, 0), "A")]))
     state = Journal(tmp_path).load()
     assert state["models"]["other"] == {"kept": True} and state["policy"] == {"other": {"pending": []}}
@@ -227,4 +227,4 @@ def test_the_executor_journals_its_part_and_the_model_it_changed_beside_the_cont
     assert state["hosts"] == [{"id": "A", "model": spec.name, "info": {"id": "A", "slots_total": 4},
                                "slots": [[0, 1, 0]]}]
     assert state["routers"] == {"r0": "10.0.0.1:50051"}
-    assert state["dataplane_secret"] == ex.dataplane_secret
+    assert state["dataplane_secret"] == ex.fleet.dataplane_secret
