@@ -255,7 +255,7 @@ class Controller:
             if not any(load.values()):
                 raise FailedPrecondition(f"model {model!r} has no measured load yet to plan for")
             current = m.placement()
-            capacity = self._exec.capacity(m)
+            capacity = self._exec.fleet.capacity(m.name)
             total = replicas or sum(len(v) for v in current.values())
             plan = replan.plan(m, load, capacity, current, total, max_moves, min_gain)
             placed = sum(len(v) for v in plan.placement.values())
@@ -313,9 +313,9 @@ class Controller:
         await self._ready()
         return {h: rec.handle for h, rec in self._exec.fleet.hosts.items()}
 
-    async def model_state(self, *, model: str) -> RoutingState:
+    async def routing_state(self, *, model: str) -> RoutingState:
         await self._ready()
-        return self._exec.model_state(self._model(model))
+        return self._exec.routing_state(self._model(model))
 
     async def status(self, *, model: str = "") -> dict[str, Any]:
         """The registry and its live figures as plain data (what `moefleet status` shows)."""
@@ -425,7 +425,7 @@ class Controller:
 
     async def _consolidate(self, m: ModelRecord) -> None:
         """Empty the lightly used hosts `placement.hosts_to_drain` names, then retire them."""
-        a, capacity = m.autoscaling, self._exec.capacity(m)
+        a, capacity = m.autoscaling, self._exec.fleet.capacity(m.name)
         held = {h: len(self._exec.fleet.hosts[h].slots) for h in capacity}
         hosts = placement.hosts_to_drain(held, capacity, a.consolidate_max_moves, m.spec.hosts.count,
                                          a.consolidate_spare)

@@ -63,8 +63,8 @@ class Forget:
 class Executor:
     """Owns the fleet (the hosts and routers, `fleet.Fleet`), the object refs of added
     experts' FFN weights ((model, layer, expert) -> ref) and how many replicas each model has
-    loaded. The Controller reads them through `fleet`, `capacity`, `replicas_loaded` and
-    `model_state`."""
+    loaded. The Controller reads them through `fleet`, `replicas_loaded` and
+    `routing_state`."""
 
     def __init__(self, metrics: ControllerMetrics, journal: Journal | None = None):
         self._metrics = metrics
@@ -77,10 +77,7 @@ class Executor:
     def replicas_loaded(self, model: str) -> int:
         return self._loaded.get(model, 0)
 
-    def capacity(self, m: ModelRecord) -> dict[str, int]:
-        return self.fleet.capacity(m.name)
-
-    def model_state(self, m: ModelRecord) -> RoutingState:
+    def routing_state(self, m: ModelRecord) -> RoutingState:
         """What a router needs for m's current version: gates, shared experts, and each
         replica as (index into the hosts it lists, slot)."""
         host_ids = sorted({h for reps in m.replicas.values() for h, _ in reps})
@@ -105,7 +102,7 @@ class Executor:
         them in the moefleet_unplaced_replicas metric. Returns what `execute` returns."""
         load = {k: m.tokens_per_s.get(k, 0.0) for k in set(m.keys()) | set(counts)}
         while True:
-            plan = placement.apply_counts(load, self.capacity(m), m.placement(), counts)
+            plan = placement.apply_counts(load, self.fleet.capacity(m.name), m.placement(), counts)
             self._metrics.record_unplaced(m.name, len(plan.unplaced))
             if not plan.unplaced:
                 return await self.execute(m, plan.moves, gate)
@@ -253,7 +250,7 @@ class Executor:
         the version is logged, or, if `strict`, fails the change (FailedPrecondition) so that
         it is never reported as done."""
         m.version += 1
-        state = self.model_state(m)
+        state = self.routing_state(m)
         routers = dict(self.fleet.router_handles)
         results = await asyncio.gather(
             *(asyncio.wait_for(r.install.remote(state=state), _CALL_TIMEOUT_S) for r in routers.values()),
@@ -349,7 +346,7 @@ class Executor:
         for m in models:
             if took["versions"].get(m.name, 0) < m.version:
                 log.info("router %s lacks %s version %d; sending it", name, m.name, m.version)
-                router.install.remote(state=self.model_state(m))
+                router.install.remote(state=self.routing_state(m))
 
     # ---- after a restart -------------------------------------------------------------------
 

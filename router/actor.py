@@ -44,7 +44,7 @@ from .server import InferenceServicer, Intake, OnLoop, ServerLimits, Service, Tl
 from .state import RoutingState
 from .transport import HostLink, Transport
 
-__all__ = ["Router", "model_state", "receive_limit", "memory_bound"]
+__all__ = ["Router", "receive_limit", "memory_bound"]
 
 log = logging.getLogger(__name__)
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The
@@ -69,7 +69,7 @@ def receive_limit(cfg: RouterConfig, models: list[MoEConfig]) -> int:
     return min(need * _WIRE_ITEMSIZE + _MESSAGE_OVERHEAD, cfg.max_message_mb << 20)
 
 
-def model_state(state: RoutingState) -> ModelState:
+def _engine_state(state: RoutingState) -> ModelState:
     """The engine's immutable ModelState for the Controller's `RoutingState`."""
     layers = {L: LayerState(lr.gate, LayerTable.from_replicas(lr.replicas), lr.shared)
               for L, lr in state.layers.items()}
@@ -151,7 +151,7 @@ class Router:
     async def start(self, *, port: int) -> int:
         """Take every model's state from the Controller, then listen. Returns the port."""
         for name in await self._controller.model_names.remote():
-            await self.install(state=await self._controller.model_state.remote(model=name))
+            await self.install(state=await self._controller.routing_state.remote(model=name))
         loop = asyncio.get_running_loop()  # the servicer runs on the intake's loop
         inference = InferenceServicer(OnLoop(self, loop), OnLoop(self._batcher, loop).submit,
                                       self._cfg.max_request_tokens)
@@ -211,7 +211,7 @@ class Router:
 
     async def install(self, *, state: RoutingState) -> int:
         """Install a version (an older one than installed is ignored); the version served."""
-        self._engine.install(model_state(state))
+        self._engine.install(_engine_state(state))
         self._transport.keep(h.address for n in self._engine.model_names()
                              for h in self._engine.state(n).hosts)
         return self._engine.state(state.model).version

@@ -1,7 +1,7 @@
 """The Controller→Router contract: one model's routing state at one routing version.
 
 The Controller builds a `RoutingState` for every version it publishes (`Router.install`) and
-for a router that asks (`Controller.model_state`); the router turns it into the engine's
+for a router that asks (`Controller.routing_state`); the router turns it into the engine's
 `ModelState`. Nothing else crosses from the Controller to a router. Frozen: a version, once
 built, is never changed; the next one is a new `RoutingState`.
 
