@@ -10,14 +10,23 @@ Admission: a request is refused at once with RESOURCE_EXHAUSTED when
   * its key is busy and the work ahead of it (its key's queued tokens, and what is left of
     its batches in flight, at the rate that key's recent batches ran) would take longer than
     `max_queue_delay_s`.
-A key's rate is measured on batches of at least half of `max_batch_tokens`, by their latency,
-and on the batches that come back while the key has at least that much work out (in flight
-or queued) in several batches, as its throughput: tokens over the time since the later of the
-batch's sending and the key's last batch coming back. A few small batches are not measured:
-their callers wait for about one batch, and their time, mostly fixed per-call cost, would
-make the key's queue look slow. Many small batches are: while one is in flight the next is
-sent after `max_wait_s`, so under load a key with mid-sized requests keeps many batches in
-flight, none of them half full, and without their rate it would never be refused for delay.
+A key's rate is measured as its throughput: the tokens that came back over the time they
+took, each batch's time counted from the later of its sending and the key's last batch coming
+back, so that batches in flight together count their time once. Batches summed until
+`_RATE_WINDOW_S` has passed make one sample (a batch that had the key to itself is one alone):
+batches in flight together often come back together, their hosts answering in one turn a
+fraction of a millisecond apart, and each such gap read as a batch's time made the key look up
+to 90 times faster than it ran (bench/RESULTS.md, "Overload"). A sample is the key's rate when
+every batch in it was loaded: at least half of `max_batch_tokens` itself, or back while the
+key had that much work out (in flight or queued) in several batches. Many small batches are
+loaded: while one is in flight the next is sent after `max_wait_s`, so under load a key with
+mid-sized requests keeps many batches in flight, none of them half full, and without their
+rate it would never be refused for delay. Any other sample only ever raises a known rate (the
+key ran at least that fast): a few small batches, whose time is mostly fixed per-call costs,
+would make the queue look slow, yet a rate measured low (at a start, in a burst) must come
+back up from the lighter load its own refusals leave, or it stays low for good. A rate not
+known yet is not set by them: a key that only ever has a few small batches out is never
+refused for delay, and its callers wait for about one batch.
 The work in flight counts as one queue at that rate, not as batches running side by side. So
 under overload the excess is refused within the time it takes to look, and admitted requests
 wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
@@ -62,7 +71,8 @@ class BatchEngine(Protocol):
         """x: [B, H] -> (y [B, H], the routing version used)."""
 
 
-_RATE_SMOOTHING = 0.3  # weight of the newest batch in a key's tokens/s estimate
+_RATE_SMOOTHING = 0.3  # weight of the newest sample in a key's tokens/s estimate
+_RATE_WINDOW_S = 0.05  # batches are summed over at least this long for one sample of a key's rate
 _MIN_PUSHBACK_S = 0.05  # the least time a refused caller is told to wait before it retries
 _LATENCY_WINDOW = 4096  # latencies kept per model between two `take_latencies`
 
@@ -73,6 +83,7 @@ class _Queue:
     tokens: int = 0  # queued, not yet sent
     flights: list[tuple[float, int]] = field(default_factory=list)  # (sent at, tokens) per batch in flight
     tokens_per_s: float = 0.0  # how fast this key's large batches ran lately (0 = not known yet)
+    summed: tuple[int, float, bool] = (0, 0.0, True)  # (tokens, seconds, all loaded): not yet a sample
     timer: asyncio.TimerHandle | None = None
     done_at: float = 0.0  # when this key's last batch came back
 
@@ -94,9 +105,18 @@ class _Queue:
             left = max(sum(n for _, n in flights) / rate - (time.perf_counter() - since), 0.0)
         return (self.tokens + coming) / rate + left
 
-    def ran(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            self.tokens_per_s = _smoothed(self.tokens_per_s, tokens / seconds)
+    def ran(self, tokens: int, seconds: float, loaded: bool, alone: bool) -> None:
+        """`tokens` came back after `seconds` of the key's time; `loaded`: the batch counts
+        towards a sample of the rate; `alone`: it had the key to itself, which ends the sum."""
+        tokens, seconds = tokens + self.summed[0], seconds + self.summed[1]
+        loaded = loaded and self.summed[2]
+        if not alone and seconds < _RATE_WINDOW_S:
+            self.summed = (tokens, seconds, loaded)
+            return
+        self.summed = (0, 0.0, True)
+        rate = tokens / seconds if seconds > 0 else 0.0
+        if rate > 0 and (loaded or rate > self.tokens_per_s > 0):
+            self.tokens_per_s = _smoothed(self.tokens_per_s, rate)
 
 
 def _smoothed(old: float, new: float) -> float:
@@ -224,8 +244,9 @@ class MicroBatcher:
                 now = time.perf_counter()
                 overlapped = q.in_flight > 1 or q.done_at > sent
                 loaded = 2 * (sum(n for _, n in q.flights) + q.tokens) >= self.max_batch_tokens
-                if overlapped and loaded or 2 * tokens >= self.max_batch_tokens:
-                    q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at))
+                q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at),
+                      loaded=overlapped and loaded or 2 * tokens >= self.max_batch_tokens,
+                      alone=not overlapped)
                 q.done_at = now
         finally:
             q.flights.remove(flight)

@@ -422,10 +422,11 @@ class SerialRun(SlowRun):
 def test_small_batches_that_overlap_are_measured_and_refused_once_they_back_up() -> None:
     # Each request is sent as its own batch at once (max_wait_s=0) and the batches run one
     # after another, 5 ms each: each a quarter of half of max_batch_tokens, yet they queue up.
+    # Their rate is known once 50 ms of them came back (`_RATE_WINDOW_S`).
     async def main():
         b = MicroBatcher(_engine(SerialRun(1e-3)), max_batch_tokens=40, max_wait_s=0.0,
                          max_queue_tokens=10**6, max_queue_delay_s=0.03)
-        xs = _xs([5] * 40, seed=5)
+        xs = _xs([5] * 100, seed=5)
         tasks = []
         for x in xs:  # one request a millisecond; they take 5 ms each
             tasks.append(asyncio.create_task(b.submit("k", 0, x)))
@@ -437,6 +438,87 @@ def test_small_batches_that_overlap_are_measured_and_refused_once_they_back_up()
         assert len(served) + len(refused) == len(xs) and served
         for x, (y, _) in served:
             torch.testing.assert_close(y, _f(x))
+
+    asyncio.run(main())
+
+
+class BurstRun(SerialRun):
+    """As SerialRun, but the results come back `burst` at a time, as hosts that answer several
+    batches in one turn of the router's loop: a fraction of a millisecond apart."""
+
+    def __init__(self, s_per_token: float, burst: int):
+        super().__init__(s_per_token)
+        self.burst, self.waiting = burst, []
+
+    async def __call__(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = await super().__call__(key, x)
+        back = asyncio.Event()
+        self.waiting.append(back)
+        if len(self.waiting) == self.burst:
+            for event in self.waiting:
+                event.set()
+            self.waiting.clear()
+        await back.wait()
+        return out
+
+
+def test_batches_that_come_back_together_are_measured_at_the_rate_they_ran() -> None:
+    # 40 batches of 10 tokens run one after another, 5 ms each (2000 tokens/s), and come back
+    # four at a time. Taken one by one, three of every four came back no time after the last.
+    async def main():
+        b = MicroBatcher(_engine(BurstRun(0.5e-3, burst=4)), max_batch_tokens=40,
+                         max_wait_s=0.0, max_queue_tokens=10**6)
+        xs = _xs([10] * 40, seed=6)
+        got = await asyncio.wait_for(asyncio.gather(*(b.submit("k", 0, x) for x in xs)), TIMEOUT_S)
+        for (y, _), x in zip(got, xs, strict=True):
+            torch.testing.assert_close(y, _f(x))
+        (q,) = b._queues.values()
+        # slower than 2000 on a busy machine (each sleep runs over), never much faster
+        assert 0.4 * 2000 <= q.tokens_per_s <= 1.5 * 2000, q.tokens_per_s
+
+    asyncio.run(main())
+
+
+def test_a_sample_is_the_rate_only_when_every_batch_in_it_was_loaded() -> None:
+    q = batcher._Queue(tokens_per_s=100.0)
+    q.ran(10, 0.5, loaded=False, alone=True)  # 20 tokens/s: mostly fixed costs, says nothing
+    assert q.tokens_per_s == 100.0
+    q.ran(10, 0.01, loaded=False, alone=True)  # 1000 tokens/s: at least that fast
+    assert q.tokens_per_s == pytest.approx(0.3 * 1000 + 0.7 * 100)
+    q = batcher._Queue(tokens_per_s=100.0)
+    q.ran(2, 0.03, loaded=True, alone=False)  # summed: under _RATE_WINDOW_S so far
+    assert q.tokens_per_s == 100.0
+    q.ran(1, 0.03, loaded=True, alone=False)  # 3 tokens in 60 ms: a sample, and a lower rate
+    assert q.tokens_per_s == pytest.approx(0.3 * 50 + 0.7 * 100)
+    q.ran(1, 0.03, loaded=True, alone=False)
+    q.ran(1, 0.03, loaded=False, alone=False)  # one batch not loaded: it may only raise the rate
+    assert q.tokens_per_s == pytest.approx(0.3 * 50 + 0.7 * 100)
+    unknown = batcher._Queue()
+    unknown.ran(10, 0.01, loaded=False, alone=True)
+    assert unknown.tokens_per_s == 0.0  # not known stays not known: small batches never set it
+    unknown.ran(10, 0.01, loaded=True, alone=True)
+    assert unknown.tokens_per_s == pytest.approx(1000.0)  # the first sample is taken as it is
+
+
+def test_a_rate_measured_low_recovers_from_lone_small_batches_and_stops_refusing() -> None:
+    # A key's rate measured far too low (as a start-up burst can) refuses a second caller at
+    # once; the lone small batches it still serves raise the rate until both are admitted.
+    async def main():
+        b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        x, y = _xs([4, 4], seed=7)  # small: 2 x 4 < 20, never a sample of their own
+        await b.submit("k", 0, _xs([10], seed=8)[0])  # a whole sample: about 1000 tokens/s
+        (q,) = b._queues.values()
+        q.tokens_per_s = 20.0  # one 4-token batch in flight: 200 ms ahead, over the 30 ms bound
+
+        async def pair() -> list:
+            return await asyncio.wait_for(asyncio.gather(b.submit("k", 0, x), b.submit("k", 0, y),
+                                                         return_exceptions=True), TIMEOUT_S)
+
+        assert any(isinstance(r, ResourceExhausted) for r in await pair())
+        for _ in range(10):
+            await b.submit("k", 0, x)  # alone: 4 tokens in about 4 ms
+        assert not any(isinstance(r, BaseException) for r in await pair())
 
     asyncio.run(main())
 
