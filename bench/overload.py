@@ -58,6 +58,7 @@ DEADLINE_S = 10.0
 @dataclass
 class Tally:
     ok_s: list[float] = field(default_factory=list)  # latency of each admitted request
+    ok_at: list[float] = field(default_factory=list)  # when each admitted request was sent
     refused_s: list[float] = field(default_factory=list)  # time to each RESOURCE_EXHAUSTED
     refused_at: list[float] = field(default_factory=list)  # when each refused call was sent
     other: dict[str, int] = field(default_factory=dict)
@@ -107,6 +108,7 @@ class Load:
             tally.other[e.code().name] = tally.other.get(e.code().name, 0) + 1
             return 0.0
         tally.ok_s.append(time.perf_counter() - t0)
+        tally.ok_at.append(t0)
         if check:
             y = tensor_from_response(pb.ModelInferResponse.FromString(raw))
             if not torch.allclose(y, self.want[i % len(self.want)], rtol=1e-4, atol=1e-4):
@@ -229,12 +231,15 @@ def _report(spec, base: Tally, rate: float, offered_rate: float, over: Tally, se
           f"{_pct(over.refused_s, 0.5) * 1e3:.1f} ms, p99 {_pct(over.refused_s, 0.99) * 1e3:.1f} ms")
     print(f"other         {over.other or 'none'}")
     print(f"refused by    {over.refused_by or 'none'}")
-    if over.refused_at:
-        start, by_s = min(over.refused_at), {}
-        for at, took in zip(over.refused_at, over.refused_s, strict=True):
-            by_s.setdefault(int(at - start), []).append(took)
-        print("              refusal p99 by second sent (ms): "
-              + " ".join(f"{_pct(v, 0.99) * 1e3:.0f}" for _, v in sorted(by_s.items())))
+    start = min(over.refused_at + over.ok_at, default=0.0)
+    for what, at, took in (("refusal", over.refused_at, over.refused_s),
+                           ("admitted", over.ok_at, over.ok_s)):
+        by_s: dict[int, list[float]] = {}
+        for sent, t in zip(at, took, strict=True):
+            by_s.setdefault(int(sent - start), []).append(t)
+        if by_s:
+            print(f"              {what} p99 by second sent (ms): "
+                  + " ".join(f"{_pct(v, 0.99) * 1e3:.0f}" for _, v in sorted(by_s.items())))
     print(f"health        {serving}/{len(checks)} checks SERVING within 1 s during the overload, "
           f"p50 {_pct(checks, 0.5) * 1e3:.1f} ms, max {max(checks or [0]) * 1e3:.0f} ms")
     print(f"router RSS    idle {idle_rss / mib:.0f} MiB, peak {peak_rss / mib:.0f} MiB, "
