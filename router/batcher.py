@@ -32,7 +32,8 @@ under overload the excess is refused within the time it takes to look, and admit
 wait about `max_queue_delay_s` at most, rather than piling up in a queue. A refusal
 (`Overloaded`) says how long the caller should wait before it tries again. `refusal()` asks
 the same for a request not yet read (the gRPC door asks it before reading a call's payload),
-counting the calls the door let in whose payloads are still on their way.
+counting the calls the door let in whose payloads are still on their way, even while nothing
+is in flight: a burst that finds the router idle is let in up to the bound, not whole.
 
 The batcher wraps the engine: `submit` runs the request check (`engine.check`: the model,
 its layer, the hidden size) before a request is queued, and each merged batch is one
@@ -187,13 +188,15 @@ class MicroBatcher:
         door, before the request is read. None while the busiest key's queue is short.
         open_calls: the calls the door has let in and not yet answered; those not yet here
         (their payload being read) count as coming to the busiest key, at the mean request's
-        size. Safe to call from another thread (the gRPC intake's): it reads a copy of the
-        queues."""
-        busy = [q for q in list(self._queues.values()) if q.in_flight]
+        size, or, with no key busy, to the slowest key whose rate is known: a burst that
+        finds the router idle is let in up to the bound, not whole. Safe to call from another
+        thread (the gRPC intake's): it reads a copy of the queues."""
+        queues = list(self._queues.values())
+        coming = max(open_calls - self._outstanding_requests, 0) * self._request_tokens
+        busy = [q for q in queues if q.in_flight] or [q for q in queues if coming and q.tokens_per_s]
         if not busy:
             return None
-        coming = max(open_calls - self._outstanding_requests, 0) * self._request_tokens
-        return self._refusal(max(busy, key=_Queue.wait_s), 1, coming)
+        return self._refusal(max(busy, key=lambda q: q.wait_s(coming)), 1, coming)
 
     def _refusal(self, q: _Queue, n: int, coming: float = 0.0) -> Overloaded | None:
         """Why a request of `n` tokens for the key of `q` is refused now, or None; `coming`
@@ -204,7 +207,7 @@ class MicroBatcher:
                 f"router queue is full ({self._outstanding_tokens} tokens outstanding{on_way}, "
                 f"limit {self.max_queue_tokens})", max(q.wait_s(), _MIN_PUSHBACK_S))
         wait = q.wait_s(coming)
-        if q.in_flight and wait > self.max_queue_delay_s:
+        if (q.in_flight or coming) and wait > self.max_queue_delay_s:
             return Overloaded(
                 f"router is overloaded: the work queued ahead would take {wait * 1e3:.0f} ms, "
                 f"over router.max_queue_delay_s ({self.max_queue_delay_s * 1e3:.0f} ms); retry later",

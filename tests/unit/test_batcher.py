@@ -568,6 +568,23 @@ def test_the_door_check_counts_open_calls_not_yet_queued_as_work_on_its_way(monk
     asyncio.run(main())
 
 
+def test_a_burst_that_finds_the_router_idle_is_let_in_up_to_the_bound_not_whole() -> None:
+    async def main():
+        b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        assert b.refusal(open_calls=100) is None  # no rate known yet: nothing to judge by
+        (x,) = _xs([10], seed=9)
+        await b.submit("k", 0, x)  # measures the key's rate (about 1000 tokens/s) and the mean request
+        assert b.idle and b.refusal() is None
+        # nothing in flight, but calls let in whose payloads are on their way: 10 tokens each,
+        # about 10 ms at this key's rate (slower on a busy machine, so never more than 3 fit)
+        assert b.refusal(open_calls=1) is None
+        refused = b.refusal(open_calls=4)
+        assert refused is not None and "max_queue_delay_s" in str(refused)
+
+    asyncio.run(main())
+
+
 def test_the_door_check_counts_open_calls_not_yet_queued_against_a_full_queue() -> None:
     async def main():
         run = FakeRun(hold=(1,))
