@@ -168,6 +168,7 @@ class Router:
         bound = await self._intake.start(
             servicers, self._interface, port, limits, self._tls,
             infer_refusal=self._batcher.refusal if admission is None else admission.refusal,
+            infer_full=None if admission is None else admission.refused_elsewhere,
             on_tick=None if admission is None else admission.tick)
         freeze_startup_objects()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle())

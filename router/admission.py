@@ -16,7 +16,8 @@ multiplicative steps on that signal (smoothed):
 
     overloaded    more than `overload` calls are refused for each call served (half: more
                   than 1.5 times what is served is offered), counting those the queue refused
-                  just after the door let them in, and more than `min_refused_per_s` a second
+                  just after the door let them in and those the door refused for want of a
+                  free slot, and more than `min_refused_per_s` a second
     squeezed      idle CPU under `min_idle`, and this process (the router) using at least
                   `min_busy_cores`. Serving less frees CPU for the intake only when the router
                   is what is busy. Where the experts saturate the CPU (the router at 0.4-0.55
@@ -158,6 +159,10 @@ class Admission:
             return refusal
         self._admitted += 1
         return None
+
+    def refused_elsewhere(self) -> None:
+        """Count a call the door refused before asking `refusal` (all its slots taken)."""
+        self._refused += 1
 
     def tick(self) -> None:
         """Read the CPU, then move the cap. Called every few tens of milliseconds."""

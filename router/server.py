@@ -77,6 +77,7 @@ class CallSlots:
     limit: int
     taken: int = 0
     refusal: Callable[[int], Overloaded | None] = lambda taken: None  # a further check, given `taken`
+    on_full: Callable[[], None] = lambda: None  # told of each call refused for want of a slot
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -86,10 +87,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     admin) `max_other_rpcs`; health checks are not counted."""
 
     def __init__(self, limits: ServerLimits | None = None,
-                 infer_refusal: Callable[[int], Overloaded | None] | None = None):
+                 infer_refusal: Callable[[int], Overloaded | None] | None = None,
+                 infer_full: Callable[[], None] | None = None):
         """infer_refusal(open calls): asked as each ModelInfer call arrives, before its message
         is read, with how many ModelInfer calls are open; the refusal it returns is the call's
-        answer (the router's queue-delay check)."""
+        answer (the router's queue-delay check). infer_full(): told of each ModelInfer call
+        refused because all its slots were taken (so that the router's admission counts it)."""
         self._wrapped: dict[str, Any] = {}  # method -> its guarded handler, made once
         self.infer_slots = self.other_slots = None
         if limits is not None:
@@ -97,6 +100,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self.other_slots = CallSlots("metadata and admin", limits.max_other_rpcs)
             if infer_refusal is not None:
                 self.infer_slots.refusal = infer_refusal
+            if infer_full is not None:
+                self.infer_slots.on_full = infer_full
 
     async def intercept_service(self, continuation, details):
         method = details.method
@@ -133,6 +138,7 @@ def _guard(handler: Any, method: str, slots: CallSlots | None) -> Any:
 def _admitted(unary: Callable[[Any, Any], Any], method: str, slots: CallSlots):
     async def call(requests, context: grpc.aio.ServicerContext):
         if slots.taken >= slots.limit:
+            slots.on_full()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"router is overloaded: {slots.taken} {slots.kind} calls open, the most it takes "
@@ -317,13 +323,15 @@ async def serve_grpc(
     limits: ServerLimits,
     tls: TlsConfig | None = None,
     infer_refusal: Callable[[int], Overloaded | None] | None = None,
+    infer_full: Callable[[], None] | None = None,
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Start a grpc.aio server on the running loop with the given (add_fn, servicer,
     full service name) triples, health checking and reflection. Returns the bound port.
-    infer_refusal: see `ErrorInterceptor`."""
+    infer_refusal, infer_full: see `ErrorInterceptor`."""
     opts = [("grpc.max_receive_message_length", limits.max_receive_bytes),
             ("grpc.max_send_message_length", limits.max_send_bytes)]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(limits, infer_refusal)], options=opts)
+    interceptor = ErrorInterceptor(limits, infer_refusal, infer_full)
+    server = grpc.aio.server(interceptors=[interceptor], options=opts)
     names = []
     for add, servicer, name in servicers:
         add(servicer, server)
@@ -391,12 +399,13 @@ class Intake:
     async def start(self, servicers: list[Service], host: str,
                     port: int, limits: ServerLimits, tls: TlsConfig | None = None,
                     infer_refusal: Callable[[int], Any] | None = None,
+                    infer_full: Callable[[], None] | None = None,
                     on_tick: Callable[[], None] | None = None) -> int:
         """Listen; returns the bound port. On failure the intake's thread is ended too.
         on_tick() is called on the intake's thread every `_TICK_S` while it listens."""
         try:
             self._server, bound, _ = await self._on_intake(
-                serve_grpc(servicers, host, port, limits, tls, infer_refusal))
+                serve_grpc(servicers, host, port, limits, tls, infer_refusal, infer_full))
         except BaseException:
             await self._end_thread()
             raise

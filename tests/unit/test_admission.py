@@ -40,13 +40,13 @@ class _Held(FakeRouter):
         return x * 2, 1
 
 
-async def _serve(router):
+async def _serve(router, infer_full=None):
     limits = ServerLimits(max_receive_bytes=8 << 20, max_send_bytes=8 << 20,
                           max_concurrent_rpcs=SLOTS, max_other_rpcs=2)
     servicers = [(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
                   InferenceServicer(router, router.submit, 1 << 20),
                   pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)]
-    server, port, _ = await serve_grpc(servicers, "127.0.0.1", 0, limits)
+    server, port, _ = await serve_grpc(servicers, "127.0.0.1", 0, limits, infer_full=infer_full)
     return server, f"127.0.0.1:{port}"
 
 
@@ -69,7 +69,8 @@ async def _refusals(stub, x: torch.Tensor, n: int) -> list[grpc.aio.AioRpcError]
 
 async def _scenario() -> None:
     router = _Held()
-    server, address = await _serve(router)
+    full = []  # the door tells the router's admission of each call it refused for want of a slot
+    server, address = await _serve(router, infer_full=lambda: full.append(1))
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -85,7 +86,7 @@ async def _scenario() -> None:
             assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert all(dict(e.trailing_metadata())["grpc-retry-pushback-ms"] == "50" for e in refused)
             assert "calls open" in refused[0].details()
-            assert router.entered == SLOTS
+            assert router.entered == SLOTS and len(full) == 9
 
             # Health and metadata calls have slots of their own.
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

@@ -32,7 +32,8 @@ class World:
         self.idle = 0.5
         self.busy = 0.9  # cores the router uses
         self.queue_refuses = 0.0  # share of calls the queue's own check refuses
-        self._debt = 0.0
+        self.slots_refuse = 0.0  # share of calls the door refuses for want of a slot, before both
+        self._debt = self._slot_debt = 0.0
         self.admission = Admission(self._check, policy or AdmissionPolicy(min_idle=0.08),
                                    idle=lambda: self.idle, busy=lambda: self.busy,
                                    clock=lambda: self.now)
@@ -55,7 +56,12 @@ class World:
             owed -= n
             for i in range(n):
                 self.now = start + i * TICK_S / n
-                if self.admission.refusal() is None:
+                self._slot_debt += self.slots_refuse
+                if self._slot_debt >= 1.0:
+                    self._slot_debt -= 1.0
+                    self.admission.refused_elsewhere()
+                    refused += 1
+                elif self.admission.refusal() is None:
                     admitted += 1
                 else:
                     refused += 1
@@ -111,6 +117,16 @@ def test_the_cap_engages_within_a_quarter_second_of_the_router_saturating():
     w.busy = 0.3
     w.run(10.0, 80)
     w.idle, w.queue_refuses, w.busy = 0.02, 0.9, 0.9
+    w.run(0.25, 800)
+    assert w.admission.engaged
+
+
+def test_calls_refused_for_want_of_a_slot_count_towards_the_overload():
+    # The queue refuses nothing (every slot is taken before it is asked): the door's slot
+    # refusals alone must engage the cap, as soon as the queue's would.
+    w = World()
+    w.run(10.0, 80)
+    w.idle, w.slots_refuse = 0.02, 0.9
     w.run(0.25, 800)
     assert w.admission.engaged
 
