@@ -16,9 +16,9 @@ back, so that batches in flight together count their time once. Batches summed u
 `_RATE_WINDOW_S` has passed make one sample (a batch that had the key to itself is one alone):
 batches in flight together often come back together, their hosts answering in one turn a
 fraction of a millisecond apart, and each such gap read as a batch's time made the key look up
-to 90 times faster than it ran (bench/RESULTS.md, "Overload"). A sample is the key's rate when
-every batch in it was loaded: at least half of `max_batch_tokens` itself, or back while the
-key had that much work out (in flight or queued) in several batches. Many small batches are
+to 90 times faster than it ran (bench/RESULTS.md, "Overload and hostile input"). A sample is
+the key's rate when every batch in it was loaded: at least half of `max_batch_tokens` itself,
+or back while the key had that much work out (in flight or queued) in several batches. Many small batches are
 loaded: while one is in flight the next is sent after `max_wait_s`, so under load a key with
 mid-sized requests keeps many batches in flight, none of them half full, and without their
 rate it would never be refused for delay. Any other sample only ever raises a known rate (the
@@ -83,7 +83,7 @@ class _Queue:
     items: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)
     tokens: int = 0  # queued, not yet sent
     flights: list[tuple[float, int]] = field(default_factory=list)  # (sent at, tokens) per batch in flight
-    tokens_per_s: float = 0.0  # how fast this key's large batches ran lately (0 = not known yet)
+    tokens_per_s: float = 0.0  # this key's throughput lately, loaded (0 = not known yet)
     summed: tuple[int, float, bool] = (0, 0.0, True)  # (tokens, seconds, all loaded): not yet a sample
     timer: asyncio.TimerHandle | None = None
     done_at: float = 0.0  # when this key's last batch came back
