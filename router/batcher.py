@@ -193,7 +193,9 @@ class MicroBatcher:
         thread (the gRPC intake's): it reads a copy of the queues."""
         queues = list(self._queues.values())
         coming = max(open_calls - self._outstanding_requests, 0) * self._request_tokens
-        busy = [q for q in queues if q.in_flight] or [q for q in queues if coming and q.tokens_per_s]
+        busy = [q for q in queues if q.in_flight]
+        if not busy and coming:
+            busy = [q for q in queues if q.tokens_per_s]
         if not busy:
             return None
         return self._refusal(max(busy, key=lambda q: q.wait_s(coming)), 1, coming)
@@ -243,13 +245,14 @@ class MicroBatcher:
         sent, tokens = flight
         try:
             if live:
-                await self._run_live(key, live)
+                answered = await self._run_live(key, live)
                 now = time.perf_counter()
                 overlapped = q.in_flight > 1 or q.done_at > sent
                 loaded = 2 * (sum(n for _, n in q.flights) + q.tokens) >= self.max_batch_tokens
-                q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at),
-                      loaded=overlapped and loaded or 2 * tokens >= self.max_batch_tokens,
-                      alone=not overlapped)
+                if answered:  # a batch that failed, often at once, says nothing of the rate
+                    q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at),
+                          loaded=overlapped and loaded or 2 * tokens >= self.max_batch_tokens,
+                          alone=not overlapped)
                 q.done_at = now
         finally:
             q.flights.remove(flight)
@@ -257,7 +260,8 @@ class MicroBatcher:
             self._outstanding_requests -= len(batch)
             self._schedule(key, q)
 
-    async def _run_live(self, key: Hashable, live: list) -> None:
+    async def _run_live(self, key: Hashable, live: list) -> bool:
+        """Run one batch and hand each request its rows, or the batch's error; True if answered."""
         xs = [x for x, _ in live]
         try:
             model, layer, _ = key
@@ -270,7 +274,8 @@ class MicroBatcher:
             for _, fut in live:
                 if not fut.done():
                     fut.set_exception(e)
-            return
+            return False
         for (_, fut), part in zip(live, parts, strict=True):
             if not fut.done():
                 fut.set_result((part, meta))
+        return True

@@ -568,6 +568,30 @@ def test_the_door_check_counts_open_calls_not_yet_queued_as_work_on_its_way(monk
     asyncio.run(main())
 
 
+class FailsSmall(SlowRun):
+    """As SlowRun, but a batch of under 5 tokens fails at once, as on a host already gone."""
+
+    async def __call__(self, key: Hashable, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if x.shape[0] < 5:
+            raise RuntimeError("host gone")
+        return await super().__call__(key, x)
+
+
+def test_a_batch_that_failed_at_once_does_not_raise_the_rate() -> None:
+    async def main():
+        b = MicroBatcher(_engine(FailsSmall(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
+                         max_queue_tokens=10**6, max_queue_delay_s=0.03)
+        await b.submit("k", 0, _xs([10], seed=10)[0])  # a whole sample: about 1000 tokens/s
+        (q,) = b._queues.values()
+        measured = q.tokens_per_s
+        for x in _xs([4, 4, 4], seed=11):  # alone and small: had they run, at least this fast
+            with pytest.raises(RuntimeError):
+                await b.submit("k", 0, x)
+        assert q.tokens_per_s == measured and b.idle
+
+    asyncio.run(main())
+
+
 def test_a_burst_that_finds_the_router_idle_is_let_in_up_to_the_bound_not_whole() -> None:
     async def main():
         b = MicroBatcher(_engine(SlowRun(1e-3)), max_batch_tokens=20, max_wait_s=0.0,
