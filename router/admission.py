@@ -20,7 +20,10 @@ multiplicative steps on that signal (smoothed):
                   free slot, and more than `min_refused_per_s` a second: fewer cost too little
                   CPU to matter (200 a second take about 0.12 of a core), and a few callers
                   that retry after the pushback (a closed loop of 8, refused 50-80 times a
-                  second where large experts saturate the CPU) stay under it
+                  second where large experts saturate the CPU) stay under it. Once engaged,
+                  more than `hold_refused_per_s` keeps it so: at 3x, a cap grown to a quarter
+                  of the calls leaves fewer than 200 a second to refuse, and lifting it there
+                  let the backlog back in
     squeezed      idle CPU under `min_idle`, and this process (the router) using at least
                   `min_busy_cores`. Serving less frees CPU for the intake only when the router
                   is what is busy. Where the experts saturate the CPU (the router at 0.4-0.55
@@ -35,10 +38,7 @@ multiplicative steps on that signal (smoothed):
                   overload is no base, as those calls arrive in bursts. Each time both hold
                   again, at most once per `hold_s`, the cap is multiplied by `decrease`. While
                   idle is over `spare_idle` and the cap is what refuses, it grows by
-                  `increase` of itself a second for each `spare_idle` of idle CPU, so that a
-                  cap that finds the machine half idle (engaged by a burst, or where the
-                  experts' hosts, not the router, were what was busy) is soon out of the way.
-                  In between it holds.
+                  `increase` of itself a second. In between it holds.
     lifted        no cap once the door has not been overloaded for `quiet_s`: the usual state
 
 The floor is for callers that retry at once when refused. Against them no cap frees CPU (each
@@ -70,7 +70,7 @@ class AdmissionPolicy:
     min_idle: float  # idle CPU share under this, while overloaded: admit fewer calls
     spare_idle: float = 0.2  # idle CPU share over this: let the cap grow
     decrease: float = 0.4  # the cap is multiplied by this on each decrease
-    increase: float = 0.3  # idle over spare_idle: the cap grows this much a second, per spare_idle idle
+    increase: float = 0.3  # while idle is over spare_idle, the cap grows by this fraction a second
     hold_s: float = 0.3  # the least time between two decreases: the backlog takes a while to go
     quiet_s: float = 2.0  # this long not overloaded, the cap is lifted
     # The smoothing is short, as the cap's onset waits on it: at 10x the calls that wait before
@@ -79,6 +79,7 @@ class AdmissionPolicy:
     busy_smoothing_s: float = 0.05  # ... and of the busy cores'
     overload: float = 0.5  # overloaded: refusing more than this many calls a second per call admitted
     min_refused_per_s: float = 200.0  # ... and more than this many: fewer cost too little CPU to matter
+    hold_refused_per_s: float = 50.0  # ... or, while the cap is engaged, this many
     min_busy_cores: float = 0.7  # the cap engages only while this process uses this many cores
     floor: float = 0.15  # the cap never goes under this share of served_per_s
     rate_smoothing_s: float = 0.03  # the time constant of the admitted and refused rates' smoothing
@@ -189,7 +190,8 @@ class Admission:
             self.idle = _toward(self.idle, min(max(idle, 0.0), 1.0), dt, p.idle_smoothing_s)
         if busy is not None and math.isfinite(busy):
             self.busy = _toward(self.busy, max(busy, 0.0), dt, p.busy_smoothing_s)
-        if self.refused_per_s > max(p.overload * self.admitted_per_s, p.min_refused_per_s):
+        least = p.hold_refused_per_s if self.engaged else p.min_refused_per_s
+        if self.refused_per_s > max(p.overload * self.admitted_per_s, least):
             self._overloaded_at = now
         elif not self.engaged:
             self.served_per_s = _toward(self.served_per_s, self.admitted_per_s, dt, p.served_smoothing_s)
@@ -203,7 +205,7 @@ class Admission:
                 self._set_cap(self.cap * p.decrease if self.engaged else 0.0, now)  # or: its floor
                 self._decreased_at = now
         elif self.engaged and self.idle > p.spare_idle and now - self._capped_at <= p.hold_s:
-            self._set_cap(self.cap * (1.0 + p.increase * self.idle / p.spare_idle * dt), now)
+            self._set_cap(self.cap * (1.0 + p.increase * dt), now)
 
     def _set_cap(self, cap: float, now: float) -> None:
         cap = max(cap, self.policy.floor * self.served_per_s, 1.0)

@@ -142,10 +142,10 @@ def test_overload_with_idle_cpu_is_left_to_the_queue():
 def test_the_cap_grows_while_cpu_is_spare_and_falls_by_decrease_when_it_is_not():
     w = _engaged()
     floor = w.admission.cap
-    w.idle = 0.5  # the cap freed CPU: it grows by `increase` (0.3) a second per 0.2 of it idle
-    w.run(1.5, 800)  # (while the cap, not the queue, is what refuses)
+    w.idle = 0.5  # the cap freed CPU
+    w.run(5.0, 800)
     grown = w.admission.cap
-    assert grown == pytest.approx(floor * (1 + 0.3 * 0.5 / 0.2 * TICK_S) ** 30, rel=0.05)
+    assert grown == pytest.approx(floor * (1 + 0.3 * TICK_S) ** 100, rel=0.05)
     w.idle = 0.02
     w.run(0.3, 800)  # the smoothed idle share falls under min_idle: one decrease
     assert w.admission.cap == pytest.approx(grown * 0.4, rel=0.05)
@@ -179,6 +179,18 @@ def test_few_refusals_a_second_do_not_engage_the_cap_whatever_their_share():
     w.idle, w.queue_refuses = 0.0, 5 / 6
     w.run(5.0, 90)
     assert not w.admission.engaged
+
+
+def test_once_engaged_the_cap_holds_while_it_still_refuses_more_than_50_a_second():
+    # 3x: the cap grows until it admits about a fifth of the calls, refusing under the 200 a
+    # second that engaged it; lifting it there would let the backlog back in.
+    w = _engaged()
+    w.idle, w.queue_refuses = 0.5, 0.0
+    w.run(5.0, 240)  # grown to about 45 calls/s
+    assert 30 < w.admission.cap < 60
+    w.idle = 0.15  # under spare_idle: it holds, refusing about 200 a second
+    w.run(4.0, 240)
+    assert w.admission.engaged and 150 < w.admission.refused_per_s < 200
 
 
 def test_the_cap_is_lifted_once_the_overload_has_been_gone_for_quiet_s():
