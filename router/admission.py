@@ -26,7 +26,7 @@ multiplicative steps on that signal (smoothed):
                   let the backlog back in
     squeezed      idle CPU under `min_idle`, and this process (the router) using at least
                   `min_busy_cores`. Serving less frees CPU for the intake only when the router
-                  is what is busy. Where the experts saturate the CPU (the router at 0.4-0.55
+                  is what is busy. Where the experts saturate the CPU (the router at 0.4-0.7
                   of a core in bench/overload.py with I=2048, against 0.8-1.0 at I=128) the
                   refusals already come back within milliseconds, and a cap would only cost
                   throughput.
