@@ -18,10 +18,10 @@ batches in flight together often come back together, their hosts answering in on
 fraction of a millisecond apart, and each such gap read as a batch's time made the key look up
 to 90 times faster than it ran (bench/RESULTS.md, "Overload and hostile input"). A sample is
 the key's rate when every batch in it was loaded: at least half of `max_batch_tokens` itself,
-or back while the key had that much work out (in flight or queued) in several batches. Many small batches are
-loaded: while one is in flight the next is sent after `max_wait_s`, so under load a key with
-mid-sized requests keeps many batches in flight, none of them half full, and without their
-rate it would never be refused for delay. Any other sample only ever raises a known rate (the
+or back while the key had that much work out (in flight or queued) in several batches. Many
+small batches are loaded: while one is in flight the next is sent after `max_wait_s`, so under
+load a key with mid-sized requests keeps many batches in flight, none of them half full, and
+without their rate it would never be refused for delay. Any other sample only ever raises a known rate (the
 key ran at least that fast): a few small batches, whose time is mostly fixed per-call costs,
 would make the queue look slow, yet a rate measured low (at a start, in a burst) must come
 back up from the lighter load its own refusals leave, or it stays low for good. A rate not
@@ -193,12 +193,12 @@ class MicroBatcher:
         thread (the gRPC intake's): it reads a copy of the queues."""
         queues = list(self._queues.values())
         coming = max(open_calls - self._outstanding_requests, 0) * self._request_tokens
-        busy = [q for q in queues if q.in_flight]
-        if not busy and coming:
-            busy = [q for q in queues if q.tokens_per_s]
-        if not busy:
+        judged = [q for q in queues if q.in_flight]
+        if not judged and coming:
+            judged = [q for q in queues if q.tokens_per_s]
+        if not judged:
             return None
-        return self._refusal(max(busy, key=lambda q: q.wait_s(coming)), 1, coming)
+        return self._refusal(max(judged, key=lambda q: q.wait_s(coming)), 1, coming)
 
     def _refusal(self, q: _Queue, n: int, coming: float = 0.0) -> Overloaded | None:
         """Why a request of `n` tokens for the key of `q` is refused now, or None; `coming`
@@ -247,11 +247,11 @@ class MicroBatcher:
             if live:
                 answered = await self._run_live(key, live)
                 now = time.perf_counter()
-                overlapped = q.in_flight > 1 or q.done_at > sent
-                loaded = 2 * (sum(n for _, n in q.flights) + q.tokens) >= self.max_batch_tokens
                 if answered:  # a batch that failed, often at once, says nothing of the rate
+                    overlapped = q.in_flight > 1 or q.done_at > sent
+                    backed_up = 2 * (sum(n for _, n in q.flights) + q.tokens) >= self.max_batch_tokens
                     q.ran(sum(x.shape[0] for x, _ in live), now - max(sent, q.done_at),
-                          loaded=overlapped and loaded or 2 * tokens >= self.max_batch_tokens,
+                          loaded=overlapped and backed_up or 2 * tokens >= self.max_batch_tokens,
                           alone=not overlapped)
                 q.done_at = now
         finally:
